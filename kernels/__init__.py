@@ -1,0 +1,1 @@
+"""Triton kernels of paradis_fast (installed as paradis_fast.kernels)."""

@@ -1,0 +1,52 @@
+"""SwitchBatchNorm2d: private BatchNorm statistics and affine parameters per switch."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..switches import SwitchSetLike
+from .switchable import Switchable
+
+
+class SwitchBatchNorm2d(Switchable):
+    """BatchNorm2d with ``[S, C]`` parameters and buffers (row s for switch s), activation fused.
+
+    The state dict keys are those of nn.BatchNorm2d. ``momentum=None`` gives the cumulative
+    average, per switch, as in PyTorch.
+    """
+
+    def __init__(self, num_features: int, switches: SwitchSetLike, eps: float = 1e-5,
+                 momentum: float | None = 0.1, activation: str | None = None):
+        super().__init__(switches)
+        if activation not in (None, "relu", "relu6"):
+            raise ValueError(f"unknown activation {activation!r}; choose None, 'relu' or 'relu6'")
+        self.check_slices(num_features, f"SwitchBatchNorm2d({num_features})")
+        self.num_features, self.eps, self.momentum, self.activation = num_features, eps, momentum, activation
+        shape = (len(self.switches), num_features)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("running_mean", torch.zeros(shape))
+        self.register_buffer("running_var", torch.ones(shape))
+        self.register_buffer("num_batches_tracked", torch.zeros(len(self.switches), dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum = self.momentum
+        if self.training:
+            rows = torch.tensor(self.active_rows, device=self.num_batches_tracked.device)
+            self.num_batches_tracked.index_add_(0, rows, torch.ones_like(rows))
+            if momentum is None:
+                momentum = 1.0 / self.num_batches_tracked[rows].float()
+        return ops.switch_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.active,
+                                     self.training, momentum, self.eps, self.activation, rows=self.active_rows)
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        if self.activation:
+            text += f", activation={self.activation!r}"
+        return f"{text}, switches=[{self.switches}]"

@@ -1,0 +1,61 @@
+"""Input validation shared by the ops: clear errors instead of crashes or silent wrong answers."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..switches import SwitchSet, SwitchSetLike
+
+
+def switch_set(switches: SwitchSetLike) -> SwitchSet:
+    if switches is None:
+        raise ValueError("empty switch set: give at least one switch such as '1x1.0'")
+    return SwitchSet.of(switches)
+
+
+def tensors(op: str, **named: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every named argument is a floating tensor (or None), all on one device."""
+    present = []
+    for name, value in named.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {value.dtype}")
+        present.append((name, value))
+    devices = {value.device for _, value in present}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {value.device}" for name, value in present)
+        raise ValueError(f"{op}: tensors are on mixed devices ({where})")
+    return [value for _, value in present]
+
+
+def same_dtype(op: str, **named: torch.Tensor | None) -> None:
+    dtypes = {name: value.dtype for name, value in named.items() if value is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"{op}: mixed dtypes ({listing}); convert them to one dtype")
+
+
+def rank(op: str, name: str, value: torch.Tensor, expected: int | Sequence[int], layout: str) -> None:
+    allowed = (expected,) if isinstance(expected, int) else tuple(expected)
+    if value.dim() not in allowed:
+        raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(value.shape)}")
+
+
+def pair(op: str, name: str, value, minimum: int) -> list[int]:
+    values = [value, value] if isinstance(value, int) else list(value)
+    if len(values) != 2 or not all(isinstance(v, int) and v >= minimum for v in values):
+        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return values
+
+
+def batch_divisible(op: str, rows: int, num_switches: int) -> int:
+    if rows % num_switches:
+        raise ValueError(
+            f"{op}: input has {rows} rows, not a multiple of the {num_switches} switches "
+            "(activations are stacked switch-major: [S*B, C, ...])"
+        )
+    return rows // num_switches

@@ -1,0 +1,37 @@
+"""The `cpu` and `cuda` backends: C++/CUDA kernels of paradis_fast._C (the paradis_C op library)."""
+from __future__ import annotations
+
+import torch
+
+from .._extension import load_error
+
+
+class NativeBackend:
+    """Kernels registered in C++ under one dispatch key; an op is served once its kernel exists."""
+
+    def __init__(self, device_type: str, dispatch_key: str):
+        self.device_type, self.dispatch_key = device_type, dispatch_key
+
+    def unavailable_reason(self, op: str, device: torch.device) -> str | None:
+        if device.type != self.device_type:
+            return f"it runs on {self.device_type} tensors, not {device.type}"
+        error = load_error()
+        if error is not None:
+            return error
+        name = f"paradis_C::{op}_forward"
+        try:
+            has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(name, self.dispatch_key)
+        except RuntimeError:  # the schema itself is not defined: this build of _C lacks the op
+            has_kernel = False
+        if not has_kernel:
+            return f"paradis_fast._C has no {self.dispatch_key} kernel for {op}"
+        return None
+
+    def __getattr__(self, name: str):
+        if name.endswith("_forward") or name.endswith("_backward"):
+            return getattr(torch.ops.paradis_C, name)
+        raise AttributeError(name)
+
+
+cpu = NativeBackend("cpu", "CPU")
+cuda = NativeBackend("cuda", "CUDA")

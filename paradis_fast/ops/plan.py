@@ -1,0 +1,40 @@
+"""Slice plans: the (switch, sub-network) block tables the kernels consume, cached per layer shape.
+
+A conv block is five ints (switch, in_start, in_stop, out_start, out_stop); plans travel to the
+custom ops as flat int lists so that torch.compile treats them as constants.
+"""
+from __future__ import annotations
+
+import functools
+
+from ..switches import SwitchSet
+
+BLOCK_FIELDS = 5
+
+
+@functools.lru_cache(maxsize=4096)
+def conv_blocks(switches: SwitchSet, in_channels: int, out_channels: int, input_shared: bool) -> tuple[int, ...]:
+    """Flat block table of a sliced convolution; the stem (input_shared) reads every input channel."""
+    blocks: list[int] = []
+    for s, switch in enumerate(switches):
+        outs = switch.slices(out_channels)
+        ins = [(0, in_channels)] * len(outs) if input_shared else switch.slices(in_channels)
+        for (i0, i1), (o0, o1) in zip(ins, outs):
+            blocks += [s, i0, i1, o0, o1]
+    return tuple(blocks)
+
+
+def iter_blocks(blocks):
+    """Yield (switch, in_start, in_stop, out_start, out_stop) from a flat block table."""
+    for k in range(0, len(blocks), BLOCK_FIELDS):
+        yield tuple(blocks[k : k + BLOCK_FIELDS])
+
+
+@functools.lru_cache(maxsize=4096)
+def covered_channels(switches: SwitchSet, channels: int) -> tuple[int, ...]:
+    """How many leading channels each switch covers (validating that no slice is empty)."""
+    return tuple(switch.slices(channels)[-1][1] for switch in switches)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

@@ -1,0 +1,129 @@
+"""paradis::switch_batch_norm — BatchNorm(+activation) with private statistics per switch (DESIGN §3).
+
+The op itself is functional (it returns the statistics it used); the running-statistics update
+is a few in-place tensor ops here, shared by every backend.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .backends import kernels_for
+from .plan import covered_channels
+from .reference import accumulation_dtype
+from ..switches import SwitchSetLike
+
+OP = "switch_batch_norm"
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+@torch.library.custom_op("paradis::switch_batch_norm", mutates_args=())
+def _switch_batch_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+    covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return kernels_for(OP, x.device).switch_batch_norm_forward(
+        x.contiguous(), weight, bias, running_mean, running_var, covered, rows, training, eps, activation
+    )
+
+
+@_switch_batch_norm.register_fake
+def _(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation):
+    stats = x.new_empty(len(covered), x.shape[1], dtype=accumulation_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("paradis::switch_batch_norm_backward", mutates_args=())
+def _switch_batch_norm_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+    covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return kernels_for(OP, x.device).switch_batch_norm_backward(
+        grad_y.contiguous(), x, weight, bias, mean, var, covered, rows, training, eps, activation
+    )
+
+
+@_switch_batch_norm_backward.register_fake
+def _(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, covered, rows, training, eps, activation = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bias, mean, var)
+    ctx.config = (covered, rows, training, eps, activation)
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_var):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _switch_batch_norm_backward(grad_y, x.contiguous(), weight, bias, mean, var, *ctx.config)
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+_switch_batch_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum) -> None:
+    """running = (1 - momentum) * running + momentum * batch (unbiased variance), covered channels only.
+
+    `momentum` is a float or a per-switch tensor (the cumulative average of momentum=None)."""
+    device, channels = running_mean.device, running_mean.shape[1]
+    index = torch.tensor(rows, device=device)
+    mask = torch.arange(channels, device=device) < torch.tensor(covered, device=device)[:, None]
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(device=device, dtype=running_mean.dtype)[:, None]
+    unbiased = var * (count / max(count - 1, 1))
+    for running, batch in ((running_mean, mean), (running_var, unbiased)):
+        current = running.index_select(0, index)
+        updated = torch.lerp(current, batch.to(running.dtype), momentum)
+        running.index_copy_(0, index, torch.where(mask, updated, current))
+
+
+def switch_batch_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+    switches: SwitchSetLike, training: bool, momentum: float | Tensor = 0.1, eps: float = 1e-5,
+    activation: Optional[str] = None, rows: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """BatchNorm with private ``[S, C]`` affine parameters and statistics per switch, the
+    activation (None, "relu", "relu6") fused. x is ``[S*B, C, ...]`` stacked switch-major.
+
+    Channels a switch does not cover stay zero and their running statistics untouched.
+    ``rows`` maps each switch to its parameter row (default: switch s uses row s), so a model
+    can run a subset of its switches while the parameters of the others stay untouched.
+    """
+    switches = checks.switch_set(switches)
+    checks.tensors(OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    checks.rank(OP, "x", x, range(2, 9), "[S*B, C, ...] (at least 2-D)")
+    activation = "none" if activation is None else activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: unknown activation {activation!r}; choose None, 'relu' or 'relu6'")
+    params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    checks.same_dtype(OP, **params)
+    if weight.dtype != x.dtype and weight.dtype != torch.float32:
+        raise TypeError(f"{OP}: mixed dtypes (x {x.dtype}, parameters {weight.dtype}); parameters must be float32 or x's dtype")
+    rows = list(range(len(switches))) if rows is None else [int(r) for r in rows]
+    channels = x.shape[1]
+    for name, value in params.items():
+        checks.rank(OP, name, value, 2, "[S, C]")
+        if value.shape[1] != channels:
+            raise ValueError(f"{OP}: {name} has {value.shape[1]} channels, x has {channels} (channel mismatch)")
+        if value.shape[0] != weight.shape[0]:
+            raise ValueError(f"{OP}: {name} has {value.shape[0]} switch rows, weight has {weight.shape[0]}")
+    if len(rows) != len(switches) or len(set(rows)) != len(rows) or not all(0 <= r < weight.shape[0] for r in rows):
+        raise ValueError(f"{OP}: parameters have {weight.shape[0]} switch rows, which does not fit "
+                         f"the {len(switches)} switches {switches} (rows {rows})")
+    batch = checks.batch_divisible(OP, x.shape[0], len(switches))
+    count = batch * x[0, 0].numel()
+    if training and count < 2:
+        raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
+    covered = list(covered_channels(switches, channels))
+    y, mean, var = _switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation)
+    if training:
+        update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum)
+    return y

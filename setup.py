@@ -1,0 +1,54 @@
+"""Build of paradis_fast: the Python package, the Triton kernels (mapped to paradis_fast.kernels)
+and the C++ extension paradis_fast._C (CPU kernels; CUDA kernels when torch has CUDA or
+FORCE_CUDA=1). Build without isolation: the extension compiles against the installed torch."""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def extension():
+    sources = ["csrc/paradis.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda and CUDA_HOME is not None)
+    if with_cuda:
+        return CUDAExtension(
+            "paradis_fast._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "paradis_fast._C",
+        sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="paradis_fast",
+    version="0.1.0",
+    description="Fast training and deployment of ParaDiS (parallelly distributable slimmable) networks",
+    packages=[
+        "paradis_fast",
+        "paradis_fast.ops",
+        "paradis_fast.nn",
+        "paradis_fast.models",
+        "paradis_fast.train",
+        "paradis_fast.kernels",
+    ],
+    package_dir={"paradis_fast.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "data": ["scikit-learn", "tqdm", "matplotlib"],
+        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "expecttest"],
+    },
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,408 @@
+"""paradis::switch_batch_norm against an independent float64 oracle (DESIGN §3), on every backend,
+and the SwitchBatchNorm2d module.
+
+Oracle: per switch s and covered channel c, mean and biased variance over (batch rows of s, H, W)
+computed directly, normalised, affine with parameter row rows[s], then the activation; eval mode
+uses the running statistics of row rows[s]. Gradients come from autograd.
+"""
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+
+from paradis_fast import Switch, SwitchSet
+from paradis_fast.nn import SwitchBatchNorm2d
+from paradis_fast.ops import switch_batch_norm
+from paradis_fast.ops.plan import covered_channels
+
+EPS = 1e-5
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+
+
+# ------------------------------------------------------------------------------------- oracle
+def covered(switch: str, channels: int) -> int:
+    """b_k = floor(C * (w_1 + ... + w_k) + 1/2), with exact fractions."""
+    return math.floor(channels * sum(Switch.parse(switch).widths, Fraction(0)) + Fraction(1, 2))
+
+
+def oracle(x, weight, bias, running_mean, running_var, switches, training, eps, activation, rows):
+    num_switches = len(switches)
+    batch = x.shape[0] // num_switches
+    dims = [0, *range(2, x.dim())]
+    y = torch.zeros_like(x)
+    stats = []
+    for s, switch in enumerate(switches):
+        c, r = covered(switch, x.shape[1]), rows[s]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        xs = x[s * batch : (s + 1) * batch, :c]
+        if training:
+            count = xs.numel() // c
+            mean = xs.sum(dims) / count
+            var = ((xs - mean.view(shape)) ** 2).sum(dims) / count
+        else:
+            mean, var = running_mean[r, :c], running_var[r, :c]
+        z = (xs - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * weight[r, :c].view(shape) + bias[r, :c].view(shape)
+        if activation == "relu":
+            z = torch.clamp(z, min=0)
+        elif activation == "relu6":
+            z = torch.clamp(z, min=0, max=6)
+        y[s * batch : (s + 1) * batch, :c] = z
+        stats.append((c, r, mean.detach(), var.detach(), xs.numel() // c))
+    return y, stats
+
+
+# ------------------------------------------------------------------------------------- helpers
+def make_inputs(case, g=None):
+    g = g or torch.Generator().manual_seed(case["seed"])
+    f64 = torch.float64
+    num_switches, channels = len(case["switches"]), case["channels"]
+    x = torch.randn(num_switches * case["batch"], channels, *case["spatial"], generator=g, dtype=f64) * 2 + 0.5
+    rows_total = case["num_rows"]
+    weight = torch.randn(rows_total, channels, generator=g, dtype=f64) * 3
+    bias = torch.randn(rows_total, channels, generator=g, dtype=f64) * 2
+    running_mean = torch.randn(rows_total, channels, generator=g, dtype=f64)
+    running_var = torch.rand(rows_total, channels, generator=g, dtype=f64) + 0.5
+    return [t.to(case["dtype"]) for t in (x, weight, bias, running_mean, running_var)], g
+
+
+def leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_()
+
+
+def check_zeros_outside(switches, rows, rows_total, channels, y, grad_x, grad_w, grad_b):
+    batch = y.shape[0] // len(switches)
+    used = torch.zeros(rows_total, channels, dtype=torch.bool)
+    for s, switch in enumerate(switches):
+        c = covered(switch, channels)
+        block = slice(s * batch, (s + 1) * batch)
+        assert torch.count_nonzero(y[block, c:]) == 0, f"switch {switch}: uncovered output channels not 0"
+        assert torch.count_nonzero(grad_x[block, c:]) == 0, f"switch {switch}: uncovered grad_x not 0"
+        used[rows[s], :c] = True
+    assert torch.count_nonzero(grad_w[~used]) == 0, "grad_weight nonzero in unused rows or uncovered channels"
+    assert torch.count_nonzero(grad_b[~used]) == 0, "grad_bias nonzero in unused rows or uncovered channels"
+
+
+# ------------------------------------------------------------------------------ against oracle
+def test_matches_oracle(bn_case, bn_backend):
+    case = bn_case
+    dtype, switches, training, activation = case["dtype"], case["switches"], case["training"], case["activation"]
+    (x, weight, bias, running_mean, running_var), g = make_inputs(case)
+    rows = case["rows"] if case["rows"] is not None else list(range(len(switches)))
+    momentum = random.Random(case["seed"]).choice((0.1, 0.3))
+    before_mean, before_var = running_mean.clone(), running_var.clone()
+
+    xo, wo, bo = leaf(x), leaf(weight), leaf(bias)
+    y = switch_batch_norm(xo, wo, bo, running_mean, running_var, switches, training, momentum, EPS, activation,
+                          rows=case["rows"])
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y.to(dtype))
+
+    f64 = torch.float64
+    xr, wr, br = leaf(x, f64), leaf(weight, f64), leaf(bias, f64)
+    yr, stats = oracle(xr, wr, br, before_mean.to(f64), before_var.to(f64), switches, training, EPS, activation, rows)
+    yr.backward(grad_y)
+
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.detach(), yr.detach().to(dtype), **tol, msg=lambda m: f"forward: {m}")
+    torch.testing.assert_close(xo.grad, xr.grad.to(dtype), **tol, msg=lambda m: f"grad x: {m}")
+    torch.testing.assert_close(wo.grad, wr.grad.to(dtype), **tol, msg=lambda m: f"grad weight: {m}")
+    torch.testing.assert_close(bo.grad, br.grad.to(dtype), **tol, msg=lambda m: f"grad bias: {m}")
+    check_zeros_outside(switches, rows, case["num_rows"], case["channels"], y, xo.grad, wo.grad, bo.grad)
+
+    # running statistics
+    if not training:
+        assert torch.equal(running_mean, before_mean) and torch.equal(running_var, before_var), "eval changed stats"
+        return
+    touched = torch.zeros_like(running_mean, dtype=torch.bool)
+    for c, r, mean, var, count in stats:
+        touched[r, :c] = True
+        expected_mean = (1 - momentum) * before_mean[r, :c].to(f64) + momentum * mean
+        expected_var = (1 - momentum) * before_var[r, :c].to(f64) + momentum * var * count / (count - 1)
+        torch.testing.assert_close(running_mean[r, :c], expected_mean.to(dtype), **tol, msg=lambda m: f"running_mean: {m}")
+        torch.testing.assert_close(running_var[r, :c], expected_var.to(dtype), **tol, msg=lambda m: f"running_var: {m}")
+    assert torch.equal(running_mean[~touched], before_mean[~touched]), "uncovered/unused running_mean changed"
+    assert torch.equal(running_var[~touched], before_var[~touched]), "uncovered/unused running_var changed"
+
+
+def test_relu6_saturates_and_passes_no_gradient_there(bn_backend):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 7, 3, 3, generator=g, dtype=torch.float64)
+    weight = torch.full((2, 7), 5.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.full((2, 7), 2.0, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(2, 7, dtype=torch.float64), torch.ones(2, 7, dtype=torch.float64)
+    x.requires_grad_()
+    y = switch_batch_norm(x, weight, bias, rm, rv, ["2x0.5", "1x0.5"], True, activation="relu6")
+    assert (y == 6).any() and (y == 0).any() and ((y > 0) & (y < 6)).any()
+    y.backward(torch.ones_like(y))
+    xr, wr, br = leaf(x), leaf(weight), leaf(bias)
+    yr, _ = oracle(xr, wr, br, rm, rv, ["2x0.5", "1x0.5"], True, EPS, "relu6", [0, 1])
+    yr.backward(torch.ones_like(yr))
+    torch.testing.assert_close(y, yr, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(weight.grad, wr.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("x_dtype, tol", [(torch.float64, 1e-5), (torch.bfloat16, 5e-2)], ids=["f64", "bf16"])
+def test_float32_parameters_with_other_input_dtype(bn_backend, x_dtype, tol):
+    g = torch.Generator().manual_seed(9)
+    switches = ["2x0.5", "0.3+0.7"]
+    x = torch.randn(4, 7, 3, 3, generator=g).to(x_dtype)
+    weight, bias = torch.randn(2, 7, generator=g), torch.randn(2, 7, generator=g)
+    rm, rv = torch.randn(2, 7, generator=g), torch.rand(2, 7, generator=g) + 0.5
+    before = rm.clone()
+    xo, wo, bo = leaf(x), leaf(weight), leaf(bias)
+    y = switch_batch_norm(xo, wo, bo, rm, rv, switches, True, activation="relu")
+    assert y.dtype == x_dtype and rm.dtype == torch.float32
+    y.float().square().sum().backward()
+    assert xo.grad.dtype == x_dtype and wo.grad.dtype == torch.float32
+    f64 = torch.float64
+    xr, wr, br = leaf(x, f64), leaf(weight, f64), leaf(bias, f64)
+    yr, _ = oracle(xr, wr, br, before.double(), rv.double(), switches, True, EPS, "relu", [0, 1])
+    yr.square().sum().backward()
+    torch.testing.assert_close(y.double(), yr.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(wo.grad.double(), wr.grad, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(bo.grad.double(), br.grad, rtol=tol, atol=tol * 10)
+    assert not torch.equal(rm, before)
+
+
+# ------------------------------------------------------------------------ running statistics
+def test_running_stats_rows_subset(bn_backend):
+    """Two of five parameter rows run (rows=[3, 1]); the other rows and uncovered channels stay bit-identical."""
+    g = torch.Generator().manual_seed(10)
+    channels, switches, rows = 13, ["1x0.5", "0.5+0.25+0.25"], [3, 1]
+    x = torch.randn(2 * 3, channels, 4, 4, generator=g)
+    weight, bias = torch.randn(5, channels, generator=g), torch.randn(5, channels, generator=g)
+    rm, rv = torch.randn(5, channels, generator=g), torch.rand(5, channels, generator=g) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    switch_batch_norm(x, weight, bias, rm, rv, switches, True, 0.25, rows=rows)
+    for s, (r, c) in enumerate(zip(rows, (7, 13))):
+        xs = x[s * 3 : (s + 1) * 3, :c].double()
+        mean = xs.mean((0, 2, 3))
+        var = xs.var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(rm[r, :c].double(), 0.75 * rm0[r, :c].double() + 0.25 * mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rv[r, :c].double(), 0.75 * rv0[r, :c].double() + 0.25 * var, rtol=1e-5, atol=1e-6)
+    assert torch.equal(rm[3, 7:], rm0[3, 7:]) and torch.equal(rv[3, 7:], rv0[3, 7:])
+    for r in (0, 2, 4):
+        assert torch.equal(rm[r], rm0[r]) and torch.equal(rv[r], rv0[r]), f"unused row {r} changed"
+    assert not torch.equal(rm[1], rm0[1]) and not torch.equal(rv[3, :7], rv0[3, :7])
+
+
+def test_eval_leaves_running_stats_untouched(bn_backend):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 7, 3, 3, generator=g)
+    weight, bias = torch.randn(2, 7, generator=g), torch.randn(2, 7, generator=g)
+    rm, rv = torch.randn(2, 7, generator=g), torch.rand(2, 7, generator=g) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = switch_batch_norm(x, weight, bias, rm, rv, ["2x0.5", "1x1.0"], False, 0.9)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    # eval uses the running statistics: x = running_mean gives exactly the bias
+    x2 = torch.cat([rm[0].expand(2, 7), rm[1].expand(2, 7)])[:, :, None, None].expand(4, 7, 3, 3).contiguous()
+    y2 = switch_batch_norm(x2, weight, bias, rm, rv, ["2x0.5", "1x1.0"], False)
+    torch.testing.assert_close(y2[:2, :, 0, 0], bias[0].expand(2, 7), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y2[2:, :, 0, 0], bias[1].expand(2, 7), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(y, y2)
+
+
+def test_momentum_per_switch_tensor(bn_backend):
+    g = torch.Generator().manual_seed(12)
+    switches, channels = ["2x0.5", "1x1.0", "1x0.5"], 7
+    x = torch.randn(3 * 2, channels, 3, 3, generator=g)
+    weight, bias = torch.randn(3, channels, generator=g), torch.randn(3, channels, generator=g)
+    rm, rv = torch.randn(3, channels, generator=g), torch.rand(3, channels, generator=g) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    momentum = torch.tensor([0.1, 0.5, 1.0])
+    switch_batch_norm(x, weight, bias, rm, rv, switches, True, momentum)
+    for s, (m, c) in enumerate(zip(momentum.tolist(), (7, 7, 4))):
+        xs = x[2 * s : 2 * s + 2, :c].double()
+        mean, var = xs.mean((0, 2, 3)), xs.var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(rm[s, :c].double(), (1 - m) * rm0[s, :c].double() + m * mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rv[s, :c].double(), (1 - m) * rv0[s, :c].double() + m * var, rtol=1e-5, atol=1e-6)
+        assert torch.equal(rm[s, c:], rm0[s, c:]) and torch.equal(rv[s, c:], rv0[s, c:])
+
+
+# -------------------------------------------------------------------------- autograd machinery
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_opcheck(bn_backend, training, activation):
+    g = torch.Generator().manual_seed(13)
+    switches = SwitchSet(["2x0.5", "0.3+0.7"])
+    x = torch.randn(4, 7, 3, 3, generator=g, requires_grad=True)
+    weight = (torch.randn(3, 7, generator=g) * 3).requires_grad_()
+    bias = torch.randn(3, 7, generator=g).requires_grad_()
+    rm, rv = torch.randn(3, 7, generator=g), torch.rand(3, 7, generator=g) + 0.5
+    args = (x, weight, bias, rm, rv, list(covered_channels(switches, 7)), [2, 0], training, EPS, activation or "none")
+    torch.library.opcheck(torch.ops.paradis.switch_batch_norm.default, args)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_gradcheck(bn_backend, training, activation):
+    g = torch.Generator().manual_seed(14)
+    f64 = torch.float64
+    x = torch.randn(4, 5, 2, 2, generator=g, dtype=f64).requires_grad_()
+    weight = torch.randn(3, 5, generator=g, dtype=f64).requires_grad_()
+    bias = torch.randn(3, 5, generator=g, dtype=f64).requires_grad_()
+    rm, rv = torch.randn(3, 5, generator=g, dtype=f64), torch.rand(3, 5, generator=g, dtype=f64) + 0.5
+
+    def f(x, weight, bias):
+        return switch_batch_norm(x, weight, bias, rm, rv, ["2x0.5", "1x0.5"], training, activation=activation,
+                                 rows=[1, 2])
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+def _good(channels=7, rows=2):
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(4, channels, 3, 3, generator=g)
+    weight, bias = torch.randn(rows, channels, generator=g), torch.randn(rows, channels, generator=g)
+    return x, weight, bias, torch.randn(rows, channels, generator=g), torch.rand(rows, channels, generator=g) + 0.5
+
+
+def _swap(index, value):
+    def mutate(args):
+        args = list(args)
+        args[index] = value(args[index]) if callable(value) else value
+        return args
+    return mutate
+
+
+BAD = [
+    ("one-param-row", lambda a: [a[0]] + [t[:1] for t in a[1:]], {}, ValueError, r"1 switch rows.*2 switches"),
+    ("bias-rows", _swap(2, lambda b: torch.cat([b, b])), {}, ValueError, r"bias has 4 switch rows, weight has 2"),
+    ("running-var-rows", _swap(4, lambda v: v[:1]), {}, ValueError, r"running_var has 1 switch rows"),
+    ("channels", _swap(1, lambda w: torch.cat([w, w[:, :1]], 1)), {}, ValueError, r"weight has 8 channels, x has 7"),
+    ("channels-x", _swap(0, lambda x: x[:, :6]), {}, ValueError, r"channel mismatch"),
+    ("x-1d", _swap(0, lambda x: x.flatten()), {}, ValueError, r"x must be \[S\*B, C, \.\.\.\]"),
+    ("weight-1d", _swap(1, lambda w: w[0]), {}, ValueError, r"weight must be \[S, C\]"),
+    ("weight-3d", _swap(1, lambda w: w[None]), {}, ValueError, r"weight must be \[S, C\]"),
+    ("dtype-params", _swap(1, lambda w: w.double()), {}, TypeError, r"mixed dtypes"),
+    ("dtype-x-params", lambda a: [a[0].half()] + [t.double() for t in a[1:]], {}, TypeError, r"mixed dtypes"),
+    ("non-tensor", _swap(2, lambda b: b.tolist()), {}, TypeError, r"bias must be a torch.Tensor"),
+    ("int", _swap(0, lambda x: x.int()), {}, TypeError, r"floating"),
+    ("meta-x", _swap(0, lambda x: x.to("meta")), {}, ValueError, r"mixed devices"),
+    ("meta-stats", _swap(3, lambda m: m.to("meta")), {}, ValueError, r"mixed devices.*running_mean on meta"),
+    ("rows-not-divisible", _swap(0, lambda x: x[:3]), {}, ValueError, r"3 rows, not a multiple of the 2 switches"),
+    ("empty-set", lambda a: a, dict(switches=[]), ValueError, r"empty switch set"),
+    ("none-set", lambda a: a, dict(switches=None), ValueError, r"empty switch set"),
+    ("spelling", lambda a: a, dict(switches=["2x0.5", "abc"]), ValueError, r"bad switch spec 'abc'"),
+    ("empty-slice", lambda a: [a[0][:, :3]] + [t[:, :3] for t in a[1:]], dict(switches=["4x0.25", "1x1.0"]),
+     ValueError, r"4x0\.25.*empty slice.* 3 channels"),
+    ("activation", lambda a: a, dict(activation="gelu"), ValueError, r"unknown activation 'gelu'"),
+    ("rows-duplicate", lambda a: a, dict(rows=[0, 0]), ValueError, r"rows \[0, 0\]"),
+    ("rows-out-of-range", lambda a: a, dict(rows=[0, 2]), ValueError, r"rows \[0, 2\]"),
+    ("rows-count", lambda a: a, dict(rows=[0]), ValueError, r"rows \[0\]"),
+    ("one-value", _swap(0, lambda x: x[:, :, :1, :1].reshape(4, 7)[:2]), {}, ValueError,
+     r"more than 1 value per channel"),
+]
+
+
+@pytest.mark.parametrize("mutate, kwargs, error, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_inputs_raise_clear_errors(mutate, kwargs, error, message):
+    args = mutate(_good())
+    kwargs = dict(dict(switches=["2x0.5", "1x1.0"], training=True), **kwargs)
+    with pytest.raises(error, match=message):
+        switch_batch_norm(*args, **kwargs)
+
+
+def test_one_value_per_channel_is_fine_in_eval():
+    x, weight, bias, rm, rv = _good()
+    y = switch_batch_norm(x[:2, :, 0, 0], weight, bias, rm, rv, ["2x0.5", "1x1.0"], False)
+    assert y.shape == (2, 7)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_torch_compile_fullgraph_matches_eager(bn_backend):
+    torch._dynamo.reset()
+    switches = SwitchSet(["2x0.5", "1x0.5"])
+    x, weight, bias, rm, rv = _good()
+
+    def f(x, weight, bias, rm, rv):
+        return switch_batch_norm(x * 2, weight, bias, rm, rv, switches, True, 0.2, EPS, "relu6", rows=[1, 0]) + 1
+
+    rm_c, rv_c, rm_e, rv_e = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    xc, wc, xe, we = leaf(x), leaf(weight), leaf(x), leaf(weight)
+    yc = torch.compile(f, backend="aot_eager", fullgraph=True)(xc, wc, bias, rm_c, rv_c)
+    ye = f(xe, we, bias, rm_e, rv_e)
+    torch.testing.assert_close(yc, ye, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rm_c, rm_e, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv_c, rv_e, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(rm_c, rm) and not torch.equal(rv_c, rv), "compiled call did not update running stats"
+    yc.square().sum().backward()
+    ye.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wc.grad, we.grad, rtol=1e-5, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------- nn module
+def test_module_state_dict_matches_batchnorm2d_keys():
+    bn = SwitchBatchNorm2d(7, ["2x0.5", "1x1.0", "0.3+0.7"], activation="relu")
+    state = bn.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert set(state) == set(torch.nn.BatchNorm2d(7).state_dict())
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        assert state[key].shape == (3, 7), key
+    assert state["num_batches_tracked"].shape == (3,)
+    assert "switches=[2x0.5, 1x1.0, 0.3+0.7]" in repr(bn) and "activation='relu'" in repr(bn)
+    other = SwitchBatchNorm2d(7, ["2x0.5", "1x1.0", "0.3+0.7"], activation="relu")
+    with torch.no_grad():
+        bn.weight.normal_()
+    other.load_state_dict(bn.state_dict())
+    assert torch.equal(other.weight, bn.weight)
+
+
+def test_module_forward_matches_op_and_counts_batches(bn_backend):
+    switches = ["2x0.5", "1x0.5"]
+    bn = SwitchBatchNorm2d(7, switches, momentum=0.2, activation="relu")
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(4, 7, 3, 3)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    y = bn(x)
+    expected = switch_batch_norm(x, bn.weight, bn.bias, rm, rv, switches, True, 0.2, activation="relu")
+    assert torch.equal(y, expected)
+    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)
+    assert bn.num_batches_tracked.tolist() == [1, 1]
+    bn.eval()
+    y = bn(x)
+    assert bn.num_batches_tracked.tolist() == [1, 1] and torch.equal(bn.running_mean, rm)
+    expected = switch_batch_norm(x, bn.weight, bn.bias, rm, rv, switches, False, activation="relu")
+    assert torch.equal(y, expected)
+
+
+def test_module_set_active_trains_only_active_rows(bn_backend):
+    bn = SwitchBatchNorm2d(7, ["2x0.5", "1x1.0", "1x0.5"])
+    bn.set_active(["1x0.5"])
+    bn(torch.randn(3, 7, 2, 2) + 1)
+    assert bn.num_batches_tracked.tolist() == [0, 0, 1]
+    assert torch.equal(bn.running_mean[:2], torch.zeros(2, 7)) and torch.equal(bn.running_var[:2], torch.ones(2, 7))
+    assert torch.count_nonzero(bn.running_mean[2, :4]) == 4 and torch.count_nonzero(bn.running_mean[2, 4:]) == 0
+
+
+def test_module_momentum_none_is_the_cumulative_average(bn_backend):
+    switches = ["2x0.5", "0.5+0.25+0.25"]
+    bn = SwitchBatchNorm2d(13, switches, momentum=None)
+    g = torch.Generator().manual_seed(16)
+    means, variances = [], []
+    for step in range(3):
+        x = torch.randn(2 * 3, 13, 2, 3, generator=g) * (step + 1) + step
+        bn(x)
+        xs = x.double().view(2, 3, 13, 2, 3)
+        means.append(xs.mean((1, 3, 4)))
+        variances.append(xs.var((1, 3, 4), unbiased=True))
+    torch.testing.assert_close(bn.running_mean.double(), torch.stack(means).mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), torch.stack(variances).mean(0), rtol=1e-5, atol=1e-5)
+    assert bn.num_batches_tracked.tolist() == [3, 3]
+
+
+def test_module_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="unknown activation"):
+        SwitchBatchNorm2d(7, ["1x1.0"], activation="tanh")
+    with pytest.raises(ValueError, match="empty slice"):
+        SwitchBatchNorm2d(3, ["4x0.25"])
