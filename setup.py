@@ -5,7 +5,7 @@ import glob
 import os
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
@@ -34,14 +34,7 @@ setup(
     name="paradis_fast",
     version="0.1.0",
     description="Fast training and deployment of ParaDiS (parallelly distributable slimmable) networks",
-    packages=[
-        "paradis_fast",
-        "paradis_fast.ops",
-        "paradis_fast.nn",
-        "paradis_fast.models",
-        "paradis_fast.train",
-        "paradis_fast.kernels",
-    ],
+    packages=[*find_packages(include=["paradis_fast", "paradis_fast.*"]), "paradis_fast.kernels"],
     package_dir={"paradis_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
