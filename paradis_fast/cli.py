@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .deploy import commands as deploy_commands
 from .train import commands as train_commands
 
-COMMAND_MODULES = (train_commands,)
+COMMAND_MODULES = (train_commands, deploy_commands)
 
 
 def parser() -> argparse.ArgumentParser:

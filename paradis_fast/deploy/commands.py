@@ -1,0 +1,74 @@
+"""`python -m paradis_fast plan | export`: deployment from a checkpoint (serving: `paradis_fast.deploy.serve`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
+    return values
+
+
+def _capacities(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers such as 2,1,1") from None
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every capacity must be positive")
+    return values
+
+
+def input_shape(args, checkpoint: dict) -> list[int]:
+    """--input-shape, else the checkpoint's, else a clear error."""
+    shape = args.input_shape or checkpoint.get("input_shape")
+    if shape is None:
+        raise SystemExit("error: the checkpoint records no input shape; pass --input-shape C,H,W")
+    return list(shape)
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by paradis_fast.deploy.save_checkpoint")
+    p.add_argument("--input-shape", type=_ints, default=None, help="C,H,W of one image (default: the checkpoint's)")
+
+
+def run_plan(args) -> None:
+    from .checkpoint import load_checkpoint
+    from .plan import part_flops, plan
+
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    flops = part_flops(model, model.switches, input_shape(args, checkpoint))
+    result = plan(args.capacities, model.switches, checkpoint["accuracy"], flops)
+    print(f"devices of capacity {', '.join(f'{c:g}' for c in args.capacities)}: run switch {result.switch}")
+    print(result.table())
+
+
+def run_export(args) -> None:
+    from .checkpoint import load_checkpoint
+    from .export import export
+    from .split import split
+
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    manifest = export(split(model, args.switch), input_shape(args, checkpoint), args.out, args.format,
+                      model_name=checkpoint["model"])
+    files = [part["file"] for part in manifest["parts"]] + [manifest["fusion"]["file"]]
+    print(f"switch {manifest['switch']} of {checkpoint['model']} -> {args.out}: {', '.join(files)}, manifest.json")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="choose the switch whose slowest device finishes first")
+    add_checkpoint_arguments(p)
+    p.add_argument("--capacities", type=_capacities, required=True, help="relative speed of each device, e.g. 2,1,1")
+    p.set_defaults(run=run_plan)
+
+    p = subparsers.add_parser("export", help="write a switch's per-device parts, fusion and manifest")
+    add_checkpoint_arguments(p)
+    p.add_argument("--switch", required=True, help="the switch to export, e.g. 2x0.5")
+    p.add_argument("--format", choices=("torch-export", "onnx"), default="torch-export")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(run=run_export)

@@ -1,0 +1,139 @@
+"""Serve a split switch over torch.distributed: rank j runs part j, one collective sums the partials.
+
+Launch one process per device, e.g. ``torchrun --nproc_per_node 2 -m paradis_fast.deploy.serve
+--checkpoint CKPT --switch 2x0.5``. With ``--fault-tolerant`` the processes talk through a
+TCPStore instead (`paradis_fast.deploy.failover`), so a device that dies or hangs is dropped and
+the switch re-planned; launch those processes one by one (torchrun's agent stops every process
+when one fails), giving each ``--rank``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .split import Split
+
+__all__ = ["DistributedSplit", "main"]
+
+
+class DistributedSplit:
+    """One process of a split switch on the default process group: rank j holds part j only.
+
+    Every rank calls it with an image tensor of the same shape; with ``broadcast=True`` the root's
+    image is broadcast first (the others' tensors are overwritten). The partial outputs meet in
+    one ``reduce`` (sum) on the root, which adds the fusion and returns the output; other ranks
+    return None.
+    """
+
+    def __init__(self, split: Split, root: int = 0):
+        world = dist.get_world_size()
+        if world != len(split.parts):
+            raise ValueError(f"switch {split.switch} has {len(split.parts)} parts but the process group has "
+                             f"{world} ranks; launch one process per part")
+        self.rank, self.root = dist.get_rank(), root
+        self.part, self.fusion = split.parts[self.rank], split.fusion
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, broadcast: bool = True) -> torch.Tensor | None:
+        if broadcast:
+            dist.broadcast(image, src=self.root)
+        partial = self.part(image).contiguous()
+        dist.reduce(partial, dst=self.root, op=dist.ReduceOp.SUM)
+        return self.fusion(partial, image) if self.rank == self.root else None
+
+
+def _arguments(argv) -> argparse.Namespace:
+    from .commands import add_checkpoint_arguments
+
+    p = argparse.ArgumentParser(prog="python -m paradis_fast.deploy.serve", description=__doc__.split("\n\n")[0])
+    add_checkpoint_arguments(p)
+    p.add_argument("--switch", default=None, help="switch to serve (default with --fault-tolerant: planned)")
+    p.add_argument("--batches", type=int, default=8, help="number of random request batches to serve")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="rank 0 saves the images and outputs here (torch.save)")
+    p.add_argument("--fault-tolerant", action="store_true", help="serve through a TCPStore and survive lost devices")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a device's partial output")
+    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    p.add_argument("--store-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    p.add_argument("--store-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)) + 1,
+                   help="TCPStore port for --fault-tolerant (default MASTER_PORT + 1)")
+    return p.parse_args(argv)
+
+
+def _requests(args, shape):
+    generator = torch.Generator().manual_seed(args.seed)
+    return [torch.randn(args.batch_size, *shape, generator=generator) for _ in range(args.batches)]
+
+
+def _serve_collective(args, model, shape) -> list:
+    from .split import split
+
+    if args.switch is None:
+        raise SystemExit("error: --switch is required without --fault-tolerant")
+    dist.init_process_group("gloo")
+    try:
+        runner = DistributedSplit(split(model, args.switch))
+        served, start = [], time.perf_counter()
+        # the root's images are broadcast into the other ranks' buffers
+        images = _requests(args, shape) if runner.rank == 0 else [torch.empty(args.batch_size, *shape)] * args.batches
+        for image in images:
+            output = runner(image)
+            if output is not None:
+                served.append((image, output, args.switch))
+        if runner.rank == 0:
+            per_image = (time.perf_counter() - start) / (args.batches * args.batch_size)
+            print(f"served {args.batches} batches of {args.batch_size} images on switch {args.switch} over "
+                  f"{dist.get_world_size()} processes: {per_image * 1e3:.2f} ms per image")
+        return served
+    finally:
+        dist.destroy_process_group()
+
+
+def _serve_fault_tolerant(args, model, checkpoint, shape) -> list:
+    from .failover import Coordinator, run_worker
+
+    store = dist.TCPStore(args.store_addr, args.store_port, is_master=args.rank == 0, wait_for_workers=False,
+                          timeout=timedelta(seconds=max(60.0, args.timeout)))
+    if args.rank != 0:
+        run_worker(store, args.rank, model)
+        return []
+    coordinator = Coordinator(store, model, range(1, args.world_size), shape, timeout=args.timeout,
+                              accuracy=checkpoint["accuracy"], switch=args.switch)
+    try:
+        served = []
+        for image in _requests(args, shape):
+            answer = coordinator.infer(image)
+            served.append((image, answer.output, str(answer.switch)))
+        used = ", ".join(dict.fromkeys(switch for *_, switch in served))
+        print(f"served {args.batches} batches of {args.batch_size} images; switches used: {used}")
+        return served
+    finally:
+        coordinator.close()
+
+
+def main(argv=None) -> int:
+    from .checkpoint import load_checkpoint
+    from .commands import input_shape
+
+    args = _arguments(argv)
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    shape = input_shape(args, checkpoint)
+    if args.fault_tolerant:
+        served = _serve_fault_tolerant(args, model, checkpoint, shape)
+    else:
+        served = _serve_collective(args, model, shape)
+    if served and args.out:
+        torch.save([dict(image=i, output=o, switch=s) for i, o, s in served], args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

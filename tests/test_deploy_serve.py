@@ -1,0 +1,116 @@
+"""Serving over torch.distributed: torchrun with 2 and 4 gloo processes, and the fault-tolerant
+coordinator surviving a killed and a hung worker. Every output is checked against the
+single-process model for the switch that served it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from paradis_fast.deploy import load_checkpoint, save_checkpoint
+from paradis_fast.deploy.failover import Coordinator
+
+from test_deploy_split import trained_model
+
+SWITCHES = ["1x1.0", "2x0.5", "4x0.25", "3x1/3", "0.5+0.25+0.25"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model, shape = trained_model("mobilenet_v1", SWITCHES)
+    path = tmp_path_factory.mktemp("serve") / "model.pt"
+    save_checkpoint(path, model.float(), "mobilenet_v1", dict(num_classes=7, width_mult=0.25, small_input=True),
+                    input_shape=shape)
+    return path
+
+
+def assert_served_correctly(model, image, output, switch):
+    with torch.no_grad():
+        expected = model.set_active([switch])(image)[0]
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("processes, options, switch", [
+    (2, ["--switch", "2x0.5"], "2x0.5"),
+    (4, ["--switch", "4x0.25"], "4x0.25"),
+    (3, ["--fault-tolerant"], "3x1/3"),  # through the store; the switch planned for 3 equal devices
+])
+def test_torchrun_processes_equal_the_single_process_model(checkpoint, tmp_path, processes, options, switch):
+    out = tmp_path / "served.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "paradis_fast.deploy.serve", "--checkpoint", str(checkpoint), *options,
+               "--batches", "3", "--batch-size", "2", "--out", str(out)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "served 3 batches of 2 images" in result.stdout
+    model, _ = load_checkpoint(checkpoint)
+    served = torch.load(out, weights_only=True)
+    assert len(served) == 3
+    for request in served:
+        assert request["switch"] == switch
+        assert_served_correctly(model, request["image"], request["output"], switch)
+
+
+def test_torchrun_rejects_a_switch_with_another_device_count(checkpoint):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "paradis_fast.deploy.serve", "--checkpoint", str(checkpoint), "--switch", "4x0.25"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "switch 4x0.25 has 4 parts but the process group has 2 ranks" in result.stderr
+
+
+def test_coordinator_survives_a_killed_and_a_hung_worker(checkpoint):
+    """Rank 0 (this process) coordinates ranks 1-3; rank 3 is killed, later rank 2 hangs."""
+    model, info = load_checkpoint(checkpoint)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    workers = {rank: subprocess.Popen(
+        [sys.executable, "-m", "paradis_fast.deploy.serve", "--checkpoint", str(checkpoint), "--fault-tolerant",
+         "--rank", str(rank), "--world-size", "4", "--store-port", str(store.port)], env=ENV)
+        for rank in (1, 2, 3)}
+    log = []
+    try:
+        coordinator = Coordinator(store, model, workers, info["input_shape"], timeout=3.0, startup=120.0,
+                                  log=log.append)
+        generator = torch.Generator().manual_seed(1)
+        answers = []
+        for i in range(12):
+            if i == 4:
+                workers[3].kill()  # a device dies between requests: the next one is sent to it
+            if i == 8:
+                os.kill(workers[2].pid, signal.SIGSTOP)  # a device stops answering
+            image = torch.randn(2, *info["input_shape"], generator=generator)
+            answer = coordinator.infer(image)
+            answers.append(answer)
+            assert_served_correctly(model, image, answer.output, str(answer.switch))
+        coordinator.close()
+        os.kill(workers[2].pid, signal.SIGCONT)
+        for rank in (1, 2):
+            assert workers[rank].wait(timeout=60) == 0
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)
+                process.kill()
+    served = [(str(a.switch), tuple(sorted(a.ranks)), a.retries) for a in answers]
+    assert served[:4] == [("4x0.25", (0, 1, 2, 3), 0)] * 4
+    assert served[4] == ("3x1/3", (0, 1, 2), 1)  # re-planned for the 3 survivors, same request answered
+    assert served[5:8] == [("3x1/3", (0, 1, 2), 0)] * 3
+    assert served[8] == ("2x0.5", (0, 1), 1)
+    assert served[9:] == [("2x0.5", (0, 1), 0)] * 3
+    assert any("ranks [3] sent no partial output within 3.0s" in line for line in log)
+
+
+def test_coordinator_rejects_a_switch_that_does_not_fit(checkpoint):
+    model, info = load_checkpoint(checkpoint)
+    store = dist.HashStore()
+    with pytest.raises(ValueError, match="switch 2x0.5 needs 2 devices, 1 are live"):
+        Coordinator(store, model, [], info["input_shape"], switch="2x0.5", log=lambda _: None)
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        Coordinator(store, model, [], info["input_shape"], timeout=0)
