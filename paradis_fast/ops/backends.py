@@ -8,10 +8,11 @@ import os
 
 import torch
 
-from . import native, reference
+from . import native, reference, triton_backend
 
-BACKENDS = {"reference": reference, "cpu": native.cpu, "cuda": native.cuda}
-PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")}
+BACKENDS = {"reference": reference, "cpu": native.cpu, "cuda": native.cuda, "triton": triton_backend}
+# triton is never chosen for CPU tensors: there it only runs, forced, under the interpreter (tests)
+PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 _AUTOMATIC = "automatic"  # use_backend(None): automatic choice, even over PARADIS_BACKEND
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("paradis_backend", default=None)
