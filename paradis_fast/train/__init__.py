@@ -1,5 +1,7 @@
 """Training ParaDiS networks: all switches in one pass, the widest teaching the others."""
-from .loss import InplaceDistillationLoss
-from .trainer import evaluate, fit
+from .experiment import TrainConfig, run
+from .loss import InplaceDistillationLoss, SuperResolutionDistillationLoss
+from .trainer import Trainer, evaluate, fit
 
-__all__ = ["InplaceDistillationLoss", "evaluate", "fit"]
+__all__ = ["InplaceDistillationLoss", "SuperResolutionDistillationLoss", "TrainConfig", "Trainer", "evaluate", "fit",
+           "run"]

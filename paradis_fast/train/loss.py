@@ -42,3 +42,31 @@ class InplaceDistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"teacher={self.teacher}, distill_weight={self.distill_weight}, "
                 f"temperature={self.temperature}, label_smoothing={self.label_smoothing}")
+
+
+class SuperResolutionDistillationLoss(nn.Module):
+    """Loss of all switches of a super-resolution forward: ``[S, B, C, H, W]`` outputs, ``[B, C, H, W]`` targets.
+
+    ``L1(out[teacher], target) + distill_weight * sum_s L1(out[s], out[teacher].detach())``: the
+    widest switch learns from the high-resolution images, the others imitate it (EDSR/WDSR train
+    with L1; in-place distillation as for classifiers).
+    """
+
+    def __init__(self, teacher: int = 0, distill_weight: float = 1.0):
+        super().__init__()
+        self.teacher, self.distill_weight = teacher, distill_weight
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if outputs.dim() != target.dim() + 1 or outputs.shape[1:] != target.shape:
+            raise ValueError(f"expected [S, *target shape] outputs for targets of shape {tuple(target.shape)}, "
+                             f"got {tuple(outputs.shape)}")
+        teacher = outputs[self.teacher]
+        loss = F.l1_loss(teacher, target)
+        students = [s for s in range(outputs.shape[0]) if s != self.teacher % outputs.shape[0]]
+        if not students or self.distill_weight == 0:
+            return loss
+        distill = (outputs[students] - teacher.detach()).abs().mean((1, 2, 3, 4)).sum()
+        return loss + self.distill_weight * distill
+
+    def extra_repr(self) -> str:
+        return f"teacher={self.teacher}, distill_weight={self.distill_weight}"

@@ -1,0 +1,210 @@
+"""One training run from its settings: data, model, loss, optimizer, DDP, checkpoints and reports.
+
+`run(TrainConfig(...))` is what ``python -m paradis_fast train`` and ``bench/reproduce.py`` call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..models._common import scaled
+from ..switches import SwitchSet
+from . import baselines, datasets, distributed, reports
+from .checkpoint import build_model, checkpoint_fields, save
+from .loss import InplaceDistillationLoss, SuperResolutionDistillationLoss
+from .trainer import Trainer, make_optimizer, psnr, warmup_cosine
+
+CLASSIFIERS = ("mobilenet_v1", "resnet20", "resnet50")
+SUPER_RESOLUTION = ("wdsr_a", "wdsr_b")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run; the CLI's flags map onto these fields one to one."""
+
+    model: str = "mobilenet_v1"
+    switches: list = field(default_factory=lambda: ["1x1.0", "2x0.5", "4x0.25"])
+    dataset: str = "digits"
+    width_mult: float = 0.5
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None  # None: 0.05 for SGD, 1e-3 for AdamW
+    warmup: float = 0.15
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    distill_weight: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    baseline: str | None = None
+    slimmable_widths: list | None = None
+    quiet: bool = False
+    model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"n_blocks": 4}
+    dataset_kwargs: dict = field(default_factory=dict)  # extra loader arguments, e.g. {"patch": 32}
+
+
+def model_spec(config: TrainConfig, split: datasets.Split) -> tuple[str, dict]:
+    """Builder name and keyword arguments (without switches) for the data at hand."""
+    name = config.model
+    if name in SUPER_RESOLUTION:
+        if split.task != "super_resolution":
+            raise ValueError(f"{name} is a super-resolution model; dataset {config.dataset!r} is for classification")
+        n_feats = scaled(32, config.width_mult)
+        kwargs = dict(scale=split.scale, n_feats=n_feats, block_feats=4 * n_feats, in_channels=split.in_channels)
+    elif name in CLASSIFIERS:
+        if split.task != "classification":
+            raise ValueError(f"{name} is a classifier; dataset {config.dataset!r} is for {split.task.replace('_', '-')}")
+        kwargs = dict(num_classes=split.num_classes, width_mult=config.width_mult, in_channels=split.in_channels)
+        if name != "resnet20":
+            kwargs["small_input"] = split.train[0][0].shape[-1] < 64
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(CLASSIFIERS + SUPER_RESOLUTION)}")
+    return name, {**kwargs, **config.model_kwargs}
+
+
+def trained_switches(config: TrainConfig) -> list[str]:
+    """The model's switch set: the given switches, or the slimmable baseline's ``1xW`` widths."""
+    if config.baseline != "slimmable":
+        return [str(s) for s in SwitchSet(config.switches)]
+    if config.slimmable_widths:
+        return [f"1x{w}" for w in config.slimmable_widths]
+    return [str(s) for s in baselines.slimmable_switches(config.switches)]
+
+
+def _loaders(split: datasets.Split, config: TrainConfig, context: distributed.Context, generator: torch.Generator):
+    per_rank = distributed.per_rank_batch(config.batch_size, context)
+    if per_rank > len(split.train):
+        raise ValueError(f"batch size {config.batch_size} exceeds the {len(split.train)} training examples")
+    if context.distributed:
+        sampler = DistributedSampler(split.train, context.world_size, context.rank, shuffle=True, seed=config.seed,
+                                     drop_last=True)
+        train = DataLoader(split.train, batch_size=per_rank, sampler=sampler, drop_last=True)
+    else:
+        train = DataLoader(split.train, batch_size=per_rank, shuffle=True, drop_last=True, generator=generator)
+    return train, DataLoader(split.val, batch_size=256)
+
+
+def _criterion(config: TrainConfig, task: str):
+    if task == "super_resolution":
+        return SuperResolutionDistillationLoss(distill_weight=config.distill_weight)
+    return InplaceDistillationLoss(distill_weight=config.distill_weight, temperature=config.temperature,
+                                   label_smoothing=config.label_smoothing)
+
+
+def bicubic_psnr(split: datasets.Split) -> float:
+    """Validation PSNR of plain bicubic upscaling, the floor for super-resolution."""
+    lr, hr = split.val.tensors
+    return psnr(datasets.upscale(lr, split.scale), hr, shave=split.scale).mean().item()
+
+
+def _silent(*_):
+    pass
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # each epoch's line shows at once, also when the output goes to a file
+
+
+def build(config: TrainConfig, context: distributed.Context = distributed.Context(), log=_print):
+    """The data, model and trainer of a run (resumed from ``config.out`` when ``config.resume``)."""
+    torch.manual_seed(config.seed)
+    split = datasets.load(config.dataset, seed=config.seed, **config.dataset_kwargs)
+    name, kwargs = model_spec(config, split)
+    switches = trained_switches(config)
+    model = build_model(name, switches, kwargs).to(context.device)
+    generator = torch.Generator().manual_seed(config.seed)
+    train, val = _loaders(split, config, context, generator)
+    lr = config.lr if config.lr is not None else {"sgd": 0.05, "adamw": 1e-3}.get(config.optimizer, 0.05)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), lr, config.weight_decay)
+    total = config.epochs * len(train)
+    scheduler = warmup_cosine(optimizer, total, max(1, int(config.warmup * total)))
+    chooser = baselines.Sandwich(model.switches) if config.baseline == "slimmable" else None
+    trainer = Trainer(model, _criterion(config, split.task), optimizer, scheduler, train, val, split.task, split.scale,
+                      generator, module=distributed.wrap(model, context), choose_switches=chooser,
+                      progress=not config.quiet and context.is_main, log=log if context.is_main else _silent,
+                      device=context.device)
+    if config.resume:
+        _resume(trainer, config, name, switches)
+    return split, (name, kwargs), trainer
+
+
+def _resume(trainer: Trainer, config: TrainConfig, name: str, switches: list[str]) -> None:
+    if not config.out:
+        raise ValueError("--resume continues the run in --out DIR: give --out")
+    path = os.path.join(config.out, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint["model"] != name or checkpoint["switches"] != switches:
+        raise ValueError(f"--resume: {path} holds {checkpoint['model']} with switches {checkpoint['switches']}, "
+                         f"not {name} with {switches}")
+    trainer.model.load_state_dict(checkpoint["state_dict"])
+    trainer.load_state_dict(checkpoint)
+
+
+def _checkpoint(trainer: Trainer, config: TrainConfig, spec: tuple[str, dict], input_shape) -> dict:
+    scores = trainer.history[-1]["switches"] if trainer.history else None
+    accuracy = scores if trainer.task == "classification" else None
+    return {**checkpoint_fields(trainer.model, *spec, input_shape, accuracy), **trainer.state_dict(),
+            "config": dataclasses.asdict(config)}
+
+
+def _train(config: TrainConfig, context: distributed.Context, log) -> dict:
+    split, spec, trainer = build(config, context, log)
+    log(f"training {spec[0]} on {config.dataset} ({len(split.train)} train / {len(split.val)} val), "
+        f"switches {', '.join(str(s) for s in trainer.model.switches)}"
+        + (f", baseline {config.baseline}" if config.baseline else "")
+        + (f", {context.world_size} processes" if context.distributed else ""))
+    input_shape = split.train[0][0].shape
+    write = bool(config.out) and context.is_main
+
+    def on_epoch_end(t: Trainer) -> None:
+        if write:
+            save(os.path.join(config.out, CHECKPOINT), _checkpoint(t, config, spec, input_shape))
+            reports.write_history(config.out, t.history, t.metric)
+
+    scores = trainer.fit(config.epochs, on_epoch_end)
+    extra = dict(model=spec[0], dataset=config.dataset, baseline=config.baseline, epochs=config.epochs)
+    if split.task == "super_resolution":
+        extra["bicubic_psnr"] = bicubic_psnr(split)
+    result = reports.metrics(scores, trainer.metric, **extra)
+    if write:
+        reports.write_metrics(config.out, result)
+        reports.plot_history(config.out, trainer.history, trainer.metric)
+    return result
+
+
+def _individual(config: TrainConfig, context: distributed.Context, log) -> dict:
+    """Each switch's structure trained alone; results gathered as if from one model."""
+    merged = {}
+    for switch in config.switches:
+        out = os.path.join(config.out, "individual", reports.file_name(str(switch))) if config.out else None
+        started = out is not None and os.path.isfile(os.path.join(out, CHECKPOINT))
+        alone = dataclasses.replace(config, switches=[str(switch)], baseline=None, out=out,
+                                    resume=config.resume and started)  # resume the runs that had begun
+        result = _train(alone, context, log)
+        merged.update(result["switches"])
+    result = {**result, "switches": merged, "baseline": "individual"}
+    if config.out and context.is_main:
+        reports.write_metrics(config.out, result)
+    return result
+
+
+def run(config: TrainConfig, log=_print) -> dict:
+    """Train as ``config`` says (under torchrun: data-parallel); returns the metrics.json content."""
+    if config.baseline not in (None, *baselines.BASELINES):
+        raise ValueError(f"unknown baseline {config.baseline!r}; choose from {', '.join(baselines.BASELINES)}")
+    context = distributed.setup()
+    try:
+        if config.baseline == "individual":
+            return _individual(config, context, log)
+        return _train(config, context, log)
+    finally:
+        distributed.teardown(context)
