@@ -10,4 +10,11 @@ TORCH_LIBRARY(paradis_C, m) {
       "switch_batch_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, "
       "Tensor mean, Tensor var, int[] covered, int[] rows, bool training, float eps, "
       "str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sliced_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, int[] blocks, int num_switches, "
+      "int[] stride, int[] padding, int[] dilation, bool input_shared) -> Tensor");
+  m.def(
+      "sliced_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, int[] blocks, int num_switches, "
+      "int[] stride, int[] padding, int[] dilation, bool input_shared, bool[] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }

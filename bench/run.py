@@ -1,0 +1,362 @@
+"""Benchmark of paradis_fast against the plain PyTorch ways, for every op and a training step.
+
+    python bench/run.py [--quick] [--out DIR] [--device cpu|cuda] [--threads N] [--no-compile]
+
+For each layer of the suite (bench/suites.py) and each of forward and forward+backward, the median
+time of (a) the slimmable-style loop, (b) the best single-call plain alternative (grouped or
+block-masked convolution; BatchNorm over the switches stacked as channels), (c) torch.compile of
+(a), (d) paradis_fast (the dispatching default backend), and the bound: one dense torch.mm with the
+same FLOPs. Then the training step of ParaDiS MobileNet v1 (small_input) and ResNet20, all
+switches at once (d) against one forward+backward per switch (a). Methods are timed round-robin in
+one run, so the ratios hold under load. Prints the ratio table and writes results.csv, machine.json
+and results.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules next to this file
+
+import plain  # noqa: E402
+import suites  # noqa: E402
+import timing  # noqa: E402
+from paradis_fast import SwitchSet  # noqa: E402
+from paradis_fast import models  # noqa: E402
+from paradis_fast.ops import backends, sliced_conv2d, switch_batch_norm, use_backend  # noqa: E402
+from paradis_fast.train import InplaceDistillationLoss  # noqa: E402
+
+SLIMMABLE_LOOP = "slimmable_loop"
+METHODS = ("a", "b", "c", "d")
+
+
+def conv_flops(layer: suites.ConvLayer, switches: SwitchSet) -> int:
+    blocks = plain.blocks_by_switch(switches, layer.c_in, layer.c_out)
+    macs = sum((o1 - o0) * (i1 - i0) for switch in blocks for i0, i1, o0, o1 in switch)
+    return 2 * macs * layer.kernel**2 * layer.batch * layer.out_size**2
+
+
+def fwd_and_fwd_bwd(fns, inputs, grad_out):
+    """Per method: a forward without autograd, and a forward+backward into `inputs`."""
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+
+    def forward_backward(fn):
+        def run():
+            for t in inputs:
+                t.grad = None
+            fn(*inputs).backward(grad_out)
+        return run
+
+    return {name: forward(fn) for name, fn in fns.items()}, {name: forward_backward(fn) for name, fn in fns.items()}
+
+
+def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
+    blocks = plain.blocks_by_switch(switches, layer.c_in, layer.c_out)
+    masks = plain.block_masks(torch.ones(layer.c_out, layer.c_in, device=args.device, dtype=args.dtype), blocks)
+    stride, padding = layer.stride, layer.padding
+    b_variants = {"b:masked": lambda x, w: plain.masked_conv(x, w, masks, stride, padding)}
+    if all(plain.equal_widths(switch) for switch in blocks):
+        b_variants["b:grouped"] = lambda x, w: plain.grouped_conv(x, w, blocks, stride, padding)
+    fns = {
+        "a": lambda x, w: plain.loop_conv(x, w, blocks, stride, padding),
+        **b_variants,
+        "d": lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding),
+    }
+    if args.compile:
+        torch._dynamo.reset()  # a fresh cache per layer: the loop's code object is shared by all layers
+        fns["c"] = torch.compile(fns["a"], dynamic=False)
+    extra = {}
+    grouped_mm_applies = layer.kernel == 1 and stride == 1 and all(plain.equal_widths(s) for s in blocks)
+    if args.device == "cuda" and grouped_mm_applies and hasattr(torch, "_grouped_mm"):
+        extra["b:grouped_mm_bf16"] = lambda x, w: plain.grouped_mm_conv1x1(x.bfloat16(), w.bfloat16(), blocks).float()
+    return fns, extra
+
+
+def runnable(fns, inputs, grad_out):
+    """The extra methods that run on this machine (torch._grouped_mm needs a recent GPU)."""
+    kept = {}
+    for name, fn in fns.items():
+        try:
+            fn(*inputs).backward(grad_out)
+            kept[name] = fn
+        except RuntimeError as error:
+            print(f"  {name} skipped: {str(error).splitlines()[0]}", file=sys.stderr)
+    return kept
+
+
+def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
+    covered = plain.bn_covered(switches, layer.channels)
+    S, C = len(switches), layer.channels
+    stats = [torch.zeros(S, C, device=args.device, dtype=args.dtype), torch.ones(S, C, device=args.device, dtype=args.dtype)]
+    fns = {
+        "a": lambda x, w, b: plain.loop_bn_relu(x, w, b, *stats, covered),
+        "b:stacked": lambda x, w, b: plain.stacked_bn_relu(x, w, b, *stats),
+        "d": lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches, training=True, activation="relu"),
+    }
+    if args.compile:
+        torch._dynamo.reset()
+        fns["c"] = torch.compile(fns["a"], dynamic=False)
+    return fns
+
+
+def time_layer(kind, name, fns, inputs, grad_out, flops, args, extra=None):
+    """Rows of results for one layer: both passes, every method, plus the dense-mm bound."""
+    fns = {**fns, **(extra or {})}
+    fwd, fwd_bwd = fwd_and_fwd_bwd(fns, inputs, grad_out)
+    mm_flops = 0
+    if flops:
+        mm, mm_flops = timing.dense_mm(flops, args.device, args.dtype)
+        fwd["mm"] = mm
+        fwd_bwd["mm"] = lambda: (mm(), mm(), mm())  # backward = 2 GEMMs of the forward's FLOPs
+    rows = []
+    for phase, group, work, bound_work in (("fwd", fwd, flops, mm_flops), ("fwd+bwd", fwd_bwd, 3 * flops, 3 * mm_flops)):
+        medians = timing.interleaved_medians(group, args.device, args.reps)
+        for method, seconds in medians.items():
+            rows.append(dict(kind=kind, name=name, phase=phase, method=method, median_ms=seconds * 1e3,
+                             flops=bound_work if method == "mm" else work))
+    return rows
+
+
+def run_conv(args, switches):
+    rows = []
+    layers = suites.QUICK_CONV_LAYERS if args.quick else suites.CONV_LAYERS
+    for layer in layers:
+        g = torch.Generator(device=args.device).manual_seed(0)
+        x = torch.randn(len(switches) * layer.batch, layer.c_in, layer.size, layer.size, generator=g,
+                        device=args.device, dtype=args.dtype, requires_grad=True)
+        w = torch.randn(layer.c_out, layer.c_in, layer.kernel, layer.kernel, generator=g, device=args.device,
+                        dtype=args.dtype, requires_grad=True)
+        grad_out = torch.randn(x.shape[0], layer.c_out, layer.out_size, layer.out_size, generator=g,
+                               device=args.device, dtype=args.dtype)
+        fns, extra = conv_methods(layer, switches, args)
+        extra = runnable(extra, (x, w), grad_out)
+        started = time.perf_counter()
+        rows += time_layer("sliced_conv2d", layer.name, fns, (x, w), grad_out, conv_flops(layer, switches), args, extra)
+        print(f"  {layer.name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return rows
+
+
+def run_bn(args, switches):
+    rows = []
+    for layer in suites.QUICK_BN_LAYERS if args.quick else suites.BN_LAYERS:
+        S = len(switches)
+        x = torch.randn(S * layer.batch, layer.channels, layer.size, layer.size, device=args.device, dtype=args.dtype,
+                        requires_grad=True)
+        w = (1 + 0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
+        b = (0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
+        grad_out = torch.randn_like(x)
+        # memory-bound: no GEMM bound
+        rows += time_layer("switch_batch_norm+relu", layer.name, bn_methods(layer, switches, args), (x, w, b), grad_out,
+                           0, args)
+    return rows
+
+
+def build_model(name: str, switches: SwitchSet, device: str):
+    if name == "mobilenet_v1":
+        model = models.mobilenet_v1(num_classes=10, switches=switches, small_input=True)
+    else:
+        model = models.resnet20(num_classes=10, switches=switches)
+    return model.to(device).train()
+
+
+def native_kernel_share(model, x, target, criterion) -> str:
+    """How many of the paradis op calls of one training step ran a paradis_C kernel (no fallback)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        criterion(model(x), target).backward()
+    names = [event.name for event in prof.events()]
+    report = []
+    for op in ("sliced_conv2d", "switch_batch_norm"):
+        calls = names.count(f"paradis::{op}")
+        native = names.count(f"paradis_C::{op}_forward")
+        report.append(f"{op}: {native}/{calls} forward calls native, "
+                      f"{names.count(f'paradis_C::{op}_backward')} native backward")
+    return "; ".join(report)
+
+
+def run_train(args, switches):
+    rows, notes = [], []
+    for name in suites.TRAIN_MODELS:
+        model = build_model(name, switches, args.device)
+        x = torch.randn(suites.TRAIN_BATCH, 3, 32, 32, device=args.device, dtype=args.dtype)
+        target = torch.randint(0, 10, (suites.TRAIN_BATCH,), device=args.device)
+        criterion = InplaceDistillationLoss(teacher=switches.widest)
+
+        def loop_step(backward: bool):
+            # (a): one forward(+backward) per switch, per-switch loops inside each layer
+            with use_backend(SLIMMABLE_LOOP):
+                for switch in switches:
+                    model.set_active([switch])
+                    loss = F.cross_entropy(model(x)[0], target)
+                    if backward:
+                        loss.backward()
+            model.set_active(None)
+
+        def paradis_step(backward: bool):
+            loss = criterion(model(x), target)
+            if backward:
+                loss.backward()
+
+        groups = {"fwd": {"a": lambda: loop_step(False), "d": lambda: paradis_step(False)},
+                  "fwd+bwd": {"a": lambda: loop_step(True), "d": lambda: paradis_step(True)}}
+        for phase, group in groups.items():
+            model.zero_grad(set_to_none=True)
+            for method, seconds in timing.interleaved_medians(group, args.device, args.train_reps, warmup=1).items():
+                rows.append(dict(kind="train step", name=f"{name} b{suites.TRAIN_BATCH}", phase=phase, method=method,
+                                 median_ms=seconds * 1e3, flops=0))
+        notes.append(f"{name}: {native_kernel_share(model, x, target, criterion)}")
+    return rows, notes
+
+
+def ratio_table(rows):
+    """Per (kind, name, phase): the median of each method and d's speedup over a, b (best), c."""
+    table = {}
+    for r in rows:
+        entry = table.setdefault((r["kind"], r["name"], r["phase"]), {"flops": 0})
+        method = "b" if r["method"].startswith("b:") else r["method"]
+        entry[method] = min(entry.get(method, float("inf")), r["median_ms"])
+        if r["method"] == "d":
+            entry["flops"] = r["flops"]
+        if r["method"] == "mm":
+            entry["mm_flops"] = r["flops"]
+    for entry in table.values():
+        for m in ("a", "b", "c"):
+            if m in entry and "d" in entry:
+                entry[f"d_vs_{m}"] = entry[m] / entry["d"]
+        if entry.get("flops") and "d" in entry:
+            entry["gflops"] = entry["flops"] / entry["d"] / 1e6
+            if "mm" in entry:
+                entry["mm_gflops"] = entry["mm_flops"] / entry["mm"] / 1e6
+                entry["frac_mm"] = entry["gflops"] / entry["mm_gflops"]
+    return table
+
+
+def fmt(value, spec):
+    width = int(spec.split(".")[0])
+    return format(value, spec) if value is not None else "-".rjust(width)
+
+
+def print_table(table, out=sys.stdout):
+    header = (f"{'op':<24}{'layer':<30}{'pass':<9}{'a ms':>9}{'b ms':>9}{'c ms':>9}{'d ms':>9}"
+              f"{'d/a':>7}{'d/b':>7}{'d/c':>7}{'GF/s':>7}{'%mm':>6}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for (kind, name, phase), e in table.items():
+        print(f"{kind:<24}{name:<30}{phase:<9}" + "".join(fmt(e.get(m), "9.2f") for m in ("a", "b", "c", "d"))
+              + "".join(fmt(e.get(f"d_vs_{m}"), "7.2f") for m in ("a", "b", "c"))
+              + fmt(e.get("gflops"), "7.0f") + fmt(100 * e["frac_mm"] if "frac_mm" in e else None, "6.0f"), file=out)
+
+
+def summary(table):
+    """Medians over each suite of the speedups and of the fraction of the dense-GEMM rate."""
+    lines = []
+    for kind in dict.fromkeys(k for k, _, _ in table):
+        for phase in ("fwd", "fwd+bwd"):
+            entries = [e for (k, _, p), e in table.items() if k == kind and p == phase]
+            parts = []
+            for m in ("a", "b", "c"):
+                values = [e[f"d_vs_{m}"] for e in entries if f"d_vs_{m}" in e]
+                if values:
+                    parts.append(f"d vs {m} {statistics.median(values):.2f}x")
+            fracs = [e["frac_mm"] for e in entries if "frac_mm" in e]
+            if fracs:
+                parts.append(f"{100 * statistics.median(fracs):.0f}% of dense mm")
+            lines.append(f"{kind} {phase} (median of {len(entries)}): " + ", ".join(parts))
+    return lines
+
+
+def plot(table, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in table if k[2] == "fwd+bwd"]
+    labels = [f"{name}" for _, name, _ in keys]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.6 * len(keys)), 9), sharex=True)
+    width = 0.27
+    for i, m in enumerate(("a", "b", "c")):
+        values = [table[k].get(f"d_vs_{m}", 0) for k in keys]
+        axes[0].bar([j + (i - 1) * width for j in range(len(keys))], values, width, label=f"paradis vs ({m})")
+    axes[0].axhline(1, color="k", lw=0.8)
+    axes[0].set_ylabel("speedup, forward+backward")
+    axes[0].legend()
+    axes[1].bar(range(len(keys)), [100 * table[k].get("frac_mm", 0) for k in keys], color="tab:green")
+    axes[1].axhline(60, color="r", ls="--", lw=0.8, label="60% target")
+    axes[1].set_ylabel("% of dense torch.mm rate")
+    axes[1].legend()
+    axes[1].set_xticks(range(len(keys)))
+    axes[1].set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a subset of layers, fewer repeats, no torch.compile (< 2 min)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop")
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats per method (default 5 quick, 9 full)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.quick:
+        args.compile = False
+    args.reps = args.reps or (3 if args.quick else 9)
+    args.train_reps = 2 if args.quick else 5
+    args.dtype = torch.float32
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends.BACKENDS[SLIMMABLE_LOOP] = plain.SlimmableLoopBackend()  # the training-step baseline
+    switches = SwitchSet(suites.SWITCHES)
+    os.makedirs(args.out, exist_ok=True)
+    info = timing.machine(args.device)
+    info["command"] = " ".join(["python bench/run.py", *sys.argv[1:]])
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    if not args.compile:
+        print("(c) torch.compile of the loop: skipped" + (" in --quick (compiling every layer takes minutes)" if args.quick else ""))
+    started = time.perf_counter()
+    rows = run_conv(args, switches) + run_bn(args, switches)
+    train_rows, notes = run_train(args, switches)
+    rows += train_rows
+    table = ratio_table(rows)
+    print(f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "
+          f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {args.dtype}, NCHW\n")
+    print_table(table)
+    lines = summary(table) + [f"native kernels in the training step: {note}" for note in notes]
+    print("\n" + "\n".join(lines))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    info["summary"] = lines
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.out, "machine.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(args.out, "table.txt"), "w") as f:
+        print_table(table, f)
+        print("\n" + "\n".join(lines), file=f)
+    plot(table, os.path.join(args.out, "results.png"))
+    print(f"wrote {args.out}/results.csv, table.txt, machine.json, results.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace paradis {
+
+// Sliced convolution of every (switch, sub-network) block in one call (DESIGN §3).
+// x = [S*B, C_in, H, W] stacked switch-major ([B, C_in, H, W] with input_shared), weight =
+// [C_out, C_in, kh, kw]. blocks is the flat table of paradis_fast/ops/plan.py, five ints per
+// block: (switch, in_start, in_stop, out_start, out_stop). For switch s and each of its blocks,
+// y[s][:, out] = conv2d(x[s][:, in], weight[out, in]) + bias[out]; other channels are zero.
+// Returns y = [S*B, C_out, H', W'], contiguous (NCHW).
+at::Tensor sliced_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef blocks,
+                                     int64_t num_switches, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     bool input_shared);
+
+// Gradients (grad_x, grad_weight, grad_bias [C_out]) of sliced_conv2d_forward_cpu; a gradient
+// not requested by output_mask comes back undefined. Weight gradients of overlapping blocks of
+// different switches add up in a fixed order: the result is the same on every run.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    at::IntArrayRef blocks, int64_t num_switches, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool input_shared, const c10::List<bool>& output_mask);
+
+} // namespace paradis

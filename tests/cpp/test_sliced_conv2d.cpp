@@ -1,0 +1,142 @@
+// Checks the CPU sliced convolution kernels against a naive loop of at::conv2d per (switch,
+// sub-network) block in double (gradients by autograd), directly and through the dispatcher, and
+// that bad block tables are rejected.
+#include "cpu/sliced_conv2d.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+int checks = 0;
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::cerr << "FAIL: " << what << "\n";
+  }
+}
+
+void expect_close(const Tensor& actual, const Tensor& expected, double tol, const std::string& what) {
+  const Tensor a = actual.to(at::kDouble);
+  const bool same_shape = a.sizes() == expected.sizes();
+  const bool ok = same_shape && at::allclose(a, expected, tol, tol);
+  std::ostringstream msg;
+  msg << what;
+  if (!same_shape)
+    msg << ": shape " << a.sizes() << " vs " << expected.sizes();
+  else if (!ok)
+    msg << ": max |diff| = " << (a - expected).abs().max().item<double>();
+  expect(ok, msg.str());
+}
+
+struct Case {
+  std::string name;
+  int64_t switches, batch, c_in, c_out, kernel, size, stride, padding, dilation;
+  bool shared;
+  std::vector<int64_t> blocks; // (switch, in_start, in_stop, out_start, out_stop) per block
+};
+
+struct Result {
+  Tensor y, grad_x, grad_w, grad_b;
+};
+
+Tensor grad_or_zeros(const Tensor& t) { return t.grad().defined() ? t.grad() : at::zeros_like(t); }
+
+// The op's definition in double: y[s][:, out] = conv2d(x[s][:, in], weight[out, in]) + bias[out].
+Result reference(const Case& c, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& grad_y) {
+  const Tensor xd = x.to(at::kDouble).requires_grad_();
+  const Tensor wd = w.to(at::kDouble).requires_grad_();
+  const Tensor bd = b.to(at::kDouble).requires_grad_();
+  std::vector<Tensor> rows(c.switches);
+  const int64_t out_size = (c.size + 2 * c.padding - c.dilation * (c.kernel - 1) - 1) / c.stride + 1;
+  for (int64_t s = 0; s < c.switches; ++s) rows[s] = at::zeros({c.batch, c.c_out, out_size, out_size}, xd.options());
+  for (size_t k = 0; k < c.blocks.size(); k += 5) {
+    const int64_t s = c.blocks[k], i0 = c.blocks[k + 1], i1 = c.blocks[k + 2], o0 = c.blocks[k + 3], o1 = c.blocks[k + 4];
+    const Tensor xs = (c.shared ? xd : xd.narrow(0, s * c.batch, c.batch)).narrow(1, i0, i1 - i0);
+    const Tensor part = at::conv2d(xs, wd.narrow(0, o0, o1 - o0).narrow(1, i0, i1 - i0), bd.narrow(0, o0, o1 - o0),
+                                   c.stride, c.padding, c.dilation);
+    std::vector<Tensor> pieces{rows[s].narrow(1, 0, o0), part, rows[s].narrow(1, o1, c.c_out - o1)};
+    rows[s] = at::cat(pieces, 1);
+  }
+  const Tensor y = at::cat(rows, 0);
+  y.backward(grad_y.to(at::kDouble));
+  return {y.detach(), grad_or_zeros(xd), grad_or_zeros(wd), grad_or_zeros(bd)};
+}
+
+void run(const Case& c, at::ScalarType dtype) {
+  const std::string tag = c.name + (dtype == at::kFloat ? " f32" : " f64");
+  const double tol = dtype == at::kFloat ? 1e-3 : 1e-10;
+  const auto opts = at::TensorOptions().dtype(dtype);
+  const Tensor x = at::randn({c.shared ? c.batch : c.switches * c.batch, c.c_in, c.size, c.size}, opts);
+  const Tensor w = at::randn({c.c_out, c.c_in, c.kernel, c.kernel}, opts);
+  const Tensor b = at::randn({c.c_out}, opts);
+  const std::vector<int64_t> geometry_stride{c.stride, c.stride}, padding{c.padding, c.padding},
+      dilation{c.dilation, c.dilation};
+  const Tensor y = paradis::sliced_conv2d_forward_cpu(x, w, b, c.blocks, c.switches, geometry_stride, padding, dilation,
+                                                      c.shared);
+  const Tensor grad_y = at::randn(y.sizes(), opts);
+  const auto [gx, gw, gb] = paradis::sliced_conv2d_backward_cpu(grad_y, x, w, c.blocks, c.switches, geometry_stride,
+                                                                padding, dilation, c.shared, c10::List<bool>({true, true, true}));
+  const Result want = reference(c, x, w, b, grad_y);
+  expect_close(y, want.y, tol, tag + ": forward");
+  expect_close(gx, want.grad_x, tol, tag + ": grad x");
+  expect_close(gw, want.grad_w, tol, tag + ": grad weight");
+  expect_close(gb, want.grad_b, tol, tag + ": grad bias");
+
+  static auto forward_op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("paradis_C::sliced_conv2d_forward", "")
+                               .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                             at::IntArrayRef, int64_t, at::IntArrayRef, at::IntArrayRef,
+                                             at::IntArrayRef, bool)>();
+  const Tensor y_dispatched = forward_op.call(x, w, b, c.blocks, c.switches, geometry_stride, padding, dilation, c.shared);
+  expect(at::equal(y_dispatched, y), tag + ": dispatcher result differs from the direct call");
+}
+
+void check_rejects(const std::vector<int64_t>& blocks, const std::string& needle) {
+  const Tensor x = at::randn({2, 4, 5, 5}), w = at::randn({6, 4, 1, 1});
+  const std::vector<int64_t> one{1, 1}, zero{0, 0};
+  try {
+    paradis::sliced_conv2d_forward_cpu(x, w, std::nullopt, blocks, 1, one, zero, one, false);
+  } catch (const c10::Error& e) {
+    expect(std::string(e.what()).find(needle) != std::string::npos,
+           "message lacks '" + needle + "': " + e.what_without_backtrace());
+    return;
+  }
+  expect(false, "block table accepted, expected '" + needle + "'");
+}
+
+} // namespace
+
+int main() {
+  at::manual_seed(0);
+  const std::vector<Case> cases = {
+      // 1x1.0, 2x0.5, 4x0.25 over 8 -> 12 channels
+      {"pointwise small image", 3, 2, 8, 12, 1, 5, 1, 0, 1, false,
+       {0, 0, 8, 0, 12, 1, 0, 4, 0, 6, 1, 4, 8, 6, 12, 2, 0, 2, 0, 3, 2, 2, 4, 3, 6, 2, 4, 6, 6, 9, 2, 6, 8, 9, 12}},
+      // 0.3+0.7 and a narrow 1x0.5, images large enough for in-place one-sample tiles
+      {"pointwise large image", 2, 2, 10, 7, 1, 17, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
+      {"3x3 stride 2", 2, 3, 6, 5, 3, 9, 2, 1, 1, false, {0, 0, 3, 0, 3, 0, 3, 6, 3, 5, 1, 0, 6, 0, 5}},
+      {"3x3 dilated, split image", 1, 1, 40, 4, 3, 20, 1, 2, 2, false, {0, 0, 40, 0, 4}},
+      {"shared stem", 3, 2, 3, 8, 3, 6, 1, 1, 1, true,
+       {0, 0, 3, 0, 8, 1, 0, 3, 0, 4, 1, 0, 3, 4, 8, 2, 0, 3, 0, 2, 2, 0, 3, 2, 4, 2, 0, 3, 4, 6, 2, 0, 3, 6, 8}},
+  };
+  for (const Case& c : cases) {
+    for (const auto dtype : {at::kFloat, at::kDouble}) run(c, dtype);
+  }
+  check_rejects({0, 0, 4, 0}, "5 ints per block");
+  check_rejects({0, 0, 5, 0, 6}, "is outside");
+  check_rejects({0, 0, 2, 0, 4, 0, 2, 4, 3, 6}, "overlap");
+  std::cout << checks - failures << "/" << checks << " checks passed" << std::endl;
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,165 @@
+"""The C++ `cpu` kernels of sliced_conv2d beyond the shared test matrix of test_sliced_conv.py:
+the tiling paths that only larger images reach, reproducibility with several threads, reduced
+precision, the 32-bit BLAS guards and the kernel's own input validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import test_sliced_conv as conv_tests
+from paradis_fast import SwitchSet
+from paradis_fast.ops import available_backends, use_backend
+from paradis_fast.ops.plan import conv_blocks
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends("sliced_conv2d"),
+                                reason="paradis_fast._C has no CPU sliced_conv2d kernel (extension not built)")
+
+KERNEL = torch.ops.paradis_C
+
+
+def case(switches, c_in, c_out, kernel, hw, stride=1, padding=None, dilation=1, batch=1, input_shared=False, bias=True, seed=0):
+    padding = kernel // 2 if padding is None else padding
+    return dict(seed=seed, switches=switches, c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, padding=padding,
+                dilation=dilation, batch=batch, input_shared=input_shared, bias=bias, hw=hw)
+
+
+# Images of >= 256 output pixels take one-sample tiles: pointwise layers read x and write y in
+# place, k x k ones split an image into several im2col tiles once C_in * k * k is large.
+LARGE_CASES = {
+    "pointwise-in-place": case(["1x1.0", "2x0.5", "0.3+0.7"], 12, 10, 1, (16, 17), batch=2),
+    "pointwise-stride2": case(["4x0.25", "3x1/3"], 12, 9, 1, (33, 32), stride=2, bias=False),
+    "3x3-split-image": case(["1x1.0", "2x0.5"], 80, 6, 3, (20, 21), seed=1),
+    "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),
+    "shared-stem": case(["1x1.0", "2x0.5", "4x0.25"], 3, 16, 3, (16, 16), batch=2, input_shared=True),
+    "5x5-asymmetric-padding-free": case(["2x0.5"], 6, 8, 5, (18, 20), padding=0, batch=3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(LARGE_CASES))
+def test_large_image_paths_match_oracle(name, dtype):
+    conv_case = LARGE_CASES[name]
+    x, weight, bias, g = conv_tests.make_inputs(conv_case, dtype)
+    with use_backend("cpu"):
+        (y, gx, gw, gb), (yr, gxr, gwr, gbr) = conv_tests.run_both(conv_case, x, weight, bias, g)
+    tol = conv_tests.TOLERANCE[dtype]
+    for got, want, what in ((y, yr, "forward"), (gx, gxr, "grad x"), (gw, gwr, "grad weight"), (gb, gbr, "grad bias")):
+        if want is not None:
+            torch.testing.assert_close(got, want.to(dtype), **tol, msg=lambda m: f"{what}: {m}")
+    conv_tests.assert_uncovered_exact_zeros(conv_case, y, gx, gw, gb)
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("kernel, hw", [(1, (16, 16)), (1, (3, 3)), (3, (16, 16))], ids=["1x1-large", "1x1-small", "3x3"])
+def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kernel, hw):
+    g = torch.Generator().manual_seed(7)
+    switches = SwitchSet(["1x1.0", "2x0.5", "0.3+0.7", "4x0.25"])
+    x = torch.randn(len(switches) * 8, 48, *hw, generator=g)
+    weight = torch.randn(64, 48, kernel, kernel, generator=g)
+    blocks = list(conv_blocks(switches, 48, 64, False))
+    geometry = ([1, 1], [kernel // 2] * 2, [1, 1], False)
+    grad_y = torch.randn(KERNEL.sliced_conv2d_forward(x, weight, None, blocks, len(switches), *geometry).shape, generator=g)
+    runs = [KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, len(switches), *geometry, [True, True, True])
+            for _ in range(3)]
+    for other in runs[1:]:
+        for first, again, what in zip(runs[0], other, ("grad x", "grad weight", "grad bias")):
+            assert torch.equal(first, again), f"{what} differs between identical runs"
+
+
+def test_backward_returns_only_requested_gradients():
+    switches = SwitchSet(["2x0.5"])
+    x, weight = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    grad_y = torch.randn(2, 6, 5, 5)
+    blocks = list(conv_blocks(switches, 4, 6, False))
+    grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 1, [1, 1], [1, 1], [1, 1], False, [False, True, False])
+    assert grads[0] is None and grads[2] is None and grads[1].shape == weight.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_reduced_precision_computes_in_float32(dtype):
+    conv_case = LARGE_CASES["pointwise-in-place"]
+    x, weight, bias, g = conv_tests.make_inputs(conv_case, torch.float32)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    with use_backend("cpu"):
+        (y, gx, gw, gb), (yr, gxr, gwr, gbr) = conv_tests.run_both(conv_case, x, weight, bias, g)
+    assert y.dtype == gx.dtype == gw.dtype == gb.dtype == dtype
+    for got, want in ((y, yr), (gx, gxr), (gw, gwr), (gb, gbr)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-1)
+
+
+def test_opcheck_on_the_in_place_tile_path():
+    conv_case = LARGE_CASES["pointwise-in-place"]
+    x, weight, bias, _ = conv_tests.make_inputs(conv_case, torch.float32)
+    switches = SwitchSet(conv_case["switches"])
+    blocks = list(conv_blocks(switches, conv_case["c_in"], conv_case["c_out"], False))
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), blocks, len(switches),
+            [1, 1], [0, 0], [1, 1], False)
+    with use_backend("cpu"):
+        torch.library.opcheck(torch.ops.paradis.sliced_conv2d.default, args)
+
+
+# ------------------------------------------------------------------------ 64-bit / BLAS guards
+def test_image_beyond_32_bit_blas_dimension_is_rejected_before_allocating():
+    # an expanded (stride-0) tensor: 2.5e9 pixels per image without the memory
+    x = torch.zeros(1, 1, 1, 1).expand(2, 1, 50_000, 50_000)
+    weight = torch.randn(2, 1, 1, 1)
+    with pytest.raises(RuntimeError, match=r"number of pixels of an input image is 2500000000, above the 2\^31 - 1"):
+        KERNEL.sliced_conv2d_forward(x, weight, None, [0, 0, 1, 0, 2], 1, [1, 1], [0, 0], [1, 1], False)
+
+
+def test_weight_row_beyond_32_bit_blas_dimension_is_rejected():
+    c_in = 2**20
+    x = torch.zeros(1, 1, 1, 1).expand(1, c_in, 64, 32)
+    weight = torch.zeros(1, 1, 1, 1).expand(2, c_in, 64, 32)  # C_in * kh * kw = 2^31
+    grad_y = torch.zeros(1, 1, 1, 1).expand(1, 2, 1, 1)
+    with pytest.raises(RuntimeError, match=r"C_in \* kh \* kw is 2147483648"):
+        KERNEL.sliced_conv2d_backward(grad_y, x, weight, [0, 0, c_in, 0, 2], 1, [1, 1], [0, 0], [1, 1], False,
+                                      [True, True, False])
+
+
+# ------------------------------------------------------------------------- kernel validation
+def _call(blocks=(0, 0, 4, 0, 6), num_switches=1, x_shape=(2, 4, 5, 5), shared=False, **geometry):
+    x, weight = torch.randn(*x_shape), torch.randn(6, 4, 3, 3)
+    stride, padding, dilation = geometry.get("stride", [1, 1]), geometry.get("padding", [1, 1]), geometry.get("dilation", [1, 1])
+    return KERNEL.sliced_conv2d_forward(x, weight, None, list(blocks), num_switches, stride, padding, dilation, shared)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(blocks=(0, 0, 4, 0)), r"5 ints per block"),
+        (dict(blocks=(1, 0, 4, 0, 6)), r"block 0 \(1, 0, 4, 0, 6\) is outside 1 switches"),
+        (dict(blocks=(0, 0, 5, 0, 6)), r"is outside .* 4 inputs"),
+        (dict(blocks=(0, 2, 2, 0, 6)), r"is outside"),
+        (dict(blocks=(0, 0, 2, 0, 4, 0, 1, 4, 3, 6)), r"blocks of switch 0 overlap"),
+        (dict(blocks=(0, 0, 2, 0, 6), shared=True), r"input_shared every block reads all 4 input channels"),
+        (dict(num_switches=3, blocks=(0, 0, 4, 0, 6)), r"2 rows, not a multiple of the 3 switches"),
+        (dict(stride=[1]), r"must have 2 entries"),
+        (dict(stride=[0, 1]), r"must be >= 1"),
+        (dict(padding=[0, 0], x_shape=(2, 4, 2, 5)), r"smaller than the kernel"),
+        (dict(x_shape=(2, 3, 5, 5)), r"x has 3 channels but weight expects 4"),
+    ],
+)
+def test_kernel_rejects_bad_tables_and_geometry(kwargs, message):
+    with pytest.raises(RuntimeError, match=message):
+        _call(**kwargs)
+
+
+def test_kernel_rejects_integer_and_mismatched_dtypes():
+    blocks = [0, 0, 4, 0, 6]
+    geometry = ([1, 1], [1, 1], [1, 1], False)
+    with pytest.raises(RuntimeError, match=r"x is Float but weight is Double"):
+        KERNEL.sliced_conv2d_forward(torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3).double(), None, blocks, 1, *geometry)
+    with pytest.raises(RuntimeError, match=r"supports floating dtypes, got Int"):
+        KERNEL.sliced_conv2d_forward(torch.ones(2, 4, 5, 5, dtype=torch.int32), torch.ones(6, 4, 3, 3, dtype=torch.int32),
+                                     None, blocks, 1, *geometry)
+    with pytest.raises(RuntimeError, match=r"grad_y must be \[2, 6, 5, 5\]"):
+        KERNEL.sliced_conv2d_backward(torch.randn(2, 6, 4, 5), torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), blocks,
+                                      1, *geometry, [True, True, True])
