@@ -67,7 +67,9 @@ def test_torchrun_rejects_a_switch_with_another_device_count(checkpoint):
 
 
 def test_coordinator_survives_a_killed_and_a_hung_worker(checkpoint):
-    """Rank 0 (this process) coordinates ranks 1-3; rank 3 is killed, later rank 2 hangs."""
+    """Rank 0 (this process) coordinates ranks 1-3; rank 3 is killed, later rank 2 hangs.
+
+    The 8 s timeout leaves live workers ample time on a loaded 2-core machine."""
     model, info = load_checkpoint(checkpoint)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     workers = {rank: subprocess.Popen(
@@ -76,7 +78,7 @@ def test_coordinator_survives_a_killed_and_a_hung_worker(checkpoint):
         for rank in (1, 2, 3)}
     log = []
     try:
-        coordinator = Coordinator(store, model, workers, info["input_shape"], timeout=3.0, startup=120.0,
+        coordinator = Coordinator(store, model, workers, info["input_shape"], timeout=8.0, startup=120.0,
                                   log=log.append)
         generator = torch.Generator().manual_seed(1)
         answers = []
@@ -104,7 +106,7 @@ def test_coordinator_survives_a_killed_and_a_hung_worker(checkpoint):
     assert served[5:8] == [("3x1/3", (0, 1, 2), 0)] * 3
     assert served[8] == ("2x0.5", (0, 1), 1)
     assert served[9:] == [("2x0.5", (0, 1), 0)] * 3
-    assert any("ranks [3] sent no partial output within 3.0s" in line for line in log)
+    assert any("ranks [3] sent no partial output within 8.0s" in line for line in log)
 
 
 def test_coordinator_rejects_a_switch_that_does_not_fit(checkpoint):
