@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
@@ -62,6 +63,14 @@ def fwd_and_fwd_bwd(fns, inputs, grad_out):
     return {name: forward(fn) for name, fn in fns.items()}, {name: forward_backward(fn) for name, fn in fns.items()}
 
 
+def forced(args, fn):
+    """(d) under `--backend` (to time a kernel that automatic choice does not pick yet), else automatic."""
+    def run(*inputs):
+        with use_backend(args.backend):
+            return fn(*inputs)
+    return run
+
+
 def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
     blocks = plain.blocks_by_switch(switches, layer.c_in, layer.c_out)
     masks = plain.block_masks(torch.ones(layer.c_out, layer.c_in, device=args.device, dtype=args.dtype), blocks)
@@ -72,7 +81,7 @@ def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
     fns = {
         "a": lambda x, w: plain.loop_conv(x, w, blocks, stride, padding),
         **b_variants,
-        "d": lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding),
+        "d": forced(args, lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding)),
     }
     if args.compile:
         torch._dynamo.reset()  # a fresh cache per layer: the loop's code object is shared by all layers
@@ -103,7 +112,7 @@ def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
     fns = {
         "a": lambda x, w, b: plain.loop_bn_relu(x, w, b, *stats, covered),
         "b:stacked": lambda x, w, b: plain.stacked_bn_relu(x, w, b, *stats),
-        "d": lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches, training=True, activation="relu"),
+        "d": forced(args, lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches, training=True, activation="relu")),
     }
     if args.compile:
         torch._dynamo.reset()
@@ -203,6 +212,7 @@ def run_train(args, switches):
                         loss.backward()
             model.set_active(None)
 
+        @functools.partial(forced, args)
         def paradis_step(backward: bool):
             loss = criterion(model(x), target)
             if backward:
@@ -215,7 +225,8 @@ def run_train(args, switches):
             for method, seconds in timing.interleaved_medians(group, args.device, args.train_reps, warmup=1).items():
                 rows.append(dict(kind="train step", name=f"{name} b{suites.TRAIN_BATCH}", phase=phase, method=method,
                                  median_ms=seconds * 1e3, flops=0))
-        notes.append(f"{name}: {native_kernel_share(model, x, target, criterion)}")
+        with use_backend(args.backend):
+            notes.append(f"{name}: {native_kernel_share(model, x, target, criterion)}")
     return rows, notes
 
 
@@ -307,6 +318,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a subset of layers, fewer repeats, no torch.compile (< 2 min)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--backend", default=None, help="force a paradis backend for (d) (default: automatic choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per method (default 5 quick, 9 full)")
