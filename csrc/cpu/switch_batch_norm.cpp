@@ -8,6 +8,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "activation.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -30,29 +32,6 @@ constexpr int64_t kGrainWork = 32768;
 // Independent partial sums per reduction: without -ffast-math the compiler cannot reorder one
 // running sum, but it vectorizes independent lanes.
 constexpr int kLanes = 16;
-
-enum class Act { None, Relu, Relu6 };
-
-Act parse_activation(c10::string_view name) {
-  if (name == "none") return Act::None;
-  if (name == "relu") return Act::Relu;
-  if (name == "relu6") return Act::Relu6;
-  TORCH_CHECK(false, "switch_batch_norm: unsupported activation '", name,
-              "' (expected 'none', 'relu' or 'relu6')");
-}
-
-// Calls f with the activation as a compile-time constant so the inner loops carry no branch.
-template <typename F>
-void dispatch_act(Act act, const F& f) {
-  switch (act) {
-    case Act::None:
-      return f(std::integral_constant<Act, Act::None>());
-    case Act::Relu:
-      return f(std::integral_constant<Act, Act::Relu>());
-    case Act::Relu6:
-      return f(std::integral_constant<Act, Act::Relu6>());
-  }
-}
 
 template <Act A, typename T>
 T activate(T z) {

@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "activation.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -35,8 +37,6 @@ constexpr int kWarp = 32;
 constexpr int kMaxSwitches = 64;
 constexpr int64_t kTargetBlocks = 2048;  // chunks per pair are chosen to reach about this many
 constexpr int64_t kMinValuesPerBlock = 4 * kThreads;
-
-enum class Act { None, Relu, Relu6 };
 
 // Per-switch tables, passed by value as a kernel argument (no host-to-device copy).
 struct SwitchTable {
@@ -267,23 +267,6 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ grad_y, const sca
       out = gi * scale - xhat * proj - offset;
     }
     grad_x[o] = static_cast<scalar_t>(out);
-  }
-}
-
-Act parse_activation(c10::string_view name) {
-  if (name == "none") return Act::None;
-  if (name == "relu") return Act::Relu;
-  if (name == "relu6") return Act::Relu6;
-  TORCH_CHECK(false, "switch_batch_norm: unsupported activation '", name,
-              "' (expected 'none', 'relu' or 'relu6')");
-}
-
-template <typename F>
-void dispatch_act(Act act, const F& f) {
-  switch (act) {
-    case Act::None: return f(std::integral_constant<Act, Act::None>());
-    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>());
-    case Act::Relu6: return f(std::integral_constant<Act, Act::Relu6>());
   }
 }
 

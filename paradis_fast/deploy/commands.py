@@ -4,24 +4,17 @@ from __future__ import annotations
 import argparse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not all(v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
-    return values
-
-
-def _capacities(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers such as 2,1,1") from None
-    if not all(v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every capacity must be positive")
-    return values
+def _positive_list(cast, example: str):
+    """An argparse type: comma-separated positive numbers, e.g. ``2,1,1``."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list such as {example}") from None
+        if not all(v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
+        return values
+    return parse
 
 
 def input_shape(args, checkpoint: dict) -> list[int]:
@@ -34,7 +27,7 @@ def input_shape(args, checkpoint: dict) -> list[int]:
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint written by paradis_fast.deploy.save_checkpoint")
-    p.add_argument("--input-shape", type=_ints, default=None, help="C,H,W of one image (default: the checkpoint's)")
+    p.add_argument("--input-shape", type=_positive_list(int, "3,32,32"), default=None, help="C,H,W of one image (default: the checkpoint's)")
 
 
 def run_plan(args) -> None:
@@ -63,7 +56,7 @@ def run_export(args) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose the switch whose slowest device finishes first")
     add_checkpoint_arguments(p)
-    p.add_argument("--capacities", type=_capacities, required=True, help="relative speed of each device, e.g. 2,1,1")
+    p.add_argument("--capacities", type=_positive_list(float, "2,1,1"), required=True, help="relative speed of each device, e.g. 2,1,1")
     p.set_defaults(run=run_plan)
 
     p = subparsers.add_parser("export", help="write a switch's per-device parts, fusion and manifest")
