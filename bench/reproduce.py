@@ -62,20 +62,25 @@ PROFILES = {
 }
 
 
-def _jobs(profile: Profile) -> list[dict]:
-    """Every training run of the reproduction, as TrainConfig fields."""
+TASKS = ("classification", "super-resolution")
+
+
+def _jobs(profile: Profile, tasks=TASKS) -> list[dict]:
+    """Every training run of the reproduction's ``tasks``, as TrainConfig fields."""
     classify = dict(model="mobilenet_v1", dataset=profile.dataset, switches=SWITCHES, width_mult=profile.width_mult,
                     epochs=profile.epochs, batch_size=profile.batch_size, quiet=True, dataset_kwargs=profile.data)
     resolve = dict(model="wdsr_a", dataset="photos", switches=SWITCHES, width_mult=profile.sr_width_mult,
                    epochs=profile.sr_epochs, batch_size=16, optimizer="adamw", lr=profile.sr_lr, quiet=True,
                    model_kwargs=dict(n_blocks=profile.sr_blocks), dataset_kwargs=profile.sr_data)
     jobs = []
-    for seed in profile.seeds:
-        for method in ("paradis", "individual", "slimmable"):
-            jobs.append(dict(classify, seed=seed, baseline=None if method == "paradis" else method))
-    for seed in profile.sr_seeds:
-        for method in ("paradis", "individual"):
-            jobs.append(dict(resolve, seed=seed, baseline=None if method == "paradis" else method))
+    if "classification" in tasks:
+        for seed in profile.seeds:
+            for method in ("paradis", "individual", "slimmable"):
+                jobs.append(dict(classify, seed=seed, baseline=None if method == "paradis" else method))
+    if "super-resolution" in tasks:
+        for seed in profile.sr_seeds:
+            for method in ("paradis", "individual"):
+                jobs.append(dict(resolve, seed=seed, baseline=None if method == "paradis" else method))
     return jobs
 
 
@@ -127,7 +132,7 @@ def analyse(runs: list[dict]) -> dict:
     """The claims' tables as rows of numbers (accuracy in %, PSNR in dB)."""
     acc = {m: {s: _stats(v, 100) for s, v in sw.items()} for m, sw in _collect(runs, "mobilenet_v1").items()}
     claim1, claim2, claim3 = [], [], []
-    for name in SWITCHES:
+    for name in SWITCHES if acc else ():
         switch = Switch.parse(name)
         paradis = acc["paradis"][name]
         claim1.append(dict(switch=name, paradis=paradis, individual=acc["individual"][name],
@@ -154,22 +159,24 @@ def analyse(runs: list[dict]) -> dict:
 
 
 def markdown(tables: dict, profile: Profile, command: str, minutes: float) -> str:
-    seeds = len(profile.seeds)
-    lines = [f"Command: `{command}` ({minutes:.1f} min). MobileNet v1 (small_input, width {profile.width_mult}) on "
-             f"{profile.dataset}, {profile.epochs} epochs, batch {profile.batch_size}, {seeds} seeds: validation "
-             "top-1 accuracy in %, mean ± std over seeds.", "",
-             "Claim 1: each ParaDiS switch vs its structure trained individually", "",
-             "| switch | ParaDiS | individual | Δ |", "|---|---|---|---|"]
-    lines += [f"| {r['switch']} | {_cell(r['paradis'])} | {_cell(r['individual'])} | {r['delta']:+.2f} |"
-              for r in tables["claim1"]]
-    lines += ["", "Claim 2: ParaDiS vs universally slimmable at equal FLOPs per image", "",
-              "| switch | FLOPs (x full) | ParaDiS | slimmable | slimmable width | Δ |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['switch']} | {r['flops']:.3f} | {_cell(r['paradis'])} | {_cell(r['slimmable'])} | "
-              f"{r['slimmable_switch']} | {r['delta']:+.2f} |" for r in tables["claim2"]]
-    lines += ["", "Claim 3: ParaDiS kxw on k devices vs slimmable 1xw on one device (same cost per device)", "",
-              "| switch | devices | cost per device (x full) | ParaDiS | slimmable 1xw | Δ |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['switch']} | {r['devices']} | {r['per_device']:.4f} | {_cell(r['paradis'])} | "
-              f"{_cell(r['slimmable'])} ({r['slimmable_switch']}) | {r['delta']:+.2f} |" for r in tables["claim3"]]
+    lines = [f"Command: `{command}` ({minutes:.1f} min)."]
+    if tables["claim1"]:
+        lines += [f"MobileNet v1 (small_input, width {profile.width_mult}) on {profile.dataset}, {profile.epochs} "
+                  f"epochs, batch {profile.batch_size}, {len(profile.seeds)} seeds: validation top-1 accuracy in %, "
+                  "mean ± std over seeds.", "",
+                  "Claim 1: each ParaDiS switch vs its structure trained individually", "",
+                  "| switch | ParaDiS | individual | Δ |", "|---|---|---|---|"]
+        lines += [f"| {r['switch']} | {_cell(r['paradis'])} | {_cell(r['individual'])} | {r['delta']:+.2f} |"
+                  for r in tables["claim1"]]
+        lines += ["", "Claim 2: ParaDiS vs universally slimmable at equal FLOPs per image", "",
+                  "| switch | FLOPs (x full) | ParaDiS | slimmable | slimmable width | Δ |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['switch']} | {r['flops']:.3f} | {_cell(r['paradis'])} | {_cell(r['slimmable'])} | "
+                  f"{r['slimmable_switch']} | {r['delta']:+.2f} |" for r in tables["claim2"]]
+        lines += ["", "Claim 3: ParaDiS kxw on k devices vs slimmable 1xw on one device (same cost per device)", "",
+                  "| switch | devices | cost per device (x full) | ParaDiS | slimmable 1xw | Δ |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['switch']} | {r['devices']} | {r['per_device']:.4f} | {_cell(r['paradis'])} | "
+                  f"{_cell(r['slimmable'])} ({r['slimmable_switch']}) | {r['delta']:+.2f} |" for r in tables["claim3"]]
     if tables["super_resolution"]:
         lines += ["", f"Super-resolution: WDSR-A x2 (n_feats {max(8, int(32 * profile.sr_width_mult))}, "
                   f"{profile.sr_blocks} blocks) on the bundled photos, {profile.sr_epochs} epochs, "
@@ -186,19 +193,21 @@ def plot(tables: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if tables["super_resolution"] else 1
-    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), squeeze=False)
-    bars = [("ParaDiS", [r["paradis"] for r in tables["claim1"]]),
-            ("individual", [r["individual"] for r in tables["claim1"]]),
-            ("slimmable, equal FLOPs", [r["slimmable"] for r in tables["claim2"]])]
-    _bars(axes[0][0], SWITCHES, bars, "validation accuracy (%)", "MobileNet v1 on MNIST (5k)")
-    if tables["super_resolution"]:
-        rows = tables["super_resolution"]
-        _bars(axes[0][1], SWITCHES, [("ParaDiS", [r["paradis"] for r in rows]),
-                                     ("individual", [r["individual"] for r in rows])], "validation PSNR (dB)",
-              "WDSR-A x2 on photos")
-        axes[0][1].axhline(rows[0]["bicubic"]["mean"], color="gray", linestyle="--", label="bicubic")
-        axes[0][1].legend(fontsize=7)
+    panels = [name for name in ("claim1", "super_resolution") if tables[name]]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        if name == "claim1":
+            bars = [("ParaDiS", [r["paradis"] for r in tables["claim1"]]),
+                    ("individual", [r["individual"] for r in tables["claim1"]]),
+                    ("slimmable, equal FLOPs", [r["slimmable"] for r in tables["claim2"]])]
+            _bars(ax, SWITCHES, bars, "validation accuracy (%)", "MobileNet v1 on MNIST (5k)")
+        else:
+            rows = tables["super_resolution"]
+            _bars(ax, SWITCHES, [("ParaDiS", [r["paradis"] for r in rows]),
+                                 ("individual", [r["individual"] for r in rows])], "validation PSNR (dB)",
+                  "WDSR-A x2 on photos")
+            ax.axhline(rows[0]["bicubic"]["mean"], color="gray", linestyle="--", label="bicubic")
+            ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -217,9 +226,9 @@ def _bars(axes, labels, series, ylabel, title):
     axes.legend(fontsize=7)
 
 
-def reproduce(profile: Profile, out: str, workers: int, command: str, log=print) -> dict:
+def reproduce(profile: Profile, out: str, workers: int, command: str, log=print, tasks=TASKS) -> dict:
     start = time.perf_counter()
-    jobs = _jobs(profile)
+    jobs = _jobs(profile, tasks)
     log(f"{len(jobs)} training runs on {workers} worker processes")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     runs = []
@@ -251,13 +260,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 2)")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes (default 2)")
     parser.add_argument("--out", default="runs/reproduce", help="folder for reproduce.md/.json/.png")
+    parser.add_argument("--only", choices=TASKS, default=None, help="run one task's part (default: both)")
     args = parser.parse_args(argv)
     profile = PROFILES["quick" if args.quick else "full"]
     if args.seeds is not None:
         profile = dataclasses.replace(profile, seeds=list(range(args.seeds)), sr_seeds=list(range(args.seeds)))
     command = "python bench/reproduce.py" + (" --quick" if args.quick else "") + \
-        (f" --seeds {args.seeds}" if args.seeds is not None else "")
-    reproduce(profile, args.out, args.workers, command)
+        (f" --seeds {args.seeds}" if args.seeds is not None else "") + (f" --only {args.only}" if args.only else "")
+    reproduce(profile, args.out, args.workers, command, tasks=(args.only,) if args.only else TASKS)
 
 
 if __name__ == "__main__":

@@ -302,3 +302,17 @@ def test_imagenet_stem(build):
     y = model(torch.randn(BATCH, 1, 32, 32))
     assert y.shape == (2, BATCH, CLASSES)
     y.sum().backward()
+
+
+@pytest.mark.parametrize("build,scale", [(wdsr_a, 2), (wdsr_b, 3), (wdsr_a, 4)])
+def test_wdsr_skip_starts_as_bicubic(build, scale):
+    """A fresh WDSR's skip branch is bicubic upscaling away from the border (where conv pads with
+    zeros and interpolation replicates), in both the 1-channel and RGB variants."""
+    for channels in (1, 3):
+        model = build(scale, ["1x1.0"], n_feats=8, block_feats=16, n_blocks=1, in_channels=channels)
+        x = torch.rand(2, channels, 13, 11)
+        border = 2 * scale
+        got = model.skip(x)[..., border:-border, border:-border]
+        expected = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)[..., border:-border,
+                                                                                              border:-border]
+        torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)

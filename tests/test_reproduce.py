@@ -38,3 +38,15 @@ def test_reduced_reproduction_writes_every_claim(reproduce, tmp_path):
     text = (tmp_path / "reproduce.md").read_text()
     assert "Claim 1" in text and "Claim 3" in text and "| 0.5+0.25+0.25 |" in text
     assert (tmp_path / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_only_super_resolution(reproduce, tmp_path):
+    profile = reproduce.Profile(sr_seeds=[0], sr_width_mult=0.25, sr_blocks=1, sr_epochs=1,
+                                sr_data=dict(patch=16, train_patches=16, val_patches=8))
+    tables = reproduce.reproduce(profile, str(tmp_path), workers=1, command="test", log=lambda line: None,
+                                 tasks=("super-resolution",))
+    assert tables["claim1"] == tables["claim2"] == tables["claim3"] == []
+    assert [r["switch"] for r in tables["super_resolution"]] == reproduce.SWITCHES
+    text = (tmp_path / "reproduce.md").read_text()
+    assert "Claim 1" not in text and "Super-resolution" in text
+    assert (tmp_path / "reproduce.png").read_bytes()[:4] == b"\x89PNG"

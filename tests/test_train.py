@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from paradis_fast.models import resnet20
-from paradis_fast.train import InplaceDistillationLoss, SuperResolutionDistillationLoss, evaluate, fit
+from paradis_fast.train import InplaceDistillationLoss, SuperResolutionLoss, evaluate, fit
 from paradis_fast.train.datasets import digits
 
 
@@ -71,22 +71,25 @@ def test_training_on_digits_lifts_every_switch_far_above_chance():
     assert math.isfinite(sum(after.values()))
 
 
-@pytest.mark.parametrize("teacher,weight", [(0, 1.0), (1, 0.5)])
+@pytest.mark.parametrize("teacher,weight", [(0, 0.0), (0, 1.0), (1, 0.5)])
 def test_super_resolution_loss_matches_formula(teacher, weight):
-    outputs, target = torch.rand(3, 2, 3, 4, 5), torch.rand(2, 3, 4, 5)
-    got = SuperResolutionDistillationLoss(teacher, weight)(outputs, target)
-    expected = (outputs[teacher] - target).abs().mean()
+    torch.manual_seed(teacher)
+    outputs, target = torch.rand(3, 2, 3, 4, 5, dtype=torch.float64), torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    got = SuperResolutionLoss(teacher, weight)(outputs, target)
+    expected = sum(F.l1_loss(outputs[s], target) for s in range(3))
     for s in range(3):
         if s != teacher:
             expected = expected + weight * (outputs[s] - outputs[teacher]).abs().mean()
     torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="teacher index 3"):
+        SuperResolutionLoss(3)(outputs, target)
 
 
 def test_super_resolution_teacher_is_not_pulled_by_students():
     outputs, target = torch.rand(2, 2, 3, 4, 4, requires_grad=True), torch.rand(2, 3, 4, 4)
-    SuperResolutionDistillationLoss()(outputs, target).backward()
+    SuperResolutionLoss(distill_weight=1.0)(outputs, target).backward()
     alone = outputs.detach().clone().requires_grad_()
     F.l1_loss(alone[0], target).backward()
     torch.testing.assert_close(outputs.grad[0], alone.grad[0])
     with pytest.raises(ValueError, match="expected \\[S, \\*target shape\\]"):
-        SuperResolutionDistillationLoss()(torch.rand(2, 3, 4, 4), target)
+        SuperResolutionLoss()(torch.rand(2, 3, 4, 4), target)

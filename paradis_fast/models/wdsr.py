@@ -1,13 +1,18 @@
 """WDSR-A and WDSR-B super-resolution networks (Yu et al. 2018) as ParaDiS networks.
 
 As in the paper: weight normalisation instead of BatchNorm, PyTorch's default conv initialisation,
-wide activations inside the residual blocks, and a global skip branch from the image. Inputs are
-expected already normalised (the paper subtracts the dataset mean outside the body).
+wide activations inside the residual blocks, and a global skip branch from the image. One
+departure: the skip branch starts as bicubic upscaling instead of random, so every switch starts
+at the bicubic baseline and the body learns the residual detail; on small training budgets the
+random skip otherwise spends most of the run learning interpolation. Inputs are expected already
+normalised (the paper subtracts the dataset mean outside the body).
 """
 from __future__ import annotations
 
 from typing import Type, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -27,6 +32,33 @@ def _plain(in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
     """Weight-normalised plain conv: run on the stacked tensor it sums the sub-networks' partial
     outputs (plus the bias once), which is how the devices' results fuse."""
     return weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2))
+
+
+def _bicubic_skip(in_channels: int, scale: int) -> nn.Module:
+    """5x5 conv + PixelShuffle computing ``F.interpolate(x, scale_factor=scale, mode="bicubic")``
+    away from the border (bicubic's 4 taps sit within +-2 pixels of every output phase for any
+    scale); weight-normalised and trainable like the paper's skip branch."""
+    conv = nn.Conv2d(in_channels, in_channels * scale**2, 5, padding=2)
+    with torch.no_grad():
+        conv.weight.copy_(_bicubic_weight(in_channels, scale))
+        conv.bias.zero_()
+    return nn.Sequential(weight_norm(conv), nn.PixelShuffle(scale))
+
+
+def _bicubic_weight(in_channels: int, scale: int) -> Tensor:
+    """Conv weight whose output channel ``c*scale^2 + py*scale + px`` is phase (py, px) of channel
+    c's bicubic upscaling: the 1-D taps read off the upscaled unit impulse, as an outer product."""
+    n, centre = 16, 8
+    impulse = torch.zeros(1, 1, 1, n, dtype=torch.float64)
+    impulse[..., centre] = 1
+    line = F.interpolate(impulse, scale_factor=(1, scale), mode="bicubic", align_corners=False).flatten()
+    # output x[i] = sum_k w[k] * input[i + k - 2]; the impulse at `centre` is tap k = centre - i + 2
+    taps = torch.stack([line[scale * (centre - torch.arange(5) + 2) + p] for p in range(scale)])  # [phase, 5]
+    phases = (taps[:, None, :, None] * taps[None, :, None, :]).flatten(0, 1)  # [scale^2, 5, 5]
+    weight = torch.zeros(in_channels, scale**2, in_channels, 5, 5, dtype=torch.float64)
+    for c in range(in_channels):
+        weight[c, :, c] = phases
+    return weight.flatten(0, 1).float()
 
 
 class _Residual(nn.Module):
@@ -75,7 +107,7 @@ class WDSR(Switchable):
         self.head = _sliced(in_channels, n_feats, 3, self.switches, input_shared=True)
         self.body = nn.Sequential(*(block(n_feats, self.switches, **block_args) for _ in range(n_blocks)))
         self.tail = nn.Sequential(_plain(n_feats, out_channels, 3), nn.PixelShuffle(scale))
-        self.skip = nn.Sequential(_plain(in_channels, out_channels, 5), nn.PixelShuffle(scale))
+        self.skip = _bicubic_skip(in_channels, scale)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> ``[S, B, C, H*scale, W*scale]``, one row per active switch."""

@@ -12,7 +12,8 @@ from the labels, the others from it), evaluate every switch after each epoch, an
 write DIR/checkpoint.pt (each epoch), DIR/history.csv, DIR/metrics.json and DIR/plots/<switch>.png.
 Without flags: a small MobileNet v1 on scikit-learn's digits, about a minute on 2 cores.
 Data-parallel: torchrun --nproc_per_node N -m paradis_fast train ... (--batch-size is the global batch).
-Super-resolution: --model wdsr_a --dataset photos --optimizer adamw (metric: PSNR, loss: L1).
+Super-resolution: --model wdsr_a --dataset photos --optimizer adamw (metric: PSNR; loss: L1 of every
+switch against the high-resolution image, no distillation unless --distill-weight is given).
 """
 
 
@@ -106,7 +107,8 @@ def register(subparsers) -> None:
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum 0.9, or AdamW")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0, help="for the teacher's cross-entropy")
-    p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the students' distillation loss")
+    p.add_argument("--distill-weight", type=float, default=None,
+                   help="weight of the students' distillation loss (default: 1 for classifiers, 0 for super-resolution)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the distillation")
     p.add_argument("--seed", type=int, default=0, help="seeds the data split, initialisation and shuffling")
     p.add_argument("--out", default=None, help="folder for checkpoint.pt, history.csv, metrics.json and plots/")

@@ -15,7 +15,7 @@ from ..models._common import scaled
 from ..switches import SwitchSet
 from . import baselines, datasets, distributed, reports
 from .checkpoint import build_model, checkpoint_fields, save
-from .loss import InplaceDistillationLoss, SuperResolutionDistillationLoss
+from .loss import InplaceDistillationLoss, SuperResolutionLoss
 from .trainer import Trainer, make_optimizer, psnr, warmup_cosine
 
 CLASSIFIERS = ("mobilenet_v1", "resnet20", "resnet50")
@@ -38,7 +38,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    distill_weight: float = 1.0
+    distill_weight: float | None = None  # None: 1 for classifiers, 0 for super-resolution (see loss.py)
     temperature: float = 1.0
     seed: int = 0
     out: str | None = None
@@ -93,8 +93,9 @@ def _loaders(split: datasets.Split, config: TrainConfig, context: distributed.Co
 
 def _criterion(config: TrainConfig, task: str):
     if task == "super_resolution":
-        return SuperResolutionDistillationLoss(distill_weight=config.distill_weight)
-    return InplaceDistillationLoss(distill_weight=config.distill_weight, temperature=config.temperature,
+        return SuperResolutionLoss(distill_weight=config.distill_weight or 0.0)
+    weight = 1.0 if config.distill_weight is None else config.distill_weight
+    return InplaceDistillationLoss(distill_weight=weight, temperature=config.temperature,
                                    label_smoothing=config.label_smoothing)
 
 

@@ -44,15 +44,18 @@ class InplaceDistillationLoss(nn.Module):
                 f"temperature={self.temperature}, label_smoothing={self.label_smoothing}")
 
 
-class SuperResolutionDistillationLoss(nn.Module):
+class SuperResolutionLoss(nn.Module):
     """Loss of all switches of a super-resolution forward: ``[S, B, C, H, W]`` outputs, ``[B, C, H, W]`` targets.
 
-    ``L1(out[teacher], target) + distill_weight * sum_s L1(out[s], out[teacher].detach())``: the
-    widest switch learns from the high-resolution images, the others imitate it (EDSR/WDSR train
-    with L1; in-place distillation as for classifiers).
+    ``sum_s L1(out[s], target) + distill_weight * sum_s L1(out[s], out[teacher].detach())`` over the
+    students s: every switch learns from the high-resolution images (L1, as EDSR/WDSR train).
+    Distillation is off by default because it hurts here: unlike a classifier's soft labels, the
+    teacher's image carries nothing the target lacks, and the students pulling the shared weights
+    (tail and skip branch included) towards the teacher's early, poor output cost every switch,
+    the teacher too, 4-10 dB in our runs (see README, super-resolution).
     """
 
-    def __init__(self, teacher: int = 0, distill_weight: float = 1.0):
+    def __init__(self, teacher: int = 0, distill_weight: float = 0.0):
         super().__init__()
         self.teacher, self.distill_weight = teacher, distill_weight
 
@@ -60,13 +63,18 @@ class SuperResolutionDistillationLoss(nn.Module):
         if outputs.dim() != target.dim() + 1 or outputs.shape[1:] != target.shape:
             raise ValueError(f"expected [S, *target shape] outputs for targets of shape {tuple(target.shape)}, "
                              f"got {tuple(outputs.shape)}")
-        teacher = outputs[self.teacher]
-        loss = F.l1_loss(teacher, target)
+        if not -outputs.shape[0] <= self.teacher < outputs.shape[0]:
+            raise ValueError(f"teacher index {self.teacher} is out of range for {outputs.shape[0]} switches")
+        loss = _per_switch_l1(outputs, target).sum()
         students = [s for s in range(outputs.shape[0]) if s != self.teacher % outputs.shape[0]]
         if not students or self.distill_weight == 0:
             return loss
-        distill = (outputs[students] - teacher.detach()).abs().mean((1, 2, 3, 4)).sum()
-        return loss + self.distill_weight * distill
+        return loss + self.distill_weight * _per_switch_l1(outputs[students], outputs[self.teacher].detach()).sum()
 
     def extra_repr(self) -> str:
         return f"teacher={self.teacher}, distill_weight={self.distill_weight}"
+
+
+def _per_switch_l1(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of each switch's ``[B, ...]`` output against ``target``: ``[S]``."""
+    return (outputs - target).abs().flatten(1).mean(1)
