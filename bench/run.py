@@ -36,7 +36,6 @@ from paradis_fast.ops import backends, sliced_conv2d, switch_batch_norm, use_bac
 from paradis_fast.train import InplaceDistillationLoss  # noqa: E402
 
 SLIMMABLE_LOOP = "slimmable_loop"
-METHODS = ("a", "b", "c", "d")
 
 
 def conv_flops(layer: suites.ConvLayer, switches: SwitchSet) -> int:
@@ -45,22 +44,49 @@ def conv_flops(layer: suites.ConvLayer, switches: SwitchSet) -> int:
     return 2 * macs * layer.kernel**2 * layer.batch * layer.out_size**2
 
 
+NHWC = "@nhwc"  # a method whose name ends so runs on channels_last copies of the inputs
+
+
+def method_kind(name: str) -> str:
+    """The table column of a method: a, b (any b:... variant), c, d or mm, whatever its layout."""
+    base = name.split("@")[0]
+    return "b" if base.startswith("b:") else base
+
+
+def layout_inputs(inputs, grad_out):
+    """The inputs as given (NCHW), and channels_last copies of x (the first input) and grad_out."""
+    x = inputs[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    return {False: (inputs, grad_out), True: ((x, *inputs[1:]), grad_out.contiguous(memory_format=torch.channels_last))}
+
+
 def fwd_and_fwd_bwd(fns, inputs, grad_out):
-    """Per method: a forward without autograd, and a forward+backward into `inputs`."""
-    def forward(fn):
+    """Per method: a forward without autograd, and a forward+backward into its inputs."""
+    variants = layout_inputs(inputs, grad_out)
+
+    def forward(name, fn):
+        args = variants[name.endswith(NHWC)][0]
+
         def run():
             with torch.no_grad():
-                fn(*inputs)
+                fn(*args)
         return run
 
-    def forward_backward(fn):
+    def forward_backward(name, fn):
+        args, grad = variants[name.endswith(NHWC)]
+
         def run():
-            for t in inputs:
+            for t in args:
                 t.grad = None
-            fn(*inputs).backward(grad_out)
+            fn(*args).backward(grad)
         return run
 
-    return {name: forward(fn) for name, fn in fns.items()}, {name: forward_backward(fn) for name, fn in fns.items()}
+    return ({name: forward(name, fn) for name, fn in fns.items()},
+            {name: forward_backward(name, fn) for name, fn in fns.items()})
+
+
+def model_layout(args) -> str:
+    """(d) runs in the layout the models run in: channels_last on CPU (Switchable.input_layout)."""
+    return NHWC if args.device == "cpu" else ""
 
 
 def forced(args, fn):
@@ -75,13 +101,15 @@ def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
     blocks = plain.blocks_by_switch(switches, layer.c_in, layer.c_out)
     masks = plain.block_masks(torch.ones(layer.c_out, layer.c_in, device=args.device, dtype=args.dtype), blocks)
     stride, padding = layer.stride, layer.padding
+    loop = lambda x, w: plain.loop_conv(x, w, blocks, stride, padding)  # noqa: E731
     b_variants = {"b:masked": lambda x, w: plain.masked_conv(x, w, masks, stride, padding)}
     if all(plain.equal_widths(switch) for switch in blocks):
         b_variants["b:grouped"] = lambda x, w: plain.grouped_conv(x, w, blocks, stride, padding)
     fns = {
-        "a": lambda x, w: plain.loop_conv(x, w, blocks, stride, padding),
+        "a": loop,
         **b_variants,
-        "d": forced(args, lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding)),
+        **{name + NHWC: fn for name, fn in {**b_variants, "b:loop": loop}.items()},
+        "d" + model_layout(args): forced(args, lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding)),
     }
     if args.compile:
         torch._dynamo.reset()  # a fresh cache per layer: the loop's code object is shared by all layers
@@ -109,10 +137,15 @@ def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
     covered = plain.bn_covered(switches, layer.channels)
     S, C = len(switches), layer.channels
     stats = [torch.zeros(S, C, device=args.device, dtype=args.dtype), torch.ones(S, C, device=args.device, dtype=args.dtype)]
+    loop = lambda x, w, b: plain.loop_bn_relu(x, w, b, *stats, covered)  # noqa: E731
+    stacked = lambda x, w, b: plain.stacked_bn_relu(x, w, b, *stats)  # noqa: E731
     fns = {
-        "a": lambda x, w, b: plain.loop_bn_relu(x, w, b, *stats, covered),
-        "b:stacked": lambda x, w, b: plain.stacked_bn_relu(x, w, b, *stats),
-        "d": forced(args, lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches, training=True, activation="relu")),
+        "a": loop,
+        "b:stacked": stacked,
+        "b:stacked" + NHWC: stacked,
+        "b:loop" + NHWC: loop,
+        "d" + model_layout(args): forced(args, lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches,
+                                                                               training=True, activation="relu")),
     }
     if args.compile:
         torch._dynamo.reset()
@@ -202,8 +235,10 @@ def run_train(args, switches):
         target = torch.randint(0, 10, (suites.TRAIN_BATCH,), device=args.device)
         criterion = InplaceDistillationLoss(teacher=switches.widest)
 
-        def loop_step(backward: bool):
-            # (a): one forward(+backward) per switch, per-switch loops inside each layer
+        def loop_step(backward: bool, channels_last: bool):
+            # (a): one forward(+backward) per switch, per-switch loops inside each layer, NCHW as
+            # slimmable implementations run; (b) the same loop channels_last
+            model.channels_last = channels_last
             with use_backend(SLIMMABLE_LOOP):
                 for switch in switches:
                     model.set_active([switch])
@@ -211,15 +246,18 @@ def run_train(args, switches):
                     if backward:
                         loss.backward()
             model.set_active(None)
+            model.channels_last = None
 
         @functools.partial(forced, args)
         def paradis_step(backward: bool):
-            loss = criterion(model(x), target)
+            loss = criterion(model(x), target)  # the model's own layout (channels_last on CPU)
             if backward:
                 loss.backward()
 
-        groups = {"fwd": {"a": lambda: loop_step(False), "d": lambda: paradis_step(False)},
-                  "fwd+bwd": {"a": lambda: loop_step(True), "d": lambda: paradis_step(True)}}
+        groups = {phase: {"a": functools.partial(loop_step, backward, False),
+                          "b:loop" + NHWC: functools.partial(loop_step, backward, True),
+                          "d" + model_layout(args): functools.partial(paradis_step, backward)}
+                  for phase, backward in (("fwd", False), ("fwd+bwd", True))}
         for phase, group in groups.items():
             model.zero_grad(set_to_none=True)
             for method, seconds in timing.interleaved_medians(group, args.device, args.train_reps, warmup=1).items():
@@ -235,11 +273,11 @@ def ratio_table(rows):
     table = {}
     for r in rows:
         entry = table.setdefault((r["kind"], r["name"], r["phase"]), {"flops": 0})
-        method = "b" if r["method"].startswith("b:") else r["method"]
+        method = method_kind(r["method"])
         entry[method] = min(entry.get(method, float("inf")), r["median_ms"])
-        if r["method"] == "d":
+        if method == "d":
             entry["flops"] = r["flops"]
-        if r["method"] == "mm":
+        if method == "mm":
             entry["mm_flops"] = r["flops"]
     for entry in table.values():
         for m in ("a", "b", "c"):
@@ -351,7 +389,8 @@ def main(argv=None):
     rows += train_rows
     table = ratio_table(rows)
     print(f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "
-          f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {args.dtype}, NCHW\n")
+          f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {args.dtype}; (a) NCHW, (b) best of NCHW "
+          f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run\n")
     print_table(table)
     lines = summary(table) + [f"native kernels in the training step: {note}" for note in notes]
     print("\n" + "\n".join(lines))

@@ -23,8 +23,9 @@ def case(switches, c_in, c_out, kernel, hw, stride=1, padding=None, dilation=1, 
                 dilation=dilation, batch=batch, input_shared=input_shared, bias=bias, hw=hw)
 
 
-# Images of >= 256 output pixels take one-sample tiles: pointwise layers read x and write y in
-# place, k x k ones split an image into several im2col tiles once C_in * k * k is large.
+# NCHW: images of >= 256 output pixels take one-sample tiles: pointwise layers read x and write y
+# in place, k x k ones split an image into several im2col tiles once C_in * k * k is large.
+# NHWC (channels_last): im2col tiles of rows that cross image boundaries, grad_x by whole samples.
 LARGE_CASES = {
     "pointwise-in-place": case(["1x1.0", "2x0.5", "0.3+0.7"], 12, 10, 1, (16, 17), batch=2),
     "pointwise-stride2": case(["4x0.25", "3x1/3"], 12, 9, 1, (33, 32), stride=2, bias=False),
@@ -35,11 +36,13 @@ LARGE_CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(LARGE_CASES))
-def test_large_image_paths_match_oracle(name, dtype):
+def test_large_image_paths_match_oracle(name, dtype, layout):
     conv_case = LARGE_CASES[name]
     x, weight, bias, g = conv_tests.make_inputs(conv_case, dtype)
+    x = x.contiguous(memory_format=layout)
     with use_backend("cpu"):
         (y, gx, gw, gb), (yr, gxr, gwr, gbr) = conv_tests.run_both(conv_case, x, weight, bias, g)
     tol = conv_tests.TOLERANCE[dtype]
@@ -57,11 +60,12 @@ def two_threads():
     torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("kernel, hw", [(1, (16, 16)), (1, (3, 3)), (3, (16, 16))], ids=["1x1-large", "1x1-small", "3x3"])
-def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kernel, hw):
+def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kernel, hw, layout):
     g = torch.Generator().manual_seed(7)
     switches = SwitchSet(["1x1.0", "2x0.5", "0.3+0.7", "4x0.25"])
-    x = torch.randn(len(switches) * 8, 48, *hw, generator=g)
+    x = torch.randn(len(switches) * 8, 48, *hw, generator=g).contiguous(memory_format=layout)
     weight = torch.randn(64, 48, kernel, kernel, generator=g)
     blocks = list(conv_blocks(switches, 48, 64, False))
     geometry = ([1, 1], [kernel // 2] * 2, [1, 1], False)

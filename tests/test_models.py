@@ -316,3 +316,26 @@ def test_wdsr_skip_starts_as_bicubic(build, scale):
         expected = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)[..., border:-border,
                                                                                               border:-border]
         torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_channels_last_and_nchw_runs_agree(name):
+    """On CPU the models run channels_last by default (input_layout); forcing NCHW gives the same
+    outputs and gradients (float64, training mode), so the layout is a speed choice only."""
+    torch.manual_seed(0)
+    model = BUILDERS[name](SWITCHES).double().train()
+    x = images(torch.float64)
+    assert model.input_layout(x).is_contiguous(memory_format=torch.channels_last)
+    results = []
+    for channels_last in (None, False):
+        model.channels_last = channels_last
+        model.zero_grad()
+        y = model(x)
+        y.square().sum().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert model.input_layout(x).is_contiguous()
+    (y_cl, grads_cl), (y_nchw, grads_nchw) = results
+    torch.testing.assert_close(y_cl, y_nchw, rtol=1e-9, atol=1e-9)
+    for param_name in grads_cl:
+        torch.testing.assert_close(grads_cl[param_name], grads_nchw[param_name], rtol=1e-8, atol=1e-9,
+                                   msg=lambda m: f"{param_name}: {m}")

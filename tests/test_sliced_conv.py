@@ -126,6 +126,24 @@ def test_matches_masked_dense_oracle(conv_case, dtype, conv_backend):
     assert_uncovered_exact_zeros(conv_case, y, gx, gw, gb)
 
 
+def test_channels_last_matches_oracle(conv_case, conv_backend):
+    """channels_last in, channels_last out (y and grad_x), whichever backend; the cpu backend runs
+    its NHWC kernels on it. float64, so any indexing slip shows far above rounding."""
+    if conv_backend == "triton":
+        pytest.skip("no NHWC Triton kernel: the layout is converted in Python as for the reference, tested there")
+    x, weight, bias, g = make_inputs(conv_case, torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+    (y, gx, gw, gb), (yr, gxr, gwr, gbr) = run_both(conv_case, x, weight, bias, g)
+    if x.dim() == 4 and not x.is_contiguous():  # a dense NHWC tensor that is not also NCHW
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+    tol = TOLERANCE[torch.float64]
+    for got, want, what in zip((y, gx, gw, gb), (yr, gxr, gwr, gbr), ("forward", "grad x", "grad weight", "grad bias")):
+        if want is not None:
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
+    assert_uncovered_exact_zeros(conv_case, y, gx, gw, gb)
+
+
 NARROW_CASE = dict(seed=5, switches=["1x0.5", "2x0.25", "0.3+0.7"], c_in=13, c_out=7, kernel=3, stride=1, padding=1,
                    dilation=1, batch=2, input_shared=False, bias=True, hw=(5, 4))
 
@@ -183,9 +201,11 @@ OPCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=["bias", "shared-stride2", "k1-dilated"])
-def test_opcheck(case, conv_backend):
+def test_opcheck(case, conv_backend, layout):
     x, weight, bias, _ = make_inputs(case, torch.float32)
+    x = x.contiguous(memory_format=layout)
     switches = SwitchSet(case["switches"])
     blocks = list(conv_blocks(switches, case["c_in"], case["c_out"], case["input_shared"]))
     stride, padding, dilation, shared = conv_args(case)

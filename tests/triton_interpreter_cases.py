@@ -60,8 +60,9 @@ def test_op_conv_partial_gradients(triton_backend):
     conv_tests.test_grad_without_bias_and_partial_requires_grad(triton_backend)
 
 
-def test_op_conv_opcheck(triton_backend):
-    conv_tests.test_opcheck(conv_tests.OPCHECK_CASES[1], triton_backend)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_op_conv_opcheck(triton_backend, layout):
+    conv_tests.test_opcheck(conv_tests.OPCHECK_CASES[1], triton_backend, layout)
 
 
 # --------------------------------------------------------------------- switch_batch_norm (op)

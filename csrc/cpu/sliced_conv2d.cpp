@@ -1,74 +1,25 @@
 #include "cpu/sliced_conv2d.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <climits>
 #include <cstring>
-#include <utility>
-#include <vector>
 
-// Fortran BLAS of libtorch_cpu (MKL on x86, OpenBLAS on arm). ATen's at::native::cpublas::gemm
-// overloads that reach it are not exported to extensions, and the generic cpublas template is
-// ATen's slow fallback, so the kernels call BLAS directly, on strided sub-matrices.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
+#include "cpu/sliced_conv2d_common.h"
 
+// The NCHW kernels, the shared validation and the op entry points (which pick the NCHW or NHWC
+// kernels by the memory format of x).
 namespace paradis {
 namespace {
 
 using at::IntArrayRef;
-using at::Tensor;
+using namespace conv;
 
-constexpr int64_t kFields = 5;            // ints per block in the table
-constexpr int64_t kMinColumns = 256;      // GEMM columns per tile: enough to run near peak
-constexpr int64_t kColumnBuffer = 1 << 18; // elements of an im2col tile: stays in L2
-constexpr int64_t kTasksPerThread = 4;    // tasks per thread, to even out unequal blocks
-constexpr int64_t kMinTaskWork = 1 << 20; // multiply-adds per task, below which splitting costs
-constexpr int64_t kRowAlign = 8;          // task row chunks are multiples of this
-constexpr int kLanes = 8;                 // independent partial sums of a reduction
-
-// Row-major C[m, n] = op(A)[m, k] @ op(B)[k, n] + beta * C, op(X) = X^T when trans_x. A row-major
-// matrix is its column-major transpose, so BLAS computes C^T = op(B)^T op(A)^T.
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
-  const int LDA = static_cast<int>(lda), LDB = static_cast<int>(ldb), LDC = static_cast<int>(ldc);
-  const T one = 1;
-  if constexpr (std::is_same_v<T, float>)
-    sgemm_(&tb, &ta, &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
-  else
-    dgemm_(&tb, &ta, &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
-}
-
-struct Geometry {
-  int64_t S, B, C_in, C_out, H, W, kh, kw, Ho, Wo, sh, sw, ph, pw, dh, dw;
-  bool shared;
-  int64_t hw() const { return H * W; }
-  int64_t ohw() const { return Ho * Wo; }
-  int64_t taps() const { return kh * kw; }
-  int64_t w_ld() const { return C_in * kh * kw; } // elements per weight row
-  // The input rows are the output columns: no im2col needed.
-  bool pointwise() const { return taps() == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
-};
-
-// One (switch, sub-network) block; x0 / y0 are its first sample rows in x and y.
-struct Block {
-  int64_t s, i0, i1, o0, o1, x0, y0;
-  int64_t depth(const Geometry& g) const { return (i1 - i0) * g.taps(); } // im2col rows
-};
+constexpr int64_t kFields = 5;        // ints per block in the table
+constexpr int64_t kMinColumns = 256;  // GEMM columns per tile: enough to run near peak
 
 // GEMM columns: output positions [p0, p0 + np) of samples [b0, b0 + nb); nb > 1 only with whole
 // images, so a one-sample tile is a strided sub-matrix of x or y.
@@ -77,8 +28,6 @@ struct Tile {
   int64_t columns() const { return nb * np; }
   bool operator==(const Tile& o) const { return b0 == o.b0 && nb == o.nb && p0 == o.p0 && np == o.np; }
 };
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Tiles of the B samples for a column matrix of `depth` rows: at least kMinColumns columns (small
 // images batch several samples), large images split so an im2col tile fits kColumnBuffer.
@@ -95,30 +44,6 @@ std::vector<Tile> column_tiles(const Geometry& g, int64_t depth) {
     for (int64_t b = 0; b < g.B; b += nb) tiles.push_back({b, std::min(nb, g.B - b), 0, ohw});
   }
   return tiles;
-}
-
-// Splits [begin, end) into chunks of kRowAlign-multiple size, each about `target` work.
-std::vector<std::pair<int64_t, int64_t>> row_chunks(int64_t begin, int64_t end, int64_t work_per_row,
-                                                    int64_t target) {
-  int64_t size = std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_row));
-  size = ceil_div(size, kRowAlign) * kRowAlign;
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  for (int64_t r = begin; r < end; r += size) chunks.push_back({r, std::min(end, r + size)});
-  return chunks;
-}
-
-int64_t task_target(int64_t total_work) {
-  return std::max(kMinTaskWork, total_work / (at::get_num_threads() * kTasksPerThread));
-}
-
-// Output indices o in [0, out) whose input o * stride - pad + offset lies in [0, in).
-std::pair<int64_t, int64_t> valid_outputs(int64_t in, int64_t out, int64_t stride, int64_t pad,
-                                          int64_t offset) {
-  const int64_t first = pad - offset; // o * stride >= first
-  const int64_t last = in - 1 + pad - offset; // o * stride <= last
-  const int64_t lo = first <= 0 ? 0 : ceil_div(first, stride);
-  const int64_t hi = last < 0 ? 0 : last / stride + 1;
-  return {std::min(lo, out), std::clamp(hi, std::min(lo, out), out)};
 }
 
 // Calls run(q, ih, iw, len) for each run of `len` tile columns from column q (within one sample)
@@ -208,31 +133,6 @@ void scatter(const T* buf, const T* bias, int64_t channels, const Geometry& g, c
     }
   }
 }
-
-template <typename T>
-T row_sum(const T* a, int64_t n) {
-  T lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j];
-  }
-  for (; i < n; ++i) lanes[0] += a[i];
-  T total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
-// A thread's scratch matrix (64-byte aligned by ATen's allocator, so BLAS takes the same path on
-// every run: results are bit-reproducible).
-template <typename T>
-struct Scratch {
-  Tensor storage;
-  T* get(int64_t n) {
-    if (!storage.defined() || storage.numel() < n)
-      storage = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    return storage.template data_ptr<T>();
-  }
-};
 
 // The im2col matrix of a block's input channels over a tile, or the strided view of x itself for
 // a one-sample pointwise tile; rebuilt only when the block inputs or the tile change.
@@ -543,6 +443,15 @@ Problem validate(const Tensor& x, const Tensor& weight, IntArrayRef table,
 
 bool reduced_precision(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
+// The layout the kernels run in: x's own (channels_last runs the NHWC kernels), no copy of x.
+at::MemoryFormat memory_format(const Tensor& x, const Geometry& g) {
+  // as paradis_fast/ops/layout.py: dense NHWC that is not also dense NCHW
+  if (x.dim() != 4 || !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous())
+    return at::MemoryFormat::Contiguous;
+  check_fits_blas(g.B * g.ohw(), "the number of output pixels of one switch (channels_last)");
+  return at::MemoryFormat::ChannelsLast;
+}
+
 } // namespace
 
 Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -565,20 +474,26 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
-  const Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::MemoryFormat format = memory_format(x, g);
+  const Tensor xc = x.contiguous(format), wc = weight.contiguous();
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
-  Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, xc.options());
+  const auto options = xc.options().memory_format(format);
+  Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
   zero_uncovered(y, g, blocks, false);
   // input_shared: every switch reads the same image, so each output channel is computed once
   // (into a scratch when several switches need it) and copied into the rows of each switch.
   const bool dedupe = input_shared && g.S > 1;
-  const Tensor target = dedupe ? at::empty({g.B, g.C_out, g.Ho, g.Wo}, xc.options()) : y;
+  const Tensor target = dedupe ? at::empty({g.B, g.C_out, g.Ho, g.Wo}, options) : y;
   const std::vector<Block> computed = dedupe ? shared_output_blocks(g, blocks) : blocks;
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "sliced_conv2d_forward_cpu", [&] {
-    forward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
-                             has_bias ? bc.const_data_ptr<scalar_t>() : nullptr,
-                             target.mutable_data_ptr<scalar_t>(), g, computed);
-  });
+  if (format == at::MemoryFormat::ChannelsLast) {
+    nhwc_forward(xc, wc, bc, target, g, computed);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "sliced_conv2d_forward_cpu", [&] {
+      forward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
+                               has_bias ? bc.const_data_ptr<scalar_t>() : nullptr,
+                               target.mutable_data_ptr<scalar_t>(), g, computed);
+    });
+  }
   if (dedupe) {
     for (const Block& b : blocks)
       y.narrow(0, b.y0, g.B).narrow(1, b.o0, b.o1 - b.o0).copy_(target.narrow(1, b.o0, b.o1 - b.o0));
@@ -610,10 +525,11 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
-  const Tensor gyc = grad_y.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
+  const at::MemoryFormat format = memory_format(x, g);
+  const Tensor gyc = grad_y.contiguous(format), xc = x.contiguous(format), wc = weight.contiguous();
   Tensor grad_x, grad_w, grad_b;
   if (need_x) {
-    grad_x = at::empty(xc.sizes(), xc.options());
+    grad_x = at::empty(xc.sizes(), xc.options().memory_format(format));
     if (g.pointwise())
       zero_uncovered(grad_x, g, blocks, true); // covered channels are assigned
     else
@@ -626,6 +542,10 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
     groups.push_back(blocks);
   else
     for (const Block& b : blocks) groups.push_back({b});
+  if (format == at::MemoryFormat::ChannelsLast) {
+    nhwc_backward(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks, groups);
+    return {grad_x, grad_w, grad_b};
+  }
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "sliced_conv2d_backward_cpu", [&] {
     const scalar_t* gy = gyc.const_data_ptr<scalar_t>();
     if (need_x)

@@ -44,7 +44,7 @@ class MobileNetV1(Switchable):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> logits ``[S, B, num_classes]``, one row per active switch."""
-        features = self.avgpool(self.features(x)).flatten(1)
+        features = self.avgpool(self.features(self.input_layout(x))).flatten(1)
         return self.classifier(features).unflatten(0, (len(self.active), -1))
 
 

@@ -81,7 +81,7 @@ class ResNet(Switchable):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> logits ``[S, B, num_classes]``, one row per active switch."""
-        features = self.avgpool(self.layers(self.maxpool(self.stem(x)))).flatten(1)
+        features = self.avgpool(self.layers(self.maxpool(self.stem(self.input_layout(x))))).flatten(1)
         return self.fc(features).unflatten(0, (len(self.active), -1))
 
 

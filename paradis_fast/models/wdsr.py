@@ -111,6 +111,7 @@ class WDSR(Switchable):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> ``[S, B, C, H*scale, W*scale]``, one row per active switch."""
+        x = self.input_layout(x)
         y = self.tail(self.body(self.head(x)))
         return y.unflatten(0, (len(self.active), -1)) + self.skip(x)
 

@@ -1,7 +1,8 @@
 """Switchable: a module built for a switch set that runs a chosen subset of it."""
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..switches import SwitchSet, SwitchSetLike
 
@@ -11,9 +12,17 @@ class Switchable(nn.Module):
 
     def __init__(self, switches: SwitchSetLike):
         super().__init__()
+        self.channels_last: bool | None = None  # None: on CPU (see input_layout)
         self.switches = SwitchSet.of(switches)
         self.active = self.switches
         self.active_rows = tuple(range(len(self.switches)))
+
+    def input_layout(self, x: Tensor) -> Tensor:
+        """Images in the layout the model runs in: channels_last on CPU unless ``channels_last`` says
+        otherwise, because the C++ kernels' NHWC paths and oneDNN's depthwise convolution are faster
+        that way (bench/README.md); elsewhere the caller's layout."""
+        use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
+        return x.contiguous(memory_format=torch.channels_last) if use and x.dim() == 4 else x
 
     def check_slices(self, channels: int, layer: str) -> None:
         """Reject at construction a channel count that leaves some sub-network an empty slice."""

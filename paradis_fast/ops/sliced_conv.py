@@ -6,7 +6,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, layout
 from .backends import kernels_for
 from .plan import conv_blocks, conv_output_size
 from ..switches import SwitchSetLike
@@ -19,16 +19,17 @@ def _sliced_conv2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], blocks: List[int], num_switches: int,
     stride: List[int], padding: List[int], dilation: List[int], input_shared: bool,
 ) -> Tensor:
-    return kernels_for(OP, x.device).sliced_conv2d_forward(
+    y = kernels_for(OP, x.device).sliced_conv2d_forward(
         x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared
     )
+    return layout.like(y, x)
 
 
 @_sliced_conv2d.register_fake
 def _(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared):
     rows = x.shape[0] * num_switches if input_shared else x.shape[0]
     out_hw = [conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)]
-    return x.new_empty(rows, weight.shape[0], *out_hw)
+    return layout.empty((rows, weight.shape[0], *out_hw), x)
 
 
 @torch.library.custom_op("paradis::sliced_conv2d_backward", mutates_args=())
@@ -36,16 +37,18 @@ def _sliced_conv2d_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, blocks: List[int], num_switches: int, stride: List[int],
     padding: List[int], dilation: List[int], input_shared: bool, output_mask: List[bool],
 ) -> List[Tensor]:
-    grads = kernels_for(OP, x.device).sliced_conv2d_backward(
-        grad_y.contiguous(), x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask
+    grad_x, grad_w, grad_b = kernels_for(OP, x.device).sliced_conv2d_backward(
+        layout.like(grad_y, x), x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask
     )
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    grad_x = layout.like(grad_x, x) if grad_x is not None else None
+    return [g if g is not None else x.new_empty(0) for g in (grad_x, grad_w, grad_b)]
 
 
 @_sliced_conv2d_backward.register_fake
 def _(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask):
-    shapes = [x.shape, weight.shape, weight.shape[:1]]
-    return [x.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, output_mask)]
+    grad_x = layout.empty(x.shape if output_mask[0] else (0,), x)
+    shapes = [weight.shape, weight.shape[:1]]  # the weight gradients are contiguous whatever the weight's layout
+    return [grad_x] + [x.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, output_mask[1:])]
 
 
 def _setup_context(ctx, inputs, output):

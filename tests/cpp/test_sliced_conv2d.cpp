@@ -1,6 +1,6 @@
-// Checks the CPU sliced convolution kernels against a naive loop of at::conv2d per (switch,
-// sub-network) block in double (gradients by autograd), directly and through the dispatcher, and
-// that bad block tables are rejected.
+// Checks the CPU sliced convolution kernels (NCHW and channels_last inputs) against a naive loop of
+// at::conv2d per (switch, sub-network) block in double (gradients by autograd), directly and
+// through the dispatcher, and that bad block tables are rejected.
 #include "cpu/sliced_conv2d.h"
 
 #include <ATen/ATen.h>
@@ -74,11 +74,13 @@ Result reference(const Case& c, const Tensor& x, const Tensor& w, const Tensor& 
   return {y.detach(), grad_or_zeros(xd), grad_or_zeros(wd), grad_or_zeros(bd)};
 }
 
-void run(const Case& c, at::ScalarType dtype) {
-  const std::string tag = c.name + (dtype == at::kFloat ? " f32" : " f64");
+void run(const Case& c, at::ScalarType dtype, at::MemoryFormat format) {
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast;
+  const std::string tag = c.name + (dtype == at::kFloat ? " f32" : " f64") + (nhwc ? " nhwc" : " nchw");
   const double tol = dtype == at::kFloat ? 1e-3 : 1e-10;
   const auto opts = at::TensorOptions().dtype(dtype);
-  const Tensor x = at::randn({c.shared ? c.batch : c.switches * c.batch, c.c_in, c.size, c.size}, opts);
+  const Tensor x = at::randn({c.shared ? c.batch : c.switches * c.batch, c.c_in, c.size, c.size}, opts)
+                       .contiguous(format);
   const Tensor w = at::randn({c.c_out, c.c_in, c.kernel, c.kernel}, opts);
   const Tensor b = at::randn({c.c_out}, opts);
   const std::vector<int64_t> geometry_stride{c.stride, c.stride}, padding{c.padding, c.padding},
@@ -89,6 +91,7 @@ void run(const Case& c, at::ScalarType dtype) {
   const auto [gx, gw, gb] = paradis::sliced_conv2d_backward_cpu(grad_y, x, w, c.blocks, c.switches, geometry_stride,
                                                                 padding, dilation, c.shared, c10::List<bool>({true, true, true}));
   const Result want = reference(c, x, w, b, grad_y);
+  expect(y.is_contiguous(format) && gx.is_contiguous(format), tag + ": y and grad x not in the layout of x");
   expect_close(y, want.y, tol, tag + ": forward");
   expect_close(gx, want.grad_x, tol, tag + ": grad x");
   expect_close(gw, want.grad_w, tol, tag + ": grad weight");
@@ -132,7 +135,9 @@ int main() {
        {0, 0, 3, 0, 8, 1, 0, 3, 0, 4, 1, 0, 3, 4, 8, 2, 0, 3, 0, 2, 2, 0, 3, 2, 4, 2, 0, 3, 4, 6, 2, 0, 3, 6, 8}},
   };
   for (const Case& c : cases) {
-    for (const auto dtype : {at::kFloat, at::kDouble}) run(c, dtype);
+    for (const auto dtype : {at::kFloat, at::kDouble}) {
+      for (const auto format : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) run(c, dtype, format);
+    }
   }
   check_rejects({0, 0, 4, 0}, "5 ints per block");
   check_rejects({0, 0, 5, 0, 6}, "is outside");

@@ -1,0 +1,77 @@
+"""bench/run.py's methods on tiny layers: every baseline computes what paradis_fast computes (in
+each memory format), and the ratio table is built from the rows. No timing is asserted."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paradis_fast import SwitchSet
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def run():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCH))
+
+
+SWITCHES = SwitchSet(["1x1.0", "2x0.5", "4x0.25"])
+
+
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (1, 2)])
+def test_conv_methods_agree(run, kernel, stride):
+    import suites
+
+    args = run.parse_args(["--reps", "1", "--no-compile"])
+    layer = suites.ConvLayer("tiny", 8, 12, kernel, stride, 6, 2)
+    fns, _ = run.conv_methods(layer, SWITCHES, args)
+    assert {"a", "d@nhwc", "b:loop@nhwc", "b:masked", "b:masked@nhwc", "b:grouped"} <= set(fns)
+    x = torch.randn(len(SWITCHES) * layer.batch, layer.c_in, layer.size, layer.size, requires_grad=True)
+    w = torch.randn(layer.c_out, layer.c_in, kernel, kernel, requires_grad=True)
+    grad_out = torch.randn(x.shape[0], layer.c_out, layer.out_size, layer.out_size)
+    variants = run.layout_inputs((x, w), grad_out)
+    reference = None
+    for name, fn in fns.items():
+        (xi, wi), grad = variants[name.endswith(run.NHWC)]
+        xi.grad = wi.grad = None
+        y = fn(xi, wi)
+        y.backward(grad)
+        result = (y.detach(), xi.grad, wi.grad.clone())
+        if reference is None:
+            reference = result
+            continue
+        for got, want, what in zip(result, reference, ("y", "grad x", "grad weight")):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} {what}: {m}")
+
+
+def test_bn_methods_agree_and_table(run):
+    import suites
+
+    args = run.parse_args(["--reps", "1", "--no-compile"])
+    layer = suites.BNLayer("tiny", 8, 5, 3)
+    fns = run.bn_methods(layer, SWITCHES, args)
+    x = torch.randn(len(SWITCHES) * layer.batch, 8, 5, 5, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(3, 8)).requires_grad_()
+    b = (0.1 * torch.randn(3, 8)).requires_grad_()
+    variants = run.layout_inputs((x, w, b), torch.randn_like(x))
+    outputs = {}
+    for name, fn in fns.items():
+        inputs, _ = variants[name.endswith(run.NHWC)]
+        with torch.no_grad():
+            outputs[name] = fn(*inputs)
+    for name, y in outputs.items():
+        torch.testing.assert_close(y, outputs["a"], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    rows = run.time_layer("bn", "tiny", fns, (x, w, b), torch.randn_like(x), 0, args)
+    table = run.ratio_table(rows)
+    entry = table[("bn", "tiny", "fwd+bwd")]
+    assert {"a", "b", "d", "d_vs_a", "d_vs_b"} <= set(entry)
+    assert entry["b"] == min(r["median_ms"] for r in rows if r["phase"] == "fwd+bwd" and r["method"].startswith("b:"))
