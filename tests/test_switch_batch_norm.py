@@ -16,8 +16,10 @@ import torch
 
 from paradis_fast import Switch, SwitchSet
 from paradis_fast.nn import SwitchBatchNorm2d
-from paradis_fast.ops import switch_batch_norm
+from paradis_fast.ops import switch_batch_norm, use_backend
 from paradis_fast.ops.plan import covered_channels
+
+from conftest import BN_BACKENDS, BN_CASES
 
 EPS = 1e-5
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
@@ -87,19 +89,55 @@ def check_zeros_outside(switches, rows, rows_total, channels, y, grad_x, grad_w,
 
 
 # ------------------------------------------------------------------------------ against oracle
-def test_matches_oracle(bn_case, bn_backend):
-    case = bn_case
+# Backends with a native channels_last path or a layout-agnostic one; others are converted by the
+# same wrapper code, so the channels_last matrix runs on these only to keep the suite fast.
+CHANNELS_LAST_BACKENDS = ("cpu", "reference")
+
+
+def channels_last_case(case):
+    """The case with a 4-D x whose channels_last layout differs from NCHW (H*W > 1)."""
+    spatial = case["spatial"]
+    return dict(case, spatial=spatial if len(spatial) == 2 and math.prod(spatial) > 1 else (3, 2))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_matches_oracle(bn_case, bn_backend, layout):
+    if layout == "channels_last" and bn_backend not in CHANNELS_LAST_BACKENDS:
+        pytest.skip(f"channels_last matrix runs on {CHANNELS_LAST_BACKENDS}")
+    check_against_oracle(bn_case, layout)
+
+
+@pytest.mark.skipif("cpu" not in BN_BACKENDS, reason="the C++ extension is not built")
+def test_cpu_baseline_kernels_match_oracle(monkeypatch):
+    """The C++ kernels built for baseline x86-64, which CPUs without AVX2 + FMA run, on half the matrix."""
+    monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
+    with use_backend("cpu"):
+        for case in BN_CASES[::2]:
+            for layout in ("nchw", "channels_last"):
+                check_against_oracle(case, layout)
+
+
+def check_against_oracle(case, layout):
+    if layout == "channels_last":
+        case = channels_last_case(case)
     dtype, switches, training, activation = case["dtype"], case["switches"], case["training"], case["activation"]
     (x, weight, bias, running_mean, running_var), g = make_inputs(case)
+    rng = random.Random(case["seed"])
+    momentum = rng.choice((0.1, 0.3))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
     rows = case["rows"] if case["rows"] is not None else list(range(len(switches)))
-    momentum = random.Random(case["seed"]).choice((0.1, 0.3))
     before_mean, before_var = running_mean.clone(), running_var.clone()
 
     xo, wo, bo = leaf(x), leaf(weight), leaf(bias)
     y = switch_batch_norm(xo, wo, bo, running_mean, running_var, switches, training, momentum, EPS, activation,
                           rows=case["rows"])
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(grad_y.to(dtype))
+    # grad_y may arrive in either layout; the op's grad_x follows x's
+    grad_y_fmt = rng.choice((torch.contiguous_format, torch.channels_last)) if layout == "channels_last" else fmt
+    grads = torch.autograd.grad(y, (xo, wo, bo), grad_y.to(dtype).contiguous(memory_format=grad_y_fmt))
+    assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt), "layout not kept"
+    xo.grad, wo.grad, bo.grad = grads
 
     f64 = torch.float64
     xr, wr, br = leaf(x, f64), leaf(weight, f64), leaf(bias, f64)
@@ -237,6 +275,50 @@ def test_opcheck(bn_backend, training, activation):
     rm, rv = torch.randn(3, 7, generator=g), torch.rand(3, 7, generator=g) + 0.5
     args = (x, weight, bias, rm, rv, list(covered_channels(switches, 7)), [2, 0], training, EPS, activation or "none")
     torch.library.opcheck(torch.ops.paradis.switch_batch_norm.default, args)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_channels_last(bn_backend, training):
+    g = torch.Generator().manual_seed(17)
+    switches = SwitchSet(["2x0.5", "0.5+0.25+0.25"])
+    x = torch.randn(4, 9, 3, 2, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.randn(3, 9, generator=g) * 3).requires_grad_()
+    bias = torch.randn(3, 9, generator=g).requires_grad_()
+    rm, rv = torch.randn(3, 9, generator=g), torch.rand(3, 9, generator=g) + 0.5
+    args = (x, weight, bias, rm, rv, list(covered_channels(switches, 9)), [2, 0], training, EPS, "relu")
+    torch.library.opcheck(torch.ops.paradis.switch_batch_norm.default, args)
+    y, _, _ = torch.ops.paradis.switch_batch_norm(*args)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+@pytest.mark.skipif("cpu" not in BN_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_channels_last_is_deterministic_and_matches_nchw(dtype):
+    """Several row chunks per switch: bit-identical across runs and thread counts, close to NCHW."""
+    g = torch.Generator().manual_seed(18)
+    switches, channels = ["1x1.0", "0.5+0.25+0.25"], 11
+    x = (torch.randn(2 * 2, channels, 48, 40, generator=g) * 3 + 1).to(dtype)
+    grad_y = torch.randn(x.shape, generator=g).to(dtype)
+    weight, bias = torch.randn(2, channels, generator=g), torch.randn(2, channels, generator=g)
+    rm, rv = torch.zeros(2, channels), torch.ones(2, channels)
+
+    def run(fmt, threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            xo, wo, bo = leaf(x.contiguous(memory_format=fmt)), leaf(weight), leaf(bias)
+            with use_backend("cpu"):
+                y = switch_batch_norm(xo, wo, bo, rm.clone(), rv.clone(), switches, True, activation="relu6")
+                return (y, *torch.autograd.grad(y, (xo, wo, bo), grad_y))
+        finally:
+            torch.set_num_threads(previous)
+
+    first = run(torch.channels_last, 2)
+    for other in (run(torch.channels_last, 2), run(torch.channels_last, 1)):
+        assert all(torch.equal(a, b) for a, b in zip(first, other)), "channels_last results vary between runs"
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for a, b in zip(first, run(torch.contiguous_format, 2)):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

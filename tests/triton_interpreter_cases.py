@@ -68,7 +68,7 @@ def test_op_conv_opcheck(triton_backend, layout):
 # --------------------------------------------------------------------- switch_batch_norm (op)
 @pytest.mark.parametrize("case", BN_CASES, ids=[_bn_id(c) for c in BN_CASES])
 def test_op_bn_matches_oracle(case, triton_backend):
-    bn_tests.test_matches_oracle(case, triton_backend)
+    bn_tests.check_against_oracle(case, "nchw")
 
 
 @pytest.mark.parametrize("x_dtype, tol", [(torch.float64, 1e-5), (torch.bfloat16, 5e-2)], ids=["f64", "bf16"])

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +26,11 @@ using at::Tensor;
 // The inner loops are plain loops over contiguous spans of the accumulation type, written so the
 // compiler vectorizes them for the ISA it targets: an extension is built without ATen's per-ISA
 // flags, where at::vec::Vectorized is a slow generic fallback.
+//
+// Two layouts of x = [S*B, C, H, W]:
+// - NCHW: each (switch, channel) pair owns B rows of HW contiguous values; parallel over pairs.
+// - NHWC (channels_last): switch s is a [B*HW, C] matrix with contiguous channels; the loops run
+//   across channels, parallel over chunks of rows whose partial results merge in a fixed order.
 
 // Values staged per step: a few piece buffers of the accumulation type stay in L1.
 constexpr int64_t kPiece = 1024;
@@ -32,112 +39,40 @@ constexpr int64_t kGrainWork = 32768;
 // Independent partial sums per reduction: without -ffast-math the compiler cannot reorder one
 // running sum, but it vectorizes independent lanes.
 constexpr int kLanes = 16;
+// Fewest rows in an NHWC chunk, so that wide layers still amortise a chunk's partial results.
+constexpr int64_t kMinChunkRows = 16;
 
-template <Act A, typename T>
-T activate(T z) {
-  if constexpr (A == Act::Relu)
-    return std::max(z, T(0));
-  else if constexpr (A == Act::Relu6)
-    return std::min(std::max(z, T(0)), T(6));
-  else
-    return z;
-}
-
-// g * act'(z): the gradient passes where the activation is the identity (strictly inside).
-template <Act A, typename T>
-T mask_grad(T g, T z) {
-  if constexpr (A == Act::Relu)
-    return z > T(0) ? g : T(0);
-  else if constexpr (A == Act::Relu6)
-    return ((z > T(0)) & (z < T(6))) ? g : T(0);
-  else
-    return g;
-}
-
-// Sum of f(i) over i in [0, n), accumulated in kLanes independent partial sums.
-template <typename T, typename F>
-T lane_sum(int64_t n, const F& f) {
-  T lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += f(i + j);
-  }
-  for (; i < n; ++i) lanes[0] += f(i);
-  T total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
-// src[0, n) in the accumulation type: src itself when the types match, else converted into buf.
-template <typename acc_t, typename scalar_t>
-const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buf, n);
-    return buf;
-  }
-}
-
-// Where to compute dst[0, n) in the accumulation type; commit() then moves it to dst.
-template <typename acc_t, typename scalar_t>
-acc_t* acc_target(scalar_t* dst, acc_t* buf) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>)
-    return dst;
-  else
-    return buf;
-}
-
-template <typename acc_t, typename scalar_t>
-void commit(const acc_t* buf, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<acc_t, scalar_t>) at::vec::convert(buf, dst, n);
-}
-
-// x = [S*B, C, HW] contiguous: switch s, sample b, channel c is the HW-long row at row(s, b, c).
 struct Geometry {
   int64_t S, B, C, HW;
+  // NCHW: switch s, sample b, channel c is the HW-long row at row(s, b, c).
   int64_t row(int64_t s, int64_t b, int64_t c) const { return ((s * B + b) * C + c) * HW; }
+  // NHWC: switch s is the [B*HW, C] matrix at switch_offset(s), its rows with stride C.
+  int64_t rows() const { return B * HW; }
+  int64_t switch_offset(int64_t s) const { return s * B * HW * C; }
 };
 
-// Calls f(offset, n) on the pieces (at most kPiece values) of the B rows owned by (s, c).
-template <typename F>
-void for_each_piece(const Geometry& g, int64_t s, int64_t c, const F& f) {
-  for (int64_t b = 0; b < g.B; ++b) {
-    const int64_t row = g.row(s, b, c);
-    for (int64_t i = 0; i < g.HW; i += kPiece) f(row + i, std::min(kPiece, g.HW - i));
-  }
-}
+// NHWC: the rows of every switch cut into chunks, switch-major. Chunk sizes depend only on the
+// shape and the switch's covered channels, and partial results merge in chunk order, so results do
+// not depend on the thread count.
+struct RowChunks {
+  std::vector<int64_t> switch_of, begin, end;  // per chunk: its switch and rows [begin, end)
+  std::vector<int64_t> first;                  // switch s has chunks [first[s], first[s + 1])
+  int64_t count() const { return first.back(); }
+};
 
-// Runs f(s, c) for every covered (switch, channel) pair. The covered pairs form one flat range so
-// parallel_for balances switches of unequal width; work_per_pair sets the grain.
-template <typename F>
-void parallel_for_covered(IntArrayRef covered, int64_t work_per_pair, const F& f) {
-  std::vector<int64_t> start(covered.size() + 1, 0);
-  for (size_t s = 0; s < covered.size(); ++s) start[s + 1] = start[s] + covered[s];
-  const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_pair));
-  at::parallel_for(0, start.back(), grain, [&](int64_t begin, int64_t end) {
-    int64_t s = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (int64_t p = begin; p < end; ++p) {
-      while (p >= start[s + 1]) ++s;
-      f(s, p - start[s]);
+RowChunks row_chunks(const Geometry& g, IntArrayRef covered) {
+  RowChunks ch;
+  ch.first.push_back(0);
+  for (int64_t s = 0; s < g.S; ++s) {
+    const int64_t size = std::max(kMinChunkRows, kGrainWork / std::max<int64_t>(1, covered[s]));
+    for (int64_t r = 0; r < g.rows() && covered[s] > 0; r += size) {
+      ch.switch_of.push_back(s);
+      ch.begin.push_back(r);
+      ch.end.push_back(std::min(g.rows(), r + size));
     }
-  });
-}
-
-// Folds the mean and M2 of a[0, n) into running (count, mean, m2) with Chan's formula. The piece
-// itself takes two sweeps, but it is L1-resident, so x is read from memory once.
-template <typename T>
-void merge_moments(const T* a, int64_t n, int64_t& count, T& mean, T& m2) {
-  const T piece_mean = lane_sum<T>(n, [&](int64_t i) { return a[i]; }) / T(n);
-  const T piece_m2 = lane_sum<T>(n, [&](int64_t i) {
-    const T d = a[i] - piece_mean;
-    return d * d;
-  });
-  const int64_t total = count + n;
-  const T delta = piece_mean - mean;
-  mean += delta * (T(n) / T(total));
-  m2 += piece_m2 + delta * delta * (T(count) * T(n) / T(total));
-  count = total;
+    ch.first.push_back(static_cast<int64_t>(ch.begin.size()));
+  }
+  return ch;
 }
 
 Geometry check_geometry(const Tensor& x, const Tensor& weight, IntArrayRef covered,
@@ -180,6 +115,14 @@ void check_table(const Tensor& t, const char* name, IntArrayRef shape) {
               t.sizes());
 }
 
+// The layout the kernels run in: NHWC for a 4-D x laid out channels_last (unless it is also
+// NCHW-contiguous, where the two coincide), else NCHW (x made contiguous).
+at::MemoryFormat kernel_format(const Tensor& x) {
+  const bool nhwc = x.dim() == 4 && !x.is_contiguous() &&
+                    x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // Zeroes the channels [covered[s], C) of every switch's samples.
 void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered) {
   for (int64_t s = 0; s < g.S; ++s) {
@@ -187,106 +130,69 @@ void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered) {
   }
 }
 
-template <typename scalar_t, Act A>
-void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& mean, const Tensor& var,
-                    const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-                    const Tensor& running_var, const Geometry& g, IntArrayRef covered,
-                    IntArrayRef rows, bool training, double eps) {
+// Everything a forward kernel reads and writes: x and y in their layout, the [S_total, C]
+// parameter tables and the [S, C] statistics it returns, all in the accumulation type.
+template <typename scalar_t>
+struct ForwardData {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
-  acc_t* var_p = var.mutable_data_ptr<acc_t>();
-  const acc_t* w_p = weight.const_data_ptr<acc_t>();
-  const acc_t* b_p = bias.const_data_ptr<acc_t>();
-  const acc_t* rm_p = running_mean.const_data_ptr<acc_t>();
-  const acc_t* rv_p = running_var.const_data_ptr<acc_t>();
+  const scalar_t* x;
+  scalar_t* y;
+  acc_t* mean;
+  acc_t* var;
+  const acc_t* weight;
+  const acc_t* bias;
+  const acc_t* running_mean;
+  const acc_t* running_var;
+};
 
-  parallel_for_covered(covered, g.B * g.HW, [&](int64_t s, int64_t c) {
-    acc_t buf[kPiece];
-    const int64_t p = rows[s] * g.C + c;
-    acc_t mu = rm_p[p];
-    acc_t sigma2 = rv_p[p];
-    if (training) {
-      int64_t count = 0;
-      acc_t m2 = 0;
-      mu = 0;
-      for_each_piece(g, s, c, [&](int64_t off, int64_t n) {
-        merge_moments(as_acc(xp + off, n, buf), n, count, mu, m2);
-      });
-      sigma2 = count > 0 ? m2 / acc_t(count) : acc_t(0);
-    }
-    mean_p[s * g.C + c] = mu;
-    var_p[s * g.C + c] = sigma2;
-
-    // y = act(x * scale + shift), the affine normalisation folded into one multiply-add.
-    const acc_t scale = w_p[p] / std::sqrt(sigma2 + acc_t(eps));
-    const acc_t shift = b_p[p] - mu * scale;
-    for_each_piece(g, s, c, [&](int64_t off, int64_t n) {
-      const acc_t* in = as_acc(xp + off, n, buf);
-      acc_t* out = acc_target(yp + off, buf);
-      for (int64_t i = 0; i < n; ++i) out[i] = activate<A>(in[i] * scale + shift);
-      commit(out, yp + off, n);
-    });
-  });
-}
-
-template <typename scalar_t, Act A>
-void backward_kernel(const Tensor& grad_y, const Tensor& x, const Tensor& grad_x,
-                     const Tensor& grad_weight, const Tensor& grad_bias, const Tensor& weight,
-                     const Tensor& bias, const Tensor& mean, const Tensor& var, const Geometry& g,
-                     IntArrayRef covered, IntArrayRef rows, bool training, double eps) {
+// Same for the backward: grad_y and x in, grad_x out; grad_weight / grad_bias start zero.
+template <typename scalar_t>
+struct BackwardData {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* gyp = grad_y.const_data_ptr<scalar_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-  acc_t* gw_p = grad_weight.mutable_data_ptr<acc_t>();
-  acc_t* gb_p = grad_bias.mutable_data_ptr<acc_t>();
-  const acc_t* w_p = weight.const_data_ptr<acc_t>();
-  const acc_t* b_p = bias.const_data_ptr<acc_t>();
-  const acc_t* mean_p = mean.const_data_ptr<acc_t>();
-  const acc_t* var_p = var.const_data_ptr<acc_t>();
-  const acc_t M = acc_t(g.B * g.HW);
+  const scalar_t* grad_y;
+  const scalar_t* x;
+  scalar_t* grad_x;
+  acc_t* grad_weight;
+  acc_t* grad_bias;
+  const acc_t* weight;
+  const acc_t* bias;
+  const acc_t* mean;
+  const acc_t* var;
+};
 
-  parallel_for_covered(covered, 2 * g.B * g.HW, [&](int64_t s, int64_t c) {
-    acc_t xbuf[kPiece];
-    acc_t gbuf[kPiece];
-    acc_t gm[kPiece];
-    const int64_t p = rows[s] * g.C + c;
-    const acc_t mu = mean_p[s * g.C + c];
-    const acc_t invstd = acc_t(1) / std::sqrt(var_p[s * g.C + c] + acc_t(eps));
-    const acc_t scale = w_p[p] * invstd;
-    const acc_t shift = b_p[p] - mu * scale;
+// Multiversioning: the extension is built for baseline x86-64 (SSE2), so the kernels are compiled
+// a second time for AVX2 + FMA and chosen at run time where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PARADIS_BN_AVX2 1
+#else
+#define PARADIS_BN_AVX2 0
+#endif
 
-    // Pass 1: sum g and sum g * xhat, with g the gradient masked by the activation (z as in the
-    // forward). The piece is L1-resident, so its several sweeps read memory once.
-    acc_t sum_g = 0;
-    acc_t sum_gxhat = 0;
-    for_each_piece(g, s, c, [&](int64_t off, int64_t n) {
-      const acc_t* xa = as_acc(xp + off, n, xbuf);
-      const acc_t* ga = as_acc(gyp + off, n, gbuf);
-      for (int64_t i = 0; i < n; ++i) gm[i] = mask_grad<A>(ga[i], xa[i] * scale + shift);
-      sum_g += lane_sum<acc_t>(n, [&](int64_t i) { return gm[i]; });
-      sum_gxhat += lane_sum<acc_t>(n, [&](int64_t i) { return gm[i] * ((xa[i] - mu) * invstd); });
-    });
-    gw_p[p] = sum_gxhat;
-    gb_p[p] = sum_g;
+namespace baseline {
+#include "cpu/switch_batch_norm_kernels.inc"
+} // namespace baseline
 
-    // Pass 2: grad_x = scale * (g - sum_g / M - xhat * sum_gxhat / M) in training (batch
-    // statistics depend on x), scale * g in eval.
-    const acc_t proj = training ? scale * sum_gxhat / M : acc_t(0);
-    const acc_t offset = training ? scale * sum_g / M : acc_t(0);
-    for_each_piece(g, s, c, [&](int64_t off, int64_t n) {
-      const acc_t* xa = as_acc(xp + off, n, xbuf);
-      const acc_t* ga = as_acc(gyp + off, n, gbuf);
-      acc_t* out = acc_target(gxp + off, gbuf);
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t gi = mask_grad<A>(ga[i], xa[i] * scale + shift);
-        out[i] = gi * scale - (xa[i] - mu) * invstd * proj - offset;
-      }
-      commit(out, gxp + off, n);
-    });
-  });
+#if PARADIS_BN_AVX2
+// Everything defined from here to pop_options is compiled for AVX2 + FMA; templates of the
+// headers above keep their baseline code, so nothing outside namespace avx2 needs the ISA.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/switch_batch_norm_kernels.inc"
+} // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// Calls f(kernels) with the Kernels of the best instruction set this CPU runs; the environment
+// variable PARADIS_CPU_ISA=baseline forces the baseline ones (to test or measure them).
+template <typename F>
+void with_kernels(const F& f) {
+#if PARADIS_BN_AVX2
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* forced = std::getenv("PARADIS_CPU_ISA");
+  if (has_avx2 && !(forced && std::string_view(forced) == "baseline")) return f(avx2::Kernels());
+#endif
+  f(baseline::Kernels());
 }
 
 } // namespace
@@ -306,17 +212,26 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
   // Parameter tables are tiny: convert them to the accumulation type once.
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto to_acc = [&](const Tensor& t) { return t.to(acc).contiguous(); };
-  const Tensor xc = x.contiguous();
-  Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  const at::MemoryFormat format = kernel_format(x);
+  const Tensor xc = x.contiguous(format);
+  Tensor y = at::empty_like(xc, format);
   Tensor mean = at::zeros({g.S, g.C}, xc.options().dtype(acc));
   Tensor var = at::zeros({g.S, g.C}, xc.options().dtype(acc));
   const Tensor w = to_acc(weight), b = to_acc(bias), rm = to_acc(running_mean),
                rv = to_acc(running_var);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_forward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const ForwardData<scalar_t> d{
+            xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+            mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+            w.const_data_ptr<acc_t>(),      b.const_data_ptr<acc_t>(),
+            rm.const_data_ptr<acc_t>(),     rv.const_data_ptr<acc_t>()};
         dispatch_act(act, [&](auto a) {
-          forward_kernel<scalar_t, decltype(a)::value>(xc, y, mean, var, w, b, rm, rv, g, covered,
-                                                       rows, training, eps);
+          with_kernels([&](auto k) {
+            decltype(k)::template forward<scalar_t, decltype(a)::value>(
+                d, g, covered, rows, training, eps, format == at::MemoryFormat::ChannelsLast);
+          });
         });
       });
   zero_uncovered(y, g, covered);
@@ -344,17 +259,28 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(
 
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto to_acc = [&](const Tensor& t) { return t.to(acc).contiguous(); };
-  const Tensor xc = x.contiguous();
-  const Tensor gyc = grad_y.contiguous();
-  Tensor grad_x = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  // grad_x and grad_y follow x's layout.
+  const at::MemoryFormat format = kernel_format(x);
+  const Tensor xc = x.contiguous(format);
+  const Tensor gyc = grad_y.contiguous(format);
+  Tensor grad_x = at::empty_like(xc, format);
   Tensor grad_weight = at::zeros(table_shape, xc.options().dtype(acc));
   Tensor grad_bias = at::zeros(table_shape, xc.options().dtype(acc));
   const Tensor w = to_acc(weight), b = to_acc(bias), m = to_acc(mean), v = to_acc(var);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const BackwardData<scalar_t> d{
+            gyc.const_data_ptr<scalar_t>(),        xc.const_data_ptr<scalar_t>(),
+            grad_x.mutable_data_ptr<scalar_t>(),   grad_weight.mutable_data_ptr<acc_t>(),
+            grad_bias.mutable_data_ptr<acc_t>(),   w.const_data_ptr<acc_t>(),
+            b.const_data_ptr<acc_t>(),             m.const_data_ptr<acc_t>(),
+            v.const_data_ptr<acc_t>()};
         dispatch_act(act, [&](auto a) {
-          backward_kernel<scalar_t, decltype(a)::value>(gyc, xc, grad_x, grad_weight, grad_bias, w,
-                                                        b, m, v, g, covered, rows, training, eps);
+          with_kernels([&](auto k) {
+            decltype(k)::template backward<scalar_t, decltype(a)::value>(
+                d, g, covered, rows, training, eps, format == at::MemoryFormat::ChannelsLast);
+          });
         });
       });
   zero_uncovered(grad_x, g, covered);

@@ -214,11 +214,28 @@ void run(const Case& cs, at::ScalarType dtype, at::ScalarType param_dtype, bool 
   expect(at::equal(dgx, grad_x) && at::equal(dgw, grad_weight) && at::equal(dgb, grad_bias),
          tag.str() + ": dispatcher backward");
 
-  if (x.dim() == 4) { // a non-NCHW input is made contiguous at entry
-    const Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
-    const Tensor y_cl = std::get<0>(paradis::switch_batch_norm_forward_cpu(
-        x_cl, weight, bias, running_mean, running_var, cs.covered, cs.rows, training, eps, act));
-    expect(at::equal(y_cl, y), tag.str() + ": channels_last input");
+  if (x.dim() == 4) { // the NHWC kernels: y and grad_x keep x's channels_last layout
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    const Tensor x_cl = x.contiguous(cl);
+    const auto [y_cl, mean_cl, var_cl] = paradis::switch_batch_norm_forward_cpu(
+        x_cl, weight, bias, running_mean, running_var, cs.covered, cs.rows, training, eps, act);
+    expect(y_cl.is_contiguous(cl) && !y_cl.is_contiguous(), tag.str() + ": channels_last y layout");
+    expect_close(y_cl, ref.y, tol, tag.str() + ": channels_last y");
+    expect_close(mean_cl, ref.mean, tol, tag.str() + ": channels_last mean");
+    expect_close(var_cl, ref.var, tol, tag.str() + ": channels_last var");
+    // grad_y in NCHW: the kernel converts it to x's layout
+    const auto [gx_cl, gw_cl, gb_cl] = paradis::switch_batch_norm_backward_cpu(
+        grad_y, x_cl, weight, bias, mean_cl, var_cl, cs.covered, cs.rows, training, eps, act);
+    expect(gx_cl.is_contiguous(cl) && !gx_cl.is_contiguous(),
+           tag.str() + ": channels_last grad_x layout");
+    expect_close(gx_cl, ref.grad_x, tol, tag.str() + ": channels_last grad_x");
+    expect_close(gw_cl, ref.grad_weight, tol, tag.str() + ": channels_last grad_weight");
+    expect_close(gb_cl, ref.grad_bias, tol, tag.str() + ": channels_last grad_bias");
+    for (int64_t s = 0; s < S; ++s) {
+      expect(all_zero(y_cl.slice(0, s * B, (s + 1) * B).slice(1, cs.covered[s])) &&
+                 all_zero(gx_cl.slice(0, s * B, (s + 1) * B).slice(1, cs.covered[s])),
+             tag.str() + ": channels_last uncovered y/grad_x exactly zero");
+    }
   }
 }
 
