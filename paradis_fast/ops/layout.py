@@ -1,24 +1,41 @@
-"""The memory format contract of the ops: outputs and input gradients come back in the layout of
-``x`` (channels_last in, channels_last out), whichever backend ran; other layouts are made NCHW."""
+"""The memory-format contract of the ops: y and grad_x come back in the layout of ``x``
+(channels_last in, channels_last out) whichever backend ran. A backend that lists an op in its
+``channels_last_ops`` runs it on channels_last tensors natively; any other gets NCHW copies, and
+its result is converted here, once for every backend."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from .backends import kernels_for
+
 
 def memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last for a dense NHWC ``x`` (and not also NCHW-contiguous), else contiguous."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    """channels_last for a 4-D x laid out so (unless it is also NCHW-contiguous, where the two
+    coincide), else contiguous (NCHW)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
 
-def like(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` in the memory format of ``x`` (no copy when it already is)."""
-    return t.contiguous(memory_format=memory_format(x))
-
-
 def empty(shape, x: Tensor) -> Tensor:
-    """An uninitialised tensor of ``shape``, x's dtype and device, in x's memory format (for fakes)."""
+    """An uninitialised tensor of ``shape`` like x (dtype, device, memory format): for fake impls."""
     fmt = memory_format(x) if len(shape) == 4 else torch.contiguous_format
     return x.new_empty(shape).contiguous(memory_format=fmt)
+
+
+def run(op: str, kernel: str, activations: Sequence[Tensor], *args):
+    """``kernel`` of the backend serving ``op`` on ``activations`` laid out as the last of them (x);
+    its output (or the first of its outputs: y or grad_x) comes back in that layout."""
+    x = activations[-1]
+    backend = kernels_for(op, x.device)
+    wanted = memory_format(x)
+    native = wanted == torch.contiguous_format or op in getattr(backend, "channels_last_ops", ())
+    layout = wanted if native else torch.contiguous_format
+    result = getattr(backend, kernel)(*(t.contiguous(memory_format=layout) for t in activations), *args)
+    if isinstance(result, Tensor):
+        return result.contiguous(memory_format=wanted)
+    first, *rest = result
+    return (None if first is None else first.contiguous(memory_format=wanted), *rest)

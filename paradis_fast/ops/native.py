@@ -35,5 +35,5 @@ class NativeBackend:
         raise AttributeError(name)
 
 
-cpu = NativeBackend("cpu", "CPU", channels_last_ops=("switch_batch_norm",))
+cpu = NativeBackend("cpu", "CPU", channels_last_ops=("switch_batch_norm", "sliced_conv2d"))
 cuda = NativeBackend("cuda", "CUDA")

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from . import checks, layout
-from .backends import kernels_for
 from .plan import conv_blocks, conv_output_size
 from ..switches import SwitchSetLike
 
@@ -19,10 +18,8 @@ def _sliced_conv2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], blocks: List[int], num_switches: int,
     stride: List[int], padding: List[int], dilation: List[int], input_shared: bool,
 ) -> Tensor:
-    y = kernels_for(OP, x.device).sliced_conv2d_forward(
-        x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared
-    )
-    return layout.like(y, x)
+    return layout.run(OP, "sliced_conv2d_forward", [x], weight, bias, blocks, num_switches, stride, padding,
+                      dilation, input_shared)
 
 
 @_sliced_conv2d.register_fake
@@ -37,11 +34,9 @@ def _sliced_conv2d_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, blocks: List[int], num_switches: int, stride: List[int],
     padding: List[int], dilation: List[int], input_shared: bool, output_mask: List[bool],
 ) -> List[Tensor]:
-    grad_x, grad_w, grad_b = kernels_for(OP, x.device).sliced_conv2d_backward(
-        layout.like(grad_y, x), x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask
-    )
-    grad_x = layout.like(grad_x, x) if grad_x is not None else None
-    return [g if g is not None else x.new_empty(0) for g in (grad_x, grad_w, grad_b)]
+    grads = layout.run(OP, "sliced_conv2d_backward", [grad_y, x], weight, blocks, num_switches, stride, padding,
+                       dilation, input_shared, output_mask)
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_sliced_conv2d_backward.register_fake

@@ -10,8 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import checks
-from .backends import kernels_for
+from . import checks, layout
 from .plan import covered_channels
 from .reference import accumulation_dtype
 from ..switches import SwitchSetLike
@@ -20,40 +19,19 @@ OP = "switch_batch_norm"
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
-def memory_format(x: Tensor) -> torch.memory_format:
-    """The layout of y and grad_x: channels_last for a 4-D x laid out so (unless it is also
-    NCHW-contiguous, where the two coincide), else contiguous (NCHW)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _run(kernel: str, activations: Sequence[Tensor], *args) -> Tuple[Tensor, ...]:
-    """Runs a backend's kernel on activations laid out as the last of them (x), and returns its
-    first output (y or grad_x) in that layout. A backend without a channels_last kernel gets NCHW
-    inputs and its result is converted, here rather than in every backend."""
-    x = activations[-1]
-    backend = kernels_for(OP, x.device)
-    wanted = memory_format(x)
-    native = wanted == torch.contiguous_format or OP in getattr(backend, "channels_last_ops", ())
-    layout = wanted if native else torch.contiguous_format
-    first, *rest = getattr(backend, kernel)(*(t.contiguous(memory_format=layout) for t in activations), *args)
-    return (first.contiguous(memory_format=wanted), *rest)
-
-
 @torch.library.custom_op("paradis::switch_batch_norm", mutates_args=())
 def _switch_batch_norm(
     x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
     covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _run("switch_batch_norm_forward", [x], weight, bias, running_mean, running_var, covered, rows,
+    return layout.run(OP, "switch_batch_norm_forward", [x], weight, bias, running_mean, running_var, covered, rows,
                 training, eps, activation)
 
 
 @_switch_batch_norm.register_fake
 def _(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation):
     stats = x.new_empty(len(covered), x.shape[1], dtype=accumulation_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=memory_format(x)), stats, torch.empty_like(stats)
+    return layout.empty(x.shape, x), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("paradis::switch_batch_norm_backward", mutates_args=())
@@ -61,14 +39,14 @@ def _switch_batch_norm_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
     covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_w, grad_b = _run("switch_batch_norm_backward", [grad_y, x], weight, bias, mean, var, covered,
+    grad_x, grad_w, grad_b = layout.run(OP, "switch_batch_norm_backward", [grad_y, x], weight, bias, mean, var, covered,
                                   rows, training, eps, activation)
     return grad_x, grad_w, grad_b
 
 
 @_switch_batch_norm_backward.register_fake
 def _(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation):
-    return torch.empty_like(x, memory_format=memory_format(x)), torch.empty_like(weight), torch.empty_like(bias)
+    return layout.empty(x.shape, x), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
