@@ -89,14 +89,6 @@ def model_layout(args) -> str:
     return NHWC if args.device == "cpu" else ""
 
 
-def forced(args, fn):
-    """(d) under `--backend` (to time a kernel that automatic choice does not pick yet), else automatic."""
-    def run(*inputs):
-        with use_backend(args.backend):
-            return fn(*inputs)
-    return run
-
-
 def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
     blocks = plain.blocks_by_switch(switches, layer.c_in, layer.c_out)
     masks = plain.block_masks(torch.ones(layer.c_out, layer.c_in, device=args.device, dtype=args.dtype), blocks)
@@ -109,7 +101,7 @@ def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
         "a": loop,
         **b_variants,
         **{name + NHWC: fn for name, fn in {**b_variants, "b:loop": loop}.items()},
-        "d" + model_layout(args): forced(args, lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding)),
+        "d" + model_layout(args): lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding),
     }
     if args.compile:
         torch._dynamo.reset()  # a fresh cache per layer: the loop's code object is shared by all layers
@@ -144,8 +136,8 @@ def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
         "b:stacked": stacked,
         "b:stacked" + NHWC: stacked,
         "b:loop" + NHWC: loop,
-        "d" + model_layout(args): forced(args, lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches,
-                                                                               training=True, activation="relu")),
+        "d" + model_layout(args): lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches, training=True,
+                                                                 activation="relu"),
     }
     if args.compile:
         torch._dynamo.reset()
@@ -248,7 +240,6 @@ def run_train(args, switches):
             model.set_active(None)
             model.channels_last = None
 
-        @functools.partial(forced, args)
         def paradis_step(backward: bool):
             loss = criterion(model(x), target)  # the model's own layout (channels_last on CPU)
             if backward:
@@ -263,8 +254,7 @@ def run_train(args, switches):
             for method, seconds in timing.interleaved_medians(group, args.device, args.train_reps, warmup=1).items():
                 rows.append(dict(kind="train step", name=f"{name} b{suites.TRAIN_BATCH}", phase=phase, method=method,
                                  median_ms=seconds * 1e3, flops=0))
-        with use_backend(args.backend):
-            notes.append(f"{name}: {native_kernel_share(model, x, target, criterion)}")
+        notes.append(f"{name}: {native_kernel_share(model, x, target, criterion)}")
     return rows, notes
 
 
@@ -384,8 +374,9 @@ def main(argv=None):
     if not args.compile:
         print("(c) torch.compile of the loop: skipped" + (" in --quick (compiling every layer takes minutes)" if args.quick else ""))
     started = time.perf_counter()
-    rows = run_conv(args, switches) + run_bn(args, switches)
-    train_rows, notes = run_train(args, switches)
+    with use_backend(args.backend):  # (d)'s backend, for its backward passes too (None: automatic choice)
+        rows = run_conv(args, switches) + run_bn(args, switches)
+        train_rows, notes = run_train(args, switches)
     rows += train_rows
     table = ratio_table(rows)
     print(f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "

@@ -19,9 +19,8 @@ def _clean_env(monkeypatch):
 
 
 def _automatic(op: str):
-    """What automatic choice must pick on CPU tensors: the C++ kernels when built and not measured
-    slower than the reference, else the reference."""
-    if "cpu" in available_backends(op, "cpu") and ("cpu", op) not in backends.NOT_YET_FASTER:
+    """What automatic choice must pick on CPU tensors: the C++ kernels when built, else the reference."""
+    if "cpu" in available_backends(op, "cpu"):
         return backends.BACKENDS["cpu"]
     return reference
 

@@ -1,6 +1,6 @@
 """The C++ `cpu` kernels of sliced_conv2d beyond the shared test matrix of test_sliced_conv.py:
-the tiling paths that only larger images reach, reproducibility with several threads, reduced
-precision, the 32-bit BLAS guards and the kernel's own input validation."""
+larger images and the grouping of equal-width blocks into one convolution, reproducibility with
+several threads, reduced precision and the kernel's own input validation."""
 from __future__ import annotations
 
 import pytest
@@ -23,11 +23,10 @@ def case(switches, c_in, c_out, kernel, hw, stride=1, padding=None, dilation=1, 
                 dilation=dilation, batch=batch, input_shared=input_shared, bias=bias, hw=hw)
 
 
-# NCHW: images of >= 256 output pixels take one-sample tiles: pointwise layers read x and write y
-# in place, k x k ones split an image into several im2col tiles once C_in * k * k is large.
-# NHWC (channels_last): im2col tiles of rows that cross image boundaries, grad_x by whole samples.
+# Larger images, in both layouts: equal-width switches (2x0.5, 4x0.25, 3x1/3) run as one grouped
+# convolution, unequal ones (0.3+0.7, 0.5+0.25+0.25) block by block, the stem once per output range.
 LARGE_CASES = {
-    "pointwise-in-place": case(["1x1.0", "2x0.5", "0.3+0.7"], 12, 10, 1, (16, 17), batch=2),
+    "pointwise": case(["1x1.0", "2x0.5", "0.3+0.7"], 12, 10, 1, (16, 17), batch=2),
     "pointwise-stride2": case(["4x0.25", "3x1/3"], 12, 9, 1, (33, 32), stride=2, bias=False),
     "3x3-split-image": case(["1x1.0", "2x0.5"], 80, 6, 3, (20, 21), seed=1),
     "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),
@@ -88,7 +87,7 @@ def test_backward_returns_only_requested_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_reduced_precision_computes_in_float32(dtype):
-    conv_case = LARGE_CASES["pointwise-in-place"]
+    conv_case = LARGE_CASES["pointwise"]
     x, weight, bias, g = conv_tests.make_inputs(conv_case, torch.float32)
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     with use_backend("cpu"):
@@ -96,36 +95,6 @@ def test_reduced_precision_computes_in_float32(dtype):
     assert y.dtype == gx.dtype == gw.dtype == gb.dtype == dtype
     for got, want in ((y, yr), (gx, gxr), (gw, gwr), (gb, gbr)):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-1)
-
-
-def test_opcheck_on_the_in_place_tile_path():
-    conv_case = LARGE_CASES["pointwise-in-place"]
-    x, weight, bias, _ = conv_tests.make_inputs(conv_case, torch.float32)
-    switches = SwitchSet(conv_case["switches"])
-    blocks = list(conv_blocks(switches, conv_case["c_in"], conv_case["c_out"], False))
-    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), blocks, len(switches),
-            [1, 1], [0, 0], [1, 1], False)
-    with use_backend("cpu"):
-        torch.library.opcheck(torch.ops.paradis.sliced_conv2d.default, args)
-
-
-# ------------------------------------------------------------------------ 64-bit / BLAS guards
-def test_image_beyond_32_bit_blas_dimension_is_rejected_before_allocating():
-    # an expanded (stride-0) tensor: 2.5e9 pixels per image without the memory
-    x = torch.zeros(1, 1, 1, 1).expand(2, 1, 50_000, 50_000)
-    weight = torch.randn(2, 1, 1, 1)
-    with pytest.raises(RuntimeError, match=r"number of pixels of an input image is 2500000000, above the 2\^31 - 1"):
-        KERNEL.sliced_conv2d_forward(x, weight, None, [0, 0, 1, 0, 2], 1, [1, 1], [0, 0], [1, 1], False)
-
-
-def test_weight_row_beyond_32_bit_blas_dimension_is_rejected():
-    c_in = 2**20
-    x = torch.zeros(1, 1, 1, 1).expand(1, c_in, 64, 32)
-    weight = torch.zeros(1, 1, 1, 1).expand(2, c_in, 64, 32)  # C_in * kh * kw = 2^31
-    grad_y = torch.zeros(1, 1, 1, 1).expand(1, 2, 1, 1)
-    with pytest.raises(RuntimeError, match=r"C_in \* kh \* kw is 2147483648"):
-        KERNEL.sliced_conv2d_backward(grad_y, x, weight, [0, 0, c_in, 0, 2], 1, [1, 1], [0, 0], [1, 1], False,
-                                      [True, True, False])
 
 
 # ------------------------------------------------------------------------- kernel validation

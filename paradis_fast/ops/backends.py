@@ -13,9 +13,6 @@ from . import native, reference, triton_backend
 BACKENDS = {"reference": reference, "cpu": native.cpu, "cuda": native.cuda, "triton": triton_backend}
 # triton is never chosen for CPU tensors: there it only runs, forced, under the interpreter (tests)
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-# Kernels that bench/run.py measured slower than the reference on a quiet machine: they run only
-# when forced, so that automatic choice never makes a model slower (see bench/README.md).
-NOT_YET_FASTER = {("cpu", "sliced_conv2d")}
 
 _AUTOMATIC = "automatic"  # use_backend(None): automatic choice, even over PARADIS_BACKEND
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("paradis_backend", default=None)
@@ -57,7 +54,7 @@ def kernels_for(op: str, device: torch.device):
         return _backend(name)
     for candidate in PREFERENCE.get(device.type, ("reference",)):
         backend = _backend(candidate)
-        if (candidate, op) not in NOT_YET_FASTER and backend.unavailable_reason(op, device) is None:
+        if backend.unavailable_reason(op, device) is None:
             return backend
     return reference
 
