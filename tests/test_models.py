@@ -339,3 +339,21 @@ def test_channels_last_and_nchw_runs_agree(name):
     for param_name in grads_cl:
         torch.testing.assert_close(grads_cl[param_name], grads_nchw[param_name], rtol=1e-8, atol=1e-9,
                                    msg=lambda m: f"{param_name}: {m}")
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wdsr_a"])
+def test_torch_compile_fullgraph_of_a_channels_last_model(name):
+    """A whole model compiles into one graph on CPU, where it runs channels_last: the ops' fake
+    implementations give the layouts their kernels return. float64, so the comparison is tight."""
+    torch.manual_seed(0)
+    model = BUILDERS[name](["1x1.0", "2x0.5", "0.5+0.25+0.25"]).double().eval()
+    x = images(torch.float64)
+    expected = model(x)
+    expected.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
