@@ -88,8 +88,10 @@ def _train(fields: dict) -> dict:
     import torch
 
     from paradis_fast.train import TrainConfig, run
+    from paradis_fast.train.memory import cache_freed_memory
 
     torch.set_num_threads(1)
+    cache_freed_memory()  # as the trainer's CLI does
     start = time.perf_counter()
     result = run(TrainConfig(**fields), log=lambda line: None)
     return {"config": fields, "result": result, "seconds": time.perf_counter() - start}

@@ -34,6 +34,7 @@ from paradis_fast import SwitchSet  # noqa: E402
 from paradis_fast import models  # noqa: E402
 from paradis_fast.ops import backends, sliced_conv2d, switch_batch_norm, use_backend  # noqa: E402
 from paradis_fast.train import InplaceDistillationLoss  # noqa: E402
+from paradis_fast.train.memory import cache_freed_memory  # noqa: E402
 
 SLIMMABLE_LOOP = "slimmable_loop"
 
@@ -350,6 +351,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per method (default 5 quick, 9 full)")
+    parser.add_argument("--cache-freed-memory", action="store_true",
+                        help="keep freed memory in the process, as the trainer does (every method alike)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
@@ -365,6 +368,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cache_freed_memory and not cache_freed_memory():
+        print("--cache-freed-memory: not available here (glibc malloc only)", file=sys.stderr)
     backends.BACKENDS[SLIMMABLE_LOOP] = plain.SlimmableLoopBackend()  # the training-step baseline
     switches = SwitchSet(suites.SWITCHES)
     os.makedirs(args.out, exist_ok=True)

@@ -1,0 +1,43 @@
+"""train.memory.cache_freed_memory: freed tensors' pages are reused instead of faulted in afresh.
+Run in subprocesses: the setting is process-wide."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import resource, sys, torch
+from paradis_fast.train.memory import cache_freed_memory
+if sys.argv[1] == "cache":
+    assert cache_freed_memory()
+n = 64 * 2**20 // 4
+torch.empty(n).fill_(1)  # allocated, touched, freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(n).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.strip())
+
+
+def _huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
+def test_second_large_tensor_reuses_pages():
+    # 64 MB is 16384 pages of 4 KB: mapped afresh by default (unless huge pages make them 32),
+    # reused from the heap when cached
+    if not _huge_pages_always():
+        assert _faults("default") > 8000
+    assert _faults("cache") < 1000
