@@ -7,23 +7,26 @@ import sys
 
 import pytest
 
+# Page faults of each of 6 rounds of allocating, touching and freeing a 64 MB tensor. The first
+# rounds may grow the heap (a small allocation can land in a freed block); then it is reused.
 PROBE = """
 import resource, sys, torch
 from paradis_fast.train.memory import cache_freed_memory
 if sys.argv[1] == "cache":
     assert cache_freed_memory()
-n = 64 * 2**20 // 4
-torch.empty(n).fill_(1)  # allocated, touched, freed
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.empty(n).fill_(1)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(64 * 2**20 // 4).fill_(1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def _faults(mode: str) -> int:
+def _faults(mode: str) -> list[int]:
     run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    return int(run.stdout.strip())
+    return [int(f) for f in run.stdout.split()]
 
 
 def _huge_pages_always() -> bool:
@@ -39,5 +42,5 @@ def test_second_large_tensor_reuses_pages():
     # 64 MB is 16384 pages of 4 KB: mapped afresh by default (unless huge pages make them 32),
     # reused from the heap when cached
     if not _huge_pages_always():
-        assert _faults("default") > 8000
-    assert _faults("cache") < 1000
+        assert min(_faults("default")[3:]) > 8000
+    assert max(_faults("cache")[3:]) < 1000
