@@ -79,16 +79,17 @@ UnitView view(const Tensor& weight, const std::vector<Block>& blocks, const Unit
   return {f, l.i1 - f.i0, l.o1 - f.o0, u.count, u.count == 1 ? pieces[0] : at::cat(pieces)};
 }
 
-// Zeroes the output channels of each switch's rows that none of its blocks covers.
-void zero_uncovered(const Tensor& y, const Geometry& g, const std::vector<Block>& blocks) {
-  const int64_t channels = y.size(1);
+// Zeroes the channels of each switch's rows of t that none of its blocks covers: output channels
+// of y, or the input channels that grad_x gets nothing for.
+void zero_uncovered(const Tensor& t, const Geometry& g, const std::vector<Block>& blocks, bool inputs) {
+  const int64_t channels = t.size(1);
   for (int64_t s = 0; s < g.S; ++s) {
     std::vector<std::pair<int64_t, int64_t>> ranges;
     for (const Block& b : blocks) {
-      if (b.s == s) ranges.push_back({b.o0, b.o1});
+      if (b.s == s) ranges.push_back(inputs ? std::pair{b.i0, b.i1} : std::pair{b.o0, b.o1});
     }
     std::sort(ranges.begin(), ranges.end());
-    const Tensor rows = y.narrow(0, s * g.B, g.B);
+    const Tensor rows = t.narrow(0, s * g.B, g.B);
     int64_t done = 0;
     for (auto [a, b] : ranges) {
       if (a > done) rows.narrow(1, done, a - done).zero_();
@@ -182,12 +183,14 @@ void forward_units(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   }
 }
 
-// Gradients of every unit, added in unit order (grad_x and the grads start at zero): the blocks
-// of different switches that share weights, and all blocks of input_shared, add up in a fixed order.
+// Gradients of every unit. grad_x: each unit writes its own rows and input channels, except with
+// input_shared, where the units add up in order. Weight gradients (which start at zero): the
+// blocks of different switches that share weights add up in a fixed order.
 void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias, const Geometry& g,
                    const std::vector<Block>& blocks) {
-  for (const Unit& u : units(blocks)) {
+  const std::vector<Unit> all = units(blocks);
+  for (const Unit& u : all) {
     const UnitView v = view(weight, blocks, u);
     const Tensor xs = x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
     const Tensor gys = grad_y.narrow(0, v.first.y0, g.B).narrow(1, v.first.o0, v.out_width);
@@ -196,7 +199,13 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
         gys, xs, v.weight, grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw},
         {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count,
         {grad_x.defined(), grad_weight.defined(), grad_bias.defined()});
-    if (grad_x.defined()) grad_x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width).add_(gx);
+    if (grad_x.defined()) {
+      const Tensor target = grad_x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
+      if (!g.shared || &u == &all.front())
+        target.copy_(gx);
+      else
+        target.add_(gx);
+    }
     if (grad_bias.defined()) grad_bias.narrow(0, v.first.o0, v.out_width).add_(gb);
     if (!grad_weight.defined()) continue;
     const int64_t ow = v.out_width / v.count;
@@ -243,7 +252,7 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
   const auto options = xc.options().memory_format(format);
   Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
-  zero_uncovered(y, g, blocks);
+  zero_uncovered(y, g, blocks, false);
   // input_shared: every switch reads the same image, so each output channel is computed once
   // (into a scratch when several switches need it) and copied into the rows of each switch.
   const bool dedupe = input_shared && g.S > 1;
@@ -284,8 +293,10 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
   const at::MemoryFormat format = memory_format(x);
   const Tensor gyc = grad_y.contiguous(format), xc = x.contiguous(format), wc = weight.contiguous();
   Tensor grad_x, grad_w, grad_b;
-  // every unit adds its share, so all gradients start at zero
-  if (need_x) grad_x = at::empty(xc.sizes(), xc.options().memory_format(format)).zero_();
+  if (need_x) {  // the units write the covered inputs; the others get zero
+    grad_x = at::empty(xc.sizes(), xc.options().memory_format(format));
+    if (!input_shared) zero_uncovered(grad_x, g, blocks, true);
+  }
   if (need_w) grad_w = at::zeros(wc.sizes(), wc.options());
   if (need_b) grad_b = at::zeros({g.C_out}, wc.options());
   backward_units(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
