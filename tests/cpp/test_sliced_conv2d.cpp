@@ -2,43 +2,18 @@
 // at::conv2d per (switch, sub-network) block in double (gradients by autograd), directly and
 // through the dispatcher, and that bad block tables are rejected.
 #include "cpu/sliced_conv2d.h"
+#include "expect.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
-#include <iostream>
-#include <sstream>
 #include <string>
 #include <vector>
 
 using at::Tensor;
 
 namespace {
-
-int checks = 0;
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::cerr << "FAIL: " << what << "\n";
-  }
-}
-
-void expect_close(const Tensor& actual, const Tensor& expected, double tol, const std::string& what) {
-  const Tensor a = actual.to(at::kDouble);
-  const bool same_shape = a.sizes() == expected.sizes();
-  const bool ok = same_shape && at::allclose(a, expected, tol, tol);
-  std::ostringstream msg;
-  msg << what;
-  if (!same_shape)
-    msg << ": shape " << a.sizes() << " vs " << expected.sizes();
-  else if (!ok)
-    msg << ": max |diff| = " << (a - expected).abs().max().item<double>();
-  expect(ok, msg.str());
-}
 
 struct Case {
   std::string name;
@@ -142,6 +117,5 @@ int main() {
   check_rejects({0, 0, 4, 0}, "5 ints per block");
   check_rejects({0, 0, 5, 0, 6}, "is outside");
   check_rejects({0, 0, 2, 0, 4, 0, 2, 4, 3, 6}, "overlap");
-  std::cout << checks - failures << "/" << checks << " checks passed" << std::endl;
-  return failures == 0 ? 0 : 1;
+  return report();
 }

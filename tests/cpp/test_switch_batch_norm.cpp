@@ -1,13 +1,13 @@
 // Checks the CPU switch BatchNorm kernels against a naive per-switch, per-channel ATen reference in
 // double (gradients by autograd), directly and through the dispatcher, plus input validation.
 #include "cpu/switch_batch_norm.h"
+#include "expect.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <functional>
-#include <iostream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -16,32 +16,6 @@ using at::Tensor;
 using Result = std::tuple<Tensor, Tensor, Tensor>;
 
 namespace {
-
-int checks = 0;
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::cerr << "FAIL: " << what << "\n";
-  }
-}
-
-void expect_close(const Tensor& actual, const Tensor& expected, double tol,
-                  const std::string& what) {
-  const Tensor a = actual.to(at::kDouble);
-  const Tensor e = expected.to(at::kDouble);
-  const bool same_shape = a.sizes() == e.sizes();
-  const bool ok = same_shape && at::allclose(a, e, tol, tol);
-  std::ostringstream msg;
-  msg << what;
-  if (!same_shape)
-    msg << ": shape " << a.sizes() << " vs " << e.sizes();
-  else if (!ok)
-    msg << ": max |diff| = " << (a - e).abs().max().item<double>();
-  expect(ok, msg.str());
-}
 
 void expect_throws(const std::function<void()>& f, const std::string& needle,
                    const std::string& what) {
@@ -310,6 +284,5 @@ int main() {
   run(cases[3], at::kFloat, at::kDouble, true, "relu"); // parameters in another dtype than x
   check_validation();
 
-  std::cout << checks - failures << "/" << checks << " checks passed" << std::endl;
-  return failures == 0 ? 0 : 1;
+  return report();
 }
