@@ -2,12 +2,15 @@
 
 `1x1.0` on one process (the dense network: plain PyTorch convs with BatchNorm folded in, the
 best plain-PyTorch baseline, also timed as the ParaDiS model's own eval forward) against `2x0.5`
-on 2 processes and `4x0.25` on 4, one thread per process, batch 1. Each run times its own 1x1.0
-baseline, interleaved with the distributed requests, so a shared machine's load hits both alike.
-A distributed request is timed end to end on rank 0: broadcast of the image, each rank's part,
-one reduce of the partial outputs, the fusion; and again without the broadcast, for devices that
-each receive the image (a camera multicasting its frames). Bytes exchanged per image = image
-sent to the other ranks + their partials.
+on 2 processes and `4x0.25` on 4, one thread per process, batch 1, every process keeping freed
+memory as the server's CLI does. Each run times its own 1x1.0 baseline, interleaved with the
+distributed requests, so a shared machine's load hits both alike; each timed request follows an
+untimed one of the same kind (a server's steady state). A request is a uint8 camera frame,
+decoded to float on each device (the dense baseline decodes it too). A distributed request is
+timed end to end on rank 0: broadcast of the frame, each rank's part, one gather of the partial
+outputs (posted by the root before its own part), the fusion; and again without the broadcast,
+for devices that each receive the frame (a camera multicasting it). Bytes exchanged per image =
+frame sent to the other ranks + their partials.
 
     OMP_NUM_THREADS=1 python bench/deploy.py [--iters 30] [--csv out.csv]
 
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from paradis_fast import memory
 from paradis_fast.deploy import split
 from paradis_fast.deploy.serve import DistributedSplit
 from paradis_fast.models import mobilenet_v1
@@ -44,6 +48,16 @@ def build(case: str):
     return model, (3, config["size"], config["size"])
 
 
+def camera_frame(shape) -> torch.Tensor:
+    """A request as a camera delivers it: one uint8 frame (4x fewer bytes on the wire than float32)."""
+    return torch.randint(0, 256, (1, *shape), dtype=torch.uint8)
+
+
+def decode(frame: torch.Tensor) -> torch.Tensor:
+    """The model's input from a frame, on each device (part of every timed request, dense too)."""
+    return frame.to(torch.float32).div_(255)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,26 +70,36 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int, iters: int, results) -> None:
-    """One process of a `world`-process run. Rank 0 times, interleaved round by round so both
+def _steady(request) -> float:
+    """Seconds of a request that follows one like it: a server's steady state, with its weights in
+    cache (the request timed before it, another model's, would otherwise have evicted them)."""
+    request()
+    return _seconds(request)
+
+
+def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int, iters: int, results,
+          release: bool) -> None:
+    """One process of a `world`-process run. Rank 0 times, interleaved round by round so all
     meet the same machine load: the dense 1x1.0 alone on rank 0 (the others wait), the request
     with the image broadcast, the request with the image already on every rank."""
     torch.set_num_threads(1)
+    if not release:
+        memory.cache_freed_memory()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, shape = build(case)
-        runner, dense = DistributedSplit(split(model, switch)), split(model, "1x1.0")
-        image = torch.randn(1, *shape)
+        runner, dense = DistributedSplit(split(model, switch), preprocess=decode), split(model, "1x1.0")
+        frame = camera_frame(shape)
         samples = {"dense": [], "sent": [], "local": []}
+        requests = {"dense": lambda: dense(decode(frame)) if rank == 0 else None,
+                    "sent": lambda: runner(frame, broadcast=True), "local": lambda: runner(frame, broadcast=False)}
         with torch.no_grad():
             for round_ in range(warmup + iters):
-                times = {"dense": _seconds(lambda: dense(image)) if rank == 0 else 0.0}
-                dist.barrier()
-                times["sent"] = _seconds(lambda: runner(image, broadcast=True))
-                dist.barrier()
-                times["local"] = _seconds(lambda: runner(image, broadcast=False))
-                dist.barrier()
+                times = {}
+                for key, request in requests.items():
+                    times[key] = _steady(request)
+                    dist.barrier()
                 if round_ >= warmup:
                     for key, value in times.items():
                         samples[key].append(value)
@@ -85,11 +109,12 @@ def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int,
         dist.destroy_process_group()
 
 
-def distributed_latency(case: str, switch: str, world: int, warmup: int, iters: int) -> dict[str, float]:
+def distributed_latency(case: str, switch: str, world: int, warmup: int, iters: int,
+                        release: bool) -> dict[str, float]:
     """Median seconds per request on rank 0 (see `_rank`)."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(_rank, (world, _free_port(), case, switch, warmup, iters, results), nprocs=world,
+    mp.start_processes(_rank, (world, _free_port(), case, switch, warmup, iters, results, release), nprocs=world,
                        start_method="spawn")
     return results.get()
 
@@ -99,13 +124,14 @@ def single_process_latency(case: str, warmup: int, iters: int) -> dict[str, floa
     forward, and part 0 of each switch alone (the compute a device does, without communication)."""
     model, shape = build(case)
     model.set_active(["1x1.0"])
-    image = torch.randn(1, *shape)
+    frame = camera_frame(shape)
     parts = {switch: split(model, switch).parts[0] for switch in SWITCHES}
     samples = {"dense": [], "paradis": [], **{switch: [] for switch in SWITCHES}}
     with torch.no_grad():
         for round_ in range(warmup + iters):
-            times = {"dense": _seconds(lambda: parts["1x1.0"](image)), "paradis": _seconds(lambda: model(image)),
-                     **{switch: _seconds(lambda: part(image)) for switch, part in parts.items()}}
+            times = {"dense": _steady(lambda: parts["1x1.0"](decode(frame))),
+                     "paradis": _steady(lambda: model(decode(frame))),
+                     **{switch: _steady(lambda: part(decode(frame))) for switch, part in parts.items()}}
             if round_ >= warmup:
                 for key, value in times.items():
                     samples[key].append(value)
@@ -117,12 +143,14 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--csv", default=None)
+    memory.add_release_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    memory.configure(args)  # as the server's CLI does, in every process
     rows = []
     for case in CASES:
         model, shape = build(case)
-        image_bytes = torch.randn(1, *shape).numel() * 4
+        image_bytes = camera_frame(shape).numel()
         single = single_process_latency(case, args.warmup, args.iters)
         rows.append(dict(case=case, switch="1x1.0 (ParaDiS model)", processes=1, dense_ms=single["dense"] * 1e3,
                          ms=single["paradis"] * 1e3, ratio=single["paradis"] / single["dense"], ms_local="-",
@@ -132,7 +160,7 @@ def main(argv=None) -> int:
             if world == 1:
                 timed = dict(single, sent=single["dense"], local=single["dense"])
             else:
-                timed = distributed_latency(case, switch, world, args.warmup, args.iters)
+                timed = distributed_latency(case, switch, world, args.warmup, args.iters, args.release_freed_memory)
             exchanged = (world - 1) * image_bytes + sum(s.bytes_sent for s in stats[1:])
             rows.append(dict(case=case, switch=switch, processes=world, dense_ms=timed["dense"] * 1e3,
                              ms=timed["sent"] * 1e3, ratio=timed["sent"] / timed["dense"],

@@ -88,7 +88,7 @@ def _train(fields: dict) -> dict:
     import torch
 
     from paradis_fast.train import TrainConfig, run
-    from paradis_fast.train.memory import cache_freed_memory
+    from paradis_fast.memory import cache_freed_memory
 
     torch.set_num_threads(1)
     cache_freed_memory()  # as the trainer's CLI does

@@ -34,7 +34,7 @@ from paradis_fast import SwitchSet  # noqa: E402
 from paradis_fast import models  # noqa: E402
 from paradis_fast.ops import backends, sliced_conv2d, switch_batch_norm, use_backend  # noqa: E402
 from paradis_fast.train import InplaceDistillationLoss  # noqa: E402
-from paradis_fast.train.memory import cache_freed_memory  # noqa: E402
+from paradis_fast.memory import cache_freed_memory  # noqa: E402
 
 SLIMMABLE_LOOP = "slimmable_loop"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -12,9 +13,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from paradis_fast.deploy import load_checkpoint, save_checkpoint
+from paradis_fast.deploy import load_checkpoint, save_checkpoint, split
 from paradis_fast.deploy.failover import Coordinator
+from paradis_fast.deploy.serve import DistributedSplit
 
 from test_deploy_split import trained_model
 
@@ -56,6 +59,44 @@ def test_torchrun_processes_equal_the_single_process_model(checkpoint, tmp_path,
     for request in served:
         assert request["switch"] == switch
         assert_served_correctly(model, request["image"], request["output"], switch)
+
+
+def decode(frame):
+    return frame.to(torch.float32).div(255).sub(0.5)
+
+
+def serve_frames(rank, world, path, port, frames, results):
+    """One of `world` gloo processes: rank 1 is the root; uint8 frames travel, each rank decodes."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, _ = load_checkpoint(path)
+        runner = DistributedSplit(split(model, "2x0.5"), root=1, preprocess=decode)
+        outputs = [runner(frame.clone() if rank == 1 else torch.zeros_like(frame)) for frame in frames]
+        if rank == 1:
+            results.put([output.numpy() for output in outputs])  # by value: the process ends
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_split_decodes_broadcast_frames_on_every_rank(checkpoint):
+    """A non-zero root, uint8 frames with a decode step, and requests of two shapes interleaved,
+    so that both the first request of a shape and the later (gather posted before the root's own
+    part) ones are checked."""
+    generator = torch.Generator().manual_seed(2)
+    model, info = load_checkpoint(checkpoint)
+    frames = [torch.randint(0, 256, (batch, *info["input_shape"]), dtype=torch.uint8, generator=generator)
+              for batch in (1, 3, 1, 3, 1)]
+    results = mp.get_context("spawn").SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(serve_frames, (2, str(checkpoint), port, frames, results), nprocs=2, start_method="spawn")
+    outputs = results.get()
+    assert len(outputs) == len(frames)
+    for frame, output in zip(frames, outputs):
+        assert_served_correctly(model, decode(frame), torch.from_numpy(output), "2x0.5")
 
 
 def test_torchrun_rejects_a_switch_with_another_device_count(checkpoint):

@@ -1,4 +1,4 @@
-"""train.memory.cache_freed_memory: freed tensors' pages are reused instead of faulted in afresh.
+"""memory.cache_freed_memory: freed tensors' pages are reused instead of faulted in afresh.
 Run in subprocesses: the setting is process-wide."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 # next large one does not fit there); then the heap has room and is reused.
 PROBE = """
 import resource, sys, torch
-from paradis_fast.train.memory import cache_freed_memory
+from paradis_fast.memory import cache_freed_memory
 if sys.argv[1] == "cache":
     assert cache_freed_memory()
 faults = []

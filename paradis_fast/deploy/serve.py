@@ -13,10 +13,13 @@ import os
 import sys
 import time
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
+from .. import memory
 from .split import Split
 
 __all__ = ["DistributedSplit", "main"]
@@ -26,26 +29,47 @@ class DistributedSplit:
     """One process of a split switch on the default process group: rank j holds part j only.
 
     Every rank calls it with an image tensor of the same shape; with ``broadcast=True`` the root's
-    image is broadcast first (the others' tensors are overwritten). The partial outputs meet in
-    one ``reduce`` (sum) on the root, which adds the fusion and returns the output; other ranks
-    return None.
+    image is broadcast first (the others' tensors are overwritten). ``preprocess``, if given, runs
+    on every rank after the broadcast, so a compact frame (e.g. uint8, 4x fewer bytes than float32)
+    travels and each device decodes it. The partial outputs meet in one ``gather`` on the root,
+    which sums them in rank order, adds the fusion and returns the output; other ranks return None.
+    The root posts its gather before computing its own part, so the others' partials arrive while
+    it computes (a blocking ``reduce`` after the compute cost ~0.5-1 ms more per request over gloo).
     """
 
-    def __init__(self, split: Split, root: int = 0):
+    def __init__(self, split: Split, root: int = 0, preprocess: Callable[[Tensor], Tensor] | None = None):
         world = dist.get_world_size()
         if world != len(split.parts):
             raise ValueError(f"switch {split.switch} has {len(split.parts)} parts but the process group has "
                              f"{world} ranks; launch one process per part")
-        self.rank, self.root = dist.get_rank(), root
-        self.part, self.fusion = split.parts[self.rank], split.fusion
+        self.rank, self.root, self.world = dist.get_rank(), root, world
+        self.part, self.fusion, self.preprocess = split.parts[self.rank], split.fusion, preprocess
+        self._slots: dict[tuple, list[Tensor]] = {}  # root: gather buffers per image shape and dtype
 
     @torch.no_grad()
-    def __call__(self, image: torch.Tensor, broadcast: bool = True) -> torch.Tensor | None:
+    def __call__(self, image: Tensor, broadcast: bool = True) -> Tensor | None:
         if broadcast:
             dist.broadcast(image, src=self.root)
-        partial = self.part(image).contiguous()
-        dist.reduce(partial, dst=self.root, op=dist.ReduceOp.SUM)
-        return self.fusion(partial, image) if self.rank == self.root else None
+        frame = image
+        if self.preprocess is not None:
+            image = self.preprocess(frame)
+        if self.rank != self.root:
+            dist.gather(self.part(image).contiguous(), dst=self.root)
+            return None
+        slots = self._slots.get((frame.shape, frame.dtype))
+        if slots is None:  # the first request of this shape tells the partials' shape
+            partial = self.part(image).contiguous()
+            slots = self._slots[(frame.shape, frame.dtype)] = [torch.empty_like(partial) for _ in range(self.world)]
+            dist.gather(partial, slots, dst=self.root)
+        else:  # slots[root] only receives the root's own placeholder contribution
+            pending = dist.gather(slots[self.root], slots, dst=self.root, async_op=True)
+            partial = self.part(image)
+            pending.wait()
+        first, *rest = [partial if rank == self.root else slot for rank, slot in enumerate(slots)]
+        total = first.clone()
+        for contribution in rest:
+            total += contribution
+        return self.fusion(total, image)
 
 
 def _arguments(argv) -> argparse.Namespace:
@@ -65,6 +89,7 @@ def _arguments(argv) -> argparse.Namespace:
     p.add_argument("--store-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
     p.add_argument("--store-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)) + 1,
                    help="TCPStore port for --fault-tolerant (default MASTER_PORT + 1)")
+    memory.add_release_argument(p)
     return p.parse_args(argv)
 
 
@@ -124,6 +149,7 @@ def main(argv=None) -> int:
     from .commands import input_shape
 
     args = _arguments(argv)
+    memory.configure(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
     shape = input_shape(args, checkpoint)
     if args.fault_tolerant:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .. import memory
+
 MODELS = ("mobilenet_v1", "resnet20", "resnet50", "wdsr_a", "wdsr_b")
 
 TRAIN_HELP = """\
@@ -47,10 +49,8 @@ def _print_final(result: dict) -> None:
 
 def train(args) -> dict:
     from .experiment import TrainConfig, run
-    from .memory import cache_freed_memory
 
-    if not args.release_freed_memory:
-        cache_freed_memory()
+    memory.configure(args)
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     result = run(TrainConfig(**fields))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -123,9 +123,7 @@ def register(subparsers) -> None:
     p.add_argument("--slimmable-widths", type=_width_list, default=None,
                    help="with --baseline slimmable: its widths, e.g. 1.0,0.75,0.5,0.25 (default: derived from --switches)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not on a terminal)")
-    p.add_argument("--release-freed-memory", action="store_true",
-                   help="let malloc return freed memory to the system (default: keep it for reuse, ~20%% faster "
-                        "CPU steps for ~15%% more resident memory; see paradis_fast/train/memory.py)")
+    memory.add_release_argument(p)
     p.set_defaults(run=train)
 
     c = subparsers.add_parser("calibrate", help="re-estimate each switch's BatchNorm statistics of a checkpoint",
