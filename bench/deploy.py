@@ -70,10 +70,12 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _steady(request) -> float:
+def _steady(request, sync=lambda: None) -> float:
     """Seconds of a request that follows one like it: a server's steady state, with its weights in
-    cache (the request timed before it, another model's, would otherwise have evicted them)."""
+    cache (the request timed before it, another model's, would otherwise have evicted them).
+    ``sync`` lines the processes up between the two, so no rank starts the timed one early."""
     request()
+    sync()
     return _seconds(request)
 
 
@@ -98,7 +100,7 @@ def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int,
             for round_ in range(warmup + iters):
                 times = {}
                 for key, request in requests.items():
-                    times[key] = _steady(request)
+                    times[key] = _steady(request, dist.barrier)
                     dist.barrier()
                 if round_ >= warmup:
                     for key, value in times.items():
