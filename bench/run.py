@@ -8,8 +8,9 @@ block-masked convolution; BatchNorm over the switches stacked as channels), (c) 
 (a), (d) paradis_fast (the dispatching default backend), and the bound: one dense torch.mm with the
 same FLOPs. Then the training step of ParaDiS MobileNet v1 (small_input) and ResNet20, all
 switches at once (d) against one forward+backward per switch (a). Methods are timed round-robin in
-one run, so the ratios hold under load. Prints the ratio table and writes results.csv, machine.json
-and results.png to --out.
+one run, so the ratios hold under load. The process keeps freed memory for every method alike, as
+the trainer's does (--release-freed-memory: glibc's default, which page-faults fresh activations).
+Prints the ratio table and writes results.csv, machine.json and results.png to --out.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from paradis_fast import SwitchSet  # noqa: E402
 from paradis_fast import models  # noqa: E402
 from paradis_fast.ops import backends, sliced_conv2d, switch_batch_norm, use_backend  # noqa: E402
 from paradis_fast.train import InplaceDistillationLoss  # noqa: E402
-from paradis_fast.memory import cache_freed_memory  # noqa: E402
+from paradis_fast import memory  # noqa: E402
 
 SLIMMABLE_LOOP = "slimmable_loop"
 
@@ -351,8 +352,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per method (default 5 quick, 9 full)")
-    parser.add_argument("--cache-freed-memory", action="store_true",
-                        help="keep freed memory in the process, as the trainer does (every method alike)")
+    memory.add_release_argument(parser)  # every method alike; kept by default, as the trainer does
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
@@ -368,8 +368,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cache_freed_memory and not cache_freed_memory():
-        print("--cache-freed-memory: not available here (glibc malloc only)", file=sys.stderr)
+    memory.configure(args)
     backends.BACKENDS[SLIMMABLE_LOOP] = plain.SlimmableLoopBackend()  # the training-step baseline
     switches = SwitchSet(suites.SWITCHES)
     os.makedirs(args.out, exist_ok=True)
