@@ -25,7 +25,7 @@ def _switch_batch_norm(
     covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     return layout.run(OP, "switch_batch_norm_forward", [x], weight, bias, running_mean, running_var, covered, rows,
-                training, eps, activation)
+                      training, eps, activation)
 
 
 @_switch_batch_norm.register_fake
@@ -39,9 +39,8 @@ def _switch_batch_norm_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
     covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_w, grad_b = layout.run(OP, "switch_batch_norm_backward", [grad_y, x], weight, bias, mean, var, covered,
-                                  rows, training, eps, activation)
-    return grad_x, grad_w, grad_b
+    return layout.run(OP, "switch_batch_norm_backward", [grad_y, x], weight, bias, mean, var, covered, rows,
+                      training, eps, activation)
 
 
 @_switch_batch_norm_backward.register_fake
