@@ -1,9 +1,12 @@
 #include "cpu/sliced_conv2d.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -13,11 +16,13 @@
 
 // Every (switch, sub-network) block of a layer in one op call, on oneDNN's convolutions through
 // ATen: one grouped convolution per run of equal-width blocks of a switch (a whole kx(1/k) switch
-// is one call) on the switch's rows, written into the stacked output in place; weight gradients
-// of blocks that share weights added in a fixed order. NCHW or channels_last, as x comes. Against
-// strided BLAS GEMMs (1x1) and im2col + GEMM (k x k) on channel slices, which this file held
-// before, it was as fast or faster on every layer of bench/suites.py, in both layouts, most of
-// all on small channel counts (bench/README.md).
+// is one call) on the switch's rows, copied into the stacked output; weight gradients of blocks
+// that share weights added in a fixed order. NCHW or channels_last, as x comes. Against strided
+// BLAS GEMMs (1x1) and im2col + GEMM (k x k) on channel slices, which this file held before, it
+// was as fast or faster on every layer of bench/suites.py, in both layouts, most of all on small
+// channel counts -- except channels_last 1x1 layers on small images (the deep layers of a
+// network), where a block is a GEMM of few rows that BLAS runs faster than oneDNN, straight into
+// the stacked tensors with no copy (bench/README.md): those run as one GEMM per block.
 namespace paradis {
 namespace {
 
@@ -216,6 +221,65 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
   }
 }
 
+// Channels_last 1x1 layers (stride 1, no padding) on images of at most this many pixels run as
+// one GEMM per block. Measured on the MobileNet v1 step's layers: there BLAS beats oneDNN's
+// (grouped) convolutions, most of all on the weight gradient, and it writes straight into the
+// stacked tensors; on larger images oneDNN wins (bench/README.md).
+constexpr int64_t kGemmMaxPixels = 16;
+
+bool runs_as_gemms(const Geometry& g, at::MemoryFormat format) {
+  return format == at::MemoryFormat::ChannelsLast && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 &&
+         g.ph == 0 && g.pw == 0 && !g.shared && g.Ho * g.Wo <= kGemmMaxPixels;
+}
+
+// A channels_last [N, C, H, W] tensor as the [N*H*W, C] matrix it is in memory (a view).
+Tensor pixel_rows(const Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+// The block's piece of a pixel_rows matrix: the B images from row `first` on, channels [c0, c1).
+Tensor block_rows(const Tensor& rows, const Geometry& g, int64_t first, int64_t c0, int64_t c1) {
+  const int64_t pixels = g.Ho * g.Wo;
+  return rows.narrow(0, first * pixels, g.B * pixels).narrow(1, c0, c1 - c0);
+}
+
+Tensor block_weight(const Tensor& w2, const Block& b) {
+  return w2.narrow(0, b.o0, b.o1 - b.o0).narrow(1, b.i0, b.i1 - b.i0);
+}
+
+// The GEMMs write into views of the op's outputs: out= calls, which autograd refuses when an input
+// requires grad (a direct call from C++); a kernel is below autograd anyway.
+void forward_gemms(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y, const Geometry& g,
+                   const std::vector<Block>& blocks) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor x2 = pixel_rows(x), y2 = pixel_rows(y), w2 = weight.view({g.C_out, g.C_in});
+  for (const Block& b : blocks) {
+    Tensor out = block_rows(y2, g, b.y0, b.o0, b.o1);
+    const Tensor in = block_rows(x2, g, b.x0, b.i0, b.i1), w = block_weight(w2, b).t();
+    if (bias.defined())
+      at::addmm_out(out, bias.narrow(0, b.o0, b.o1 - b.o0), in, w);
+    else
+      at::mm_out(out, in, w);
+  }
+}
+
+// As backward_units; the weight gradient of each block is accumulated by the GEMM itself.
+void backward_gemms(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& grad_x,
+                    const Tensor& grad_weight, const Tensor& grad_bias, const Geometry& g,
+                    const std::vector<Block>& blocks) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor x2 = pixel_rows(x), gy2 = pixel_rows(grad_y), w2 = weight.view({g.C_out, g.C_in});
+  const Tensor gx2 = grad_x.defined() ? pixel_rows(grad_x) : Tensor();
+  const Tensor gw2 = grad_weight.defined() ? grad_weight.view({g.C_out, g.C_in}) : Tensor();
+  for (const Block& b : blocks) {
+    const Tensor gy = block_rows(gy2, g, b.y0, b.o0, b.o1);
+    if (gx2.defined()) {
+      Tensor out = block_rows(gx2, g, b.x0, b.i0, b.i1);
+      at::mm_out(out, gy, block_weight(w2, b));
+    }
+    if (gw2.defined()) block_weight(gw2, b).addmm_(gy.t(), block_rows(x2, g, b.x0, b.i0, b.i1));
+    if (grad_bias.defined()) grad_bias.narrow(0, b.o0, b.o1 - b.o0).add_(gy.sum(0));
+  }
+}
+
 bool reduced_precision(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 // The layout to run in: x's own, so x is never copied (channels_last convolutions are the fast
@@ -253,6 +317,10 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   const auto options = xc.options().memory_format(format);
   Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
   zero_uncovered(y, g, blocks, false);
+  if (runs_as_gemms(g, format)) {
+    forward_gemms(xc, wc, bc, y, g, blocks);
+    return y;
+  }
   // input_shared: every switch reads the same image, so each output channel is computed once
   // (into a scratch when several switches need it) and copied into the rows of each switch.
   const bool dedupe = input_shared && g.S > 1;
@@ -299,7 +367,10 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
   }
   if (need_w) grad_w = at::zeros(wc.sizes(), wc.options());
   if (need_b) grad_b = at::zeros({g.C_out}, wc.options());
-  backward_units(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
+  if (runs_as_gemms(g, format))
+    backward_gemms(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
+  else
+    backward_units(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
   return {grad_x, grad_w, grad_b};
 }
 

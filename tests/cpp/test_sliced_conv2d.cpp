@@ -99,11 +99,12 @@ void check_rejects(const std::vector<int64_t>& blocks, const std::string& needle
 int main() {
   at::manual_seed(0);
   const std::vector<Case> cases = {
-      // 1x1.0, 2x0.5, 4x0.25 over 8 -> 12 channels
-      {"pointwise small image", 3, 2, 8, 12, 1, 5, 1, 0, 1, false,
+      // 1x1.0, 2x0.5, 4x0.25 over 8 -> 12 channels; channels_last runs a GEMM per block (<= 16 pixels)
+      {"pointwise small image", 3, 2, 8, 12, 1, 4, 1, 0, 1, false,
        {0, 0, 8, 0, 12, 1, 0, 4, 0, 6, 1, 4, 8, 6, 12, 2, 0, 2, 0, 3, 2, 2, 4, 3, 6, 2, 4, 6, 6, 9, 2, 6, 8, 9, 12}},
       // 0.3+0.7 and a narrow 1x0.5, images large enough for in-place one-sample tiles
       {"pointwise large image", 2, 2, 10, 7, 1, 17, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
+      {"pointwise 2x2 image, unequal", 2, 3, 10, 7, 1, 2, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
       {"3x3 stride 2", 2, 3, 6, 5, 3, 9, 2, 1, 1, false, {0, 0, 3, 0, 3, 0, 3, 6, 3, 5, 1, 0, 6, 0, 5}},
       {"3x3 dilated, split image", 1, 1, 40, 4, 3, 20, 1, 2, 2, false, {0, 0, 40, 0, 4}},
       {"shared stem", 3, 2, 3, 8, 3, 6, 1, 1, 1, true,
