@@ -1,6 +1,8 @@
 """The `cpu` and `cuda` backends: C++/CUDA kernels of paradis_fast._C (the paradis_C op library)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._extension import load_error
@@ -17,6 +19,10 @@ class NativeBackend:
     def unavailable_reason(self, op: str, device: torch.device) -> str | None:
         if device.type != self.device_type:
             return f"it runs on {self.device_type} tensors, not {device.type}"
+        return self._missing_kernel(op)
+
+    @functools.lru_cache(maxsize=None)  # asked at every op call; the answer is fixed once _C loads
+    def _missing_kernel(self, op: str) -> str | None:
         error = load_error()
         if error is not None:
             return error
