@@ -10,6 +10,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu/layout.h"
+
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -282,12 +284,6 @@ void backward_gemms(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
 
 bool reduced_precision(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-// The layout to run in: x's own, so x is never copied (channels_last convolutions are the fast
-// ones on CPU). As paradis_fast/ops/layout.py: dense NHWC that is not also dense NCHW.
-at::MemoryFormat memory_format(const Tensor& x) {
-  const bool nhwc = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
 
 } // namespace
 
@@ -311,7 +307,7 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
-  const at::MemoryFormat format = memory_format(x);
+  const at::MemoryFormat format = kernel_format(x);
   const Tensor xc = x.contiguous(format), wc = weight.contiguous();
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
   const auto options = xc.options().memory_format(format);
@@ -358,7 +354,7 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
-  const at::MemoryFormat format = memory_format(x);
+  const at::MemoryFormat format = kernel_format(x);
   const Tensor gyc = grad_y.contiguous(format), xc = x.contiguous(format), wc = weight.contiguous();
   Tensor grad_x, grad_w, grad_b;
   if (need_x) {  // the units write the covered inputs; the others get zero

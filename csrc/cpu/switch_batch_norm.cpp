@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "activation.h"
+#include "cpu/layout.h"
 
 #include <algorithm>
 #include <cmath>
@@ -115,13 +116,6 @@ void check_table(const Tensor& t, const char* name, IntArrayRef shape) {
               t.sizes());
 }
 
-// The layout the kernels run in: NHWC for a 4-D x laid out channels_last (unless it is also
-// NCHW-contiguous, where the two coincide), else NCHW (x made contiguous).
-at::MemoryFormat kernel_format(const Tensor& x) {
-  const bool nhwc = x.dim() == 4 && !x.is_contiguous() &&
-                    x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
 
 // Zeroes the channels [covered[s], C) of every switch's samples.
 void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered) {

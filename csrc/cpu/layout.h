@@ -1,0 +1,15 @@
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace paradis {
+
+// The layout a CPU kernel runs in, as paradis_fast/ops/layout.py decides it: NHWC for a 4-D x laid
+// out channels_last (unless it is also NCHW-contiguous, where the two coincide), else NCHW. x's
+// own layout, so x is never copied.
+inline at::MemoryFormat kernel_format(const at::Tensor& x) {
+  const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+} // namespace paradis
