@@ -1,6 +1,7 @@
 """The C++ `cpu` kernels of sliced_conv2d beyond the shared test matrix of test_sliced_conv.py:
-larger images and the grouping of equal-width blocks into one convolution, reproducibility with
-several threads, reduced precision and the kernel's own input validation."""
+larger images and the grouping of equal-width blocks into one convolution, the narrow-group
+kernels, reproducibility with several threads, reduced precision and the kernel's own input
+validation."""
 from __future__ import annotations
 
 import pytest
@@ -34,6 +35,11 @@ LARGE_CASES = {
     "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),
     "shared-stem": case(["1x1.0", "2x0.5", "4x0.25"], 3, 16, 3, (16, 16), batch=2, input_shared=True),
     "5x5-asymmetric-padding-free": case(["2x0.5"], 6, 8, 5, (18, 20), padding=0, batch=3),
+    # 3x3 units of 4- or 8-channel groups: narrow-group kernels in nhwc f32 (AVX-512 CPUs)
+    "3x3-narrow-groups": case(["1x1.0", "2x0.5", "4x0.25"], 16, 16, 3, (7, 19), batch=2, seed=2),
+    "3x3-narrow-unequal-pad0": case(["0.5+0.25+0.25", "4x0.25"], 32, 32, 3, (9, 14), padding=0, seed=3),
+    "3x3-narrow-pad2-stride2": case(["4x0.25", "2x0.5"], 32, 32, 3, (11, 16), padding=2, stride=2, bias=False),
+    "3x3-narrow-pad2": case(["4x0.25"], 16, 16, 3, (6, 9), padding=2, batch=3, seed=4),
 }
 
 
@@ -62,13 +68,15 @@ def two_threads():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("kernel, hw", [(1, (16, 16)), (1, (3, 3)), (3, (16, 16))], ids=["1x1-large", "1x1-small", "3x3"])
-def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kernel, hw, layout):
+@pytest.mark.parametrize("kernel, hw, c_in, c_out", [(1, (16, 16), 48, 64), (1, (3, 3), 48, 64), (3, (16, 16), 48, 64),
+                                                   (3, (12, 12), 16, 16)],
+                         ids=["1x1-large", "1x1-small", "3x3", "3x3-narrow-groups"])
+def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kernel, hw, c_in, c_out, layout):
     g = torch.Generator().manual_seed(7)
     switches = SwitchSet(["1x1.0", "2x0.5", "0.3+0.7", "4x0.25"])
-    x = torch.randn(len(switches) * 8, 48, *hw, generator=g).contiguous(memory_format=layout)
-    weight = torch.randn(64, 48, kernel, kernel, generator=g)
-    blocks = list(conv_blocks(switches, 48, 64, False))
+    x = torch.randn(len(switches) * 8, c_in, *hw, generator=g).contiguous(memory_format=layout)
+    weight = torch.randn(c_out, c_in, kernel, kernel, generator=g)
+    blocks = list(conv_blocks(switches, c_in, c_out, False))
     geometry = ([1, 1], [kernel // 2] * 2, [1, 1], False)
     grad_y = torch.randn(KERNEL.sliced_conv2d_forward(x, weight, None, blocks, len(switches), *geometry).shape, generator=g)
     runs = [KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, len(switches), *geometry, [True, True, True])
@@ -76,6 +84,40 @@ def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kerne
     for other in runs[1:]:
         for first, again, what in zip(runs[0], other, ("grad x", "grad weight", "grad bias")):
             assert torch.equal(first, again), f"{what} differs between identical runs"
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return " avx512f" in info.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="the narrow-group kernels need AVX-512F; this CPU runs oneDNN for them")
+@pytest.mark.parametrize("isa, dnnl_calls", [("native", 1), ("baseline", 3)])
+def test_narrow_group_units_skip_onednn(monkeypatch, isa, dnnl_calls):
+    """The 2x0.5 and 4x0.25 units of a 16-channel 3x3 layer (nhwc f32) run on the narrow-group
+    kernels, not oneDNN; only the dense 1x1.0 unit calls aten::convolution(_backward), unless
+    PARADIS_CPU_ISA=baseline, where all three do and the results agree."""
+    switches = SwitchSet(["1x1.0", "2x0.5", "4x0.25"])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3 * 4, 16, 10, 13, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, grad_y = torch.randn(16, 16, 3, 3, generator=g), torch.randn(3 * 4, 16, 10, 13, generator=g)
+    blocks, geometry = list(conv_blocks(switches, 16, 16, False)), ([1, 1], [1, 1], [1, 1], False)
+    if isa == "baseline":
+        monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
+    with torch.profiler.profile() as prof:
+        y = KERNEL.sliced_conv2d_forward(x, weight, None, blocks, 3, *geometry)
+        gx, gw, _ = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, False])
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::convolution") == dnnl_calls
+    assert names.count("aten::convolution_backward") == dnnl_calls
+    monkeypatch.setenv("PARADIS_CPU_ISA", "native" if isa == "baseline" else "baseline")
+    y_other = KERNEL.sliced_conv2d_forward(x, weight, None, blocks, 3, *geometry)
+    gx_other, gw_other, _ = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, False])
+    for got, want in ((y, y_other), (gx, gx_other), (gw, gw_other)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_returns_only_requested_gradients():

@@ -11,8 +11,10 @@
 #include <torch/library.h>
 
 #include "cpu/layout.h"
+#include "cpu/narrow_group_conv.h"
 
 #include <algorithm>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -24,7 +26,9 @@
 // was as fast or faster on every layer of bench/suites.py, in both layouts, most of all on small
 // channel counts -- except channels_last 1x1 layers on small images (the deep layers of a
 // network), where a block is a GEMM of few rows that BLAS runs faster than oneDNN, straight into
-// the stacked tensors with no copy (bench/README.md): those run as one GEMM per block.
+// the stacked tensors with no copy (bench/README.md): those run as one GEMM per block. And 3x3
+// float32 channels_last units of 4- or 8-channel groups, which oneDNN runs at a fraction of its
+// dense rate, run on narrow_group_conv.h's kernels (AVX-512), also in place.
 namespace paradis {
 namespace {
 
@@ -178,6 +182,15 @@ Problem validate(const Tensor& x, const Tensor& weight, IntArrayRef table,
   return {g, blocks};
 }
 
+// Whether a unit runs on the narrow-group kernels (narrow_group_conv.h) instead of oneDNN: 3x3
+// float32 channels_last layers, groups of 4 or 8 channels.
+bool runs_narrow(const Geometry& g, const UnitView& v, const Tensor& x) {
+  return x.scalar_type() == at::kFloat && kernel_format(x) == at::MemoryFormat::ChannelsLast && g.kh == 3 &&
+         g.kw == 3 && g.dh == 1 && g.dw == 1 && !g.shared && narrow_groups_fit(v.count, v.in_width, v.out_width);
+}
+
+ConvWindow window(const Geometry& g) { return {g.sh, g.sw, g.ph, g.pw}; }
+
 // y (or the input_shared scratch) = every unit's convolution, in place.
 void forward_units(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y, const Geometry& g,
                   const std::vector<Block>& blocks) {
@@ -185,8 +198,11 @@ void forward_units(const Tensor& x, const Tensor& weight, const Tensor& bias, co
     const UnitView v = view(weight, blocks, u);
     const Tensor xs = x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
     const Tensor b = bias.defined() ? bias.narrow(0, v.first.o0, v.out_width) : Tensor();
-    y.narrow(0, v.first.y0, g.B).narrow(1, v.first.o0, v.out_width)
-        .copy_(at::convolution(xs, v.weight, b, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count));
+    const Tensor ys = y.narrow(0, v.first.y0, g.B).narrow(1, v.first.o0, v.out_width);
+    if (runs_narrow(g, v, x))
+      narrow_group_conv_forward(xs, v.weight, b, ys, v.count, window(g));
+    else
+      ys.copy_(at::convolution(xs, v.weight, b, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count));
   }
 }
 
@@ -201,14 +217,22 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
     const UnitView v = view(weight, blocks, u);
     const Tensor xs = x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
     const Tensor gys = grad_y.narrow(0, v.first.y0, g.B).narrow(1, v.first.o0, v.out_width);
+    const bool narrow = runs_narrow(g, v, x);
+    const bool narrow_x = grad_x.defined() && narrow &&
+                          narrow_groups_fit_grad_input(v.count, v.in_width, v.out_width, window(g));
+    const bool dnnl_x = grad_x.defined() && !narrow_x, dnnl_w = grad_weight.defined() && !narrow;
     const std::vector<int64_t> bias_sizes{v.out_width};
-    const auto [gx, gw, gb] = at::convolution_backward(
-        gys, xs, v.weight, grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw},
-        {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count,
-        {grad_x.defined(), grad_weight.defined(), grad_bias.defined()});
+    Tensor gx, gw, gb;
+    if (dnnl_x || dnnl_w || grad_bias.defined())
+      std::tie(gx, gw, gb) = at::convolution_backward(
+          gys, xs, v.weight, grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+          {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count, {dnnl_x, dnnl_w, grad_bias.defined()});
+    if (grad_weight.defined() && narrow) gw = narrow_group_conv_grad_weight(gys, xs, v.count, window(g));
     if (grad_x.defined()) {
       const Tensor target = grad_x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
-      if (!g.shared || &u == &all.front())
+      if (narrow_x) // never input_shared: each unit writes its own rows and channels
+        narrow_group_conv_grad_input(gys, v.weight, target, v.count, window(g));
+      else if (!g.shared || &u == &all.front())
         target.copy_(gx);
       else
         target.add_(gx);
