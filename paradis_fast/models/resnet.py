@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence, Type, Union
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from ..nn import Switchable
@@ -18,6 +18,13 @@ def _shortcut(in_planes: int, out_planes: int, switches: SwitchSet, stride: int)
     return conv_bn(in_planes, out_planes, 1, switches, stride, activation=None)
 
 
+def _add_relu(branch: Tensor, shortcut: Tensor) -> Tensor:
+    """relu(branch + shortcut), in place on the branch: it is the fresh output of a BatchNorm that
+    its backward does not keep, so two activation-sized tensors per block are never allocated
+    (ResNet20 training step on CPU: ~3% faster, bench/README.md)."""
+    return torch.relu_(branch.add_(shortcut))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs; ReLU after the residual addition."""
 
@@ -30,7 +37,7 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(in_planes, planes, switches, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+        return _add_relu(self.conv2(self.conv1(x)), self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
@@ -46,7 +53,7 @@ class Bottleneck(nn.Module):
         self.shortcut = _shortcut(in_planes, planes * self.expansion, switches, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+        return _add_relu(self.conv3(self.conv2(self.conv1(x))), self.shortcut(x))
 
 
 class ResNet(Switchable):
