@@ -50,7 +50,7 @@ class Switch:
     [(0, 5), (5, 10)]
     """
 
-    __slots__ = ("_widths",)
+    __slots__ = ("_widths", "_hash")  # immutable; the hash is kept: every op call looks its plan up by it
 
     def __init__(self, widths: Union[str, "Switch", Iterable[Union[Fraction, int, str]]]):
         if isinstance(widths, (str, Switch)):  # Switch("2x0.5") parses rather than iterating characters
@@ -63,7 +63,7 @@ class Switch:
                 raise ValueError(f"bad switch: width {w} is not in (0, 1]")
         if sum(widths) > 1:
             raise ValueError(f"bad switch {_spell(widths)!r}: widths sum to {sum(widths)} > 1")
-        self._widths = widths
+        self._widths, self._hash = widths, hash(widths)
 
     @classmethod
     def parse(cls, text: Union[str, "Switch"]) -> "Switch":
@@ -137,7 +137,7 @@ class Switch:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(self._widths)
+        return self._hash
 
 
 def _spell(widths: Sequence[Fraction]) -> str:
@@ -152,7 +152,7 @@ SwitchLike = Union[str, Switch]
 class SwitchSet(Sequence[Switch]):
     """The ordered, duplicate-free switches a model supports; index s selects switch s's BatchNorm."""
 
-    __slots__ = ("_switches", "_index")
+    __slots__ = ("_switches", "_index", "_hash")  # immutable, hash kept as Switch's
 
     def __init__(self, switches: Iterable[SwitchLike]):
         if isinstance(switches, (str, Switch)):
@@ -165,7 +165,7 @@ class SwitchSet(Sequence[Switch]):
             if switch in index:
                 raise ValueError(f"switch {switch} appears twice in the switch set (positions {index[switch]} and {i})")
             index[switch] = i
-        self._switches, self._index = parsed, index
+        self._switches, self._index, self._hash = parsed, index, hash(parsed)
 
     @classmethod
     def of(cls, switches: "SwitchSetLike") -> "SwitchSet":
@@ -206,7 +206,7 @@ class SwitchSet(Sequence[Switch]):
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(self._switches)
+        return self._hash
 
     def __str__(self) -> str:
         return ", ".join(str(s) for s in self._switches)
