@@ -31,7 +31,7 @@ def covered(switch: str, channels: int) -> int:
     return math.floor(channels * sum(Switch.parse(switch).widths, Fraction(0)) + Fraction(1, 2))
 
 
-def oracle(x, weight, bias, running_mean, running_var, switches, training, eps, activation, rows):
+def oracle(x, weight, bias, running_mean, running_var, switches, training, eps, activation, rows, residual=None):
     num_switches = len(switches)
     batch = x.shape[0] // num_switches
     dims = [0, *range(2, x.dim())]
@@ -48,12 +48,14 @@ def oracle(x, weight, bias, running_mean, running_var, switches, training, eps, 
         else:
             mean, var = running_mean[r, :c], running_var[r, :c]
         z = (xs - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * weight[r, :c].view(shape) + bias[r, :c].view(shape)
-        if activation == "relu":
-            z = torch.clamp(z, min=0)
-        elif activation == "relu6":
-            z = torch.clamp(z, min=0, max=6)
         y[s * batch : (s + 1) * batch, :c] = z
         stats.append((c, r, mean.detach(), var.detach(), xs.numel() // c))
+    if residual is not None:  # a residual block's tail: the activation follows the sum
+        y = y + residual
+    if activation == "relu":
+        y = torch.clamp(y, min=0)
+    elif activation == "relu6":
+        y = torch.clamp(y, min=0, max=6)
     return y, stats
 
 
@@ -76,12 +78,13 @@ def leaf(t, dtype=None):
 
 
 def check_zeros_outside(switches, rows, rows_total, channels, y, grad_x, grad_w, grad_b):
-    batch = y.shape[0] // len(switches)
+    """y (None: not checked, as with a residual) and the gradients are exactly 0 where no switch reads."""
+    batch = grad_x.shape[0] // len(switches)
     used = torch.zeros(rows_total, channels, dtype=torch.bool)
     for s, switch in enumerate(switches):
         c = covered(switch, channels)
         block = slice(s * batch, (s + 1) * batch)
-        assert torch.count_nonzero(y[block, c:]) == 0, f"switch {switch}: uncovered output channels not 0"
+        assert y is None or torch.count_nonzero(y[block, c:]) == 0, f"switch {switch}: uncovered output channels not 0"
         assert torch.count_nonzero(grad_x[block, c:]) == 0, f"switch {switch}: uncovered grad_x not 0"
         used[rows[s], :c] = True
     assert torch.count_nonzero(grad_w[~used]) == 0, "grad_weight nonzero in unused rows or uncovered channels"
@@ -117,7 +120,15 @@ def test_cpu_baseline_kernels_match_oracle(monkeypatch):
                 check_against_oracle(case, layout)
 
 
-def check_against_oracle(case, layout):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_residual_matches_oracle(bn_case, bn_backend, layout):
+    """activation(BatchNorm(x) + residual): fused in the cpu kernel, added by the op elsewhere."""
+    if layout == "channels_last" and bn_backend not in CHANNELS_LAST_BACKENDS:
+        pytest.skip(f"channels_last matrix runs on {CHANNELS_LAST_BACKENDS}")
+    check_against_oracle(bn_case, layout, with_residual=True)
+
+
+def check_against_oracle(case, layout, with_residual=False):
     if layout == "channels_last":
         case = channels_last_case(case)
     dtype, switches, training, activation = case["dtype"], case["switches"], case["training"], case["activation"]
@@ -129,19 +140,28 @@ def check_against_oracle(case, layout):
     rows = case["rows"] if case["rows"] is not None else list(range(len(switches)))
     before_mean, before_var = running_mean.clone(), running_var.clone()
 
+    # the residual (2-D cases included) in either layout: the op gives it x's
+    residual = (torch.randn(x.shape, generator=g, dtype=torch.float64) * 2).to(dtype) if with_residual else None
+    if residual is not None and x.dim() == 4:
+        residual = residual.contiguous(memory_format=rng.choice((torch.contiguous_format, torch.channels_last)))
+
     xo, wo, bo = leaf(x), leaf(weight), leaf(bias)
+    ro = leaf(residual) if with_residual else None
     y = switch_batch_norm(xo, wo, bo, running_mean, running_var, switches, training, momentum, EPS, activation,
-                          rows=case["rows"])
+                          rows=case["rows"], residual=ro)
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
     # grad_y may arrive in either layout; the op's grad_x follows x's
     grad_y_fmt = rng.choice((torch.contiguous_format, torch.channels_last)) if layout == "channels_last" else fmt
-    grads = torch.autograd.grad(y, (xo, wo, bo), grad_y.to(dtype).contiguous(memory_format=grad_y_fmt))
+    inputs = (xo, wo, bo, ro) if with_residual else (xo, wo, bo)
+    grads = torch.autograd.grad(y, inputs, grad_y.to(dtype).contiguous(memory_format=grad_y_fmt))
     assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt), "layout not kept"
-    xo.grad, wo.grad, bo.grad = grads
+    xo.grad, wo.grad, bo.grad = grads[:3]
 
     f64 = torch.float64
     xr, wr, br = leaf(x, f64), leaf(weight, f64), leaf(bias, f64)
-    yr, stats = oracle(xr, wr, br, before_mean.to(f64), before_var.to(f64), switches, training, EPS, activation, rows)
+    rr = leaf(residual, f64) if with_residual else None
+    yr, stats = oracle(xr, wr, br, before_mean.to(f64), before_var.to(f64), switches, training, EPS, activation, rows,
+                       rr)
     yr.backward(grad_y)
 
     tol = TOLERANCE[dtype]
@@ -150,7 +170,10 @@ def check_against_oracle(case, layout):
     torch.testing.assert_close(xo.grad, xr.grad.to(dtype), **tol, msg=lambda m: f"grad x: {m}")
     torch.testing.assert_close(wo.grad, wr.grad.to(dtype), **tol, msg=lambda m: f"grad weight: {m}")
     torch.testing.assert_close(bo.grad, br.grad.to(dtype), **tol, msg=lambda m: f"grad bias: {m}")
-    check_zeros_outside(switches, rows, case["num_rows"], case["channels"], y, xo.grad, wo.grad, bo.grad)
+    if with_residual:
+        torch.testing.assert_close(grads[3], rr.grad.to(dtype), **tol, msg=lambda m: f"grad residual: {m}")
+    check_zeros_outside(switches, rows, case["num_rows"], case["channels"], None if with_residual else y, xo.grad,
+                        wo.grad, bo.grad)
 
     # running statistics
     if not training:
@@ -278,6 +301,21 @@ def test_opcheck(bn_backend, training, activation):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_opcheck_with_residual(bn_backend, training, activation):
+    g = torch.Generator().manual_seed(19)
+    switches = SwitchSet(["2x0.5", "1x0.5"])
+    x = torch.randn(4, 7, 3, 3, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    residual = (torch.randn(4, 7, 3, 3, generator=g) * 3).requires_grad_()
+    weight = (torch.randn(3, 7, generator=g) * 3).requires_grad_()
+    bias = torch.randn(3, 7, generator=g).requires_grad_()
+    rm, rv = torch.randn(3, 7, generator=g), torch.rand(3, 7, generator=g) + 0.5
+    args = (x, weight, bias, rm, rv, list(covered_channels(switches, 7)), [2, 0], training, EPS, activation or "none",
+            residual)
+    torch.library.opcheck(torch.ops.paradis.switch_batch_norm.default, args)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_channels_last(bn_backend, training):
     g = torch.Generator().manual_seed(17)
     switches = SwitchSet(["2x0.5", "0.5+0.25+0.25"])
@@ -381,6 +419,13 @@ BAD = [
     ("rows-count", lambda a: a, dict(rows=[0]), ValueError, r"rows \[0\]"),
     ("one-value", _swap(0, lambda x: x[:, :, :1, :1].reshape(4, 7)[:2]), {}, ValueError,
      r"more than 1 value per channel"),
+    ("residual-shape", lambda a: a, dict(residual=torch.randn(4, 7, 3, 2)), ValueError,
+     r"residual must have x's shape and dtype \(4, 7, 3, 3\)"),
+    ("residual-dtype", lambda a: a, dict(residual=torch.randn(4, 7, 3, 3, dtype=torch.float64)), ValueError,
+     r"residual must have x's shape and dtype .* got \(4, 7, 3, 3\) torch.float64"),
+    ("residual-list", lambda a: a, dict(residual=[1.0]), TypeError, r"residual must be a torch.Tensor"),
+    ("residual-meta", lambda a: a, dict(residual=torch.randn(4, 7, 3, 3, device="meta")), ValueError,
+     r"mixed devices.*residual on meta"),
 ]
 
 
@@ -456,6 +501,27 @@ def test_module_forward_matches_op_and_counts_batches(bn_backend):
     assert bn.num_batches_tracked.tolist() == [1, 1] and torch.equal(bn.running_mean, rm)
     expected = switch_batch_norm(x, bn.weight, bn.bias, rm, rv, switches, False, activation="relu")
     assert torch.equal(y, expected)
+
+
+def test_module_add_activate_is_activation_of_sum(bn_backend):
+    """bn.add_activate(x, r, act) == act(bn(x) + r) for a BatchNorm without an activation of its own."""
+    switches = ["2x0.5", "1x0.5"]
+    bn = SwitchBatchNorm2d(7, switches, momentum=0.2)
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.bias.normal_()
+    twin = SwitchBatchNorm2d(7, switches, momentum=0.2)
+    twin.load_state_dict(bn.state_dict())
+    g = torch.Generator().manual_seed(20)
+    x, residual = torch.randn(4, 7, 3, 3, generator=g), torch.randn(4, 7, 3, 3, generator=g) * 2
+    for activation, act in ((None, lambda t: t), ("relu", torch.relu), ("relu6", lambda t: t.clamp(0, 6))):
+        torch.testing.assert_close(bn.add_activate(x, residual, activation), act(twin(x) + residual))
+    torch.testing.assert_close(bn.running_mean, twin.running_mean)  # statistics updated alike
+    assert bn.num_batches_tracked.tolist() == [3, 3]
+    with pytest.raises(ValueError, match="applies 'relu' itself"):
+        SwitchBatchNorm2d(7, switches, activation="relu").add_activate(x, residual)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        bn.add_activate(x, residual, "tanh")
 
 
 def test_module_set_active_trains_only_active_rows(bn_backend):

@@ -1,9 +1,12 @@
 #include "cpu/switch_batch_norm.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -124,12 +127,31 @@ void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered) {
   }
 }
 
-// Everything a forward kernel reads and writes: x and y in their layout, the [S_total, C]
-// parameter tables and the [S, C] statistics it returns, all in the accumulation type.
+// With a residual, the channels [covered[s], C) of every switch's samples are activation(residual):
+// the normalised x is zero there.
+void activate_uncovered(const Tensor& out, const Tensor& residual, const Geometry& g, IntArrayRef covered, Act act) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd; // out= into views of the op's output
+  for (int64_t s = 0; s < g.S; ++s) {
+    if (covered[s] == g.C) continue;
+    const Tensor r = residual.slice(0, s * g.B, (s + 1) * g.B).slice(1, covered[s]);
+    Tensor o = out.slice(0, s * g.B, (s + 1) * g.B).slice(1, covered[s]);
+    if (act == Act::Relu)
+      at::clamp_min_out(o, r, 0);
+    else if (act == Act::Relu6)
+      at::clamp_out(o, r, 0, 6);
+    else
+      o.copy_(r);
+  }
+}
+
+// Everything a forward kernel reads and writes: x, y and the residual (or nullptr) in their layout,
+// the [S_total, C] parameter tables and the [S, C] statistics it returns, all in the accumulation
+// type.
 template <typename scalar_t>
 struct ForwardData {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
+  const scalar_t* residual;
   scalar_t* y;
   acc_t* mean;
   acc_t* var;
@@ -194,7 +216,7 @@ void with_kernels(const F& f) {
 std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
     const Tensor& running_var, IntArrayRef covered, IntArrayRef rows, bool training, double eps,
-    c10::string_view activation) {
+    c10::string_view activation, const std::optional<Tensor>& residual) {
   const Act act = parse_activation(activation);
   const Geometry g = check_geometry(x, weight, covered, rows);
   const std::vector<int64_t> table_shape{weight.size(0), g.C};
@@ -202,12 +224,20 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
   check_table(bias, "bias", table_shape);
   check_table(running_mean, "running_mean", table_shape);
   check_table(running_var, "running_var", table_shape);
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    TORCH_CHECK(residual->device() == x.device() && residual->sizes() == x.sizes() &&
+                    residual->scalar_type() == x.scalar_type(),
+                "switch_batch_norm: residual must be like x (", x.sizes(), ", ", x.scalar_type(), ", ", x.device(),
+                "), got ", residual->sizes(), ", ", residual->scalar_type(), ", ", residual->device());
+  }
 
   // Parameter tables are tiny: convert them to the accumulation type once.
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto to_acc = [&](const Tensor& t) { return t.to(acc).contiguous(); };
   const at::MemoryFormat format = kernel_format(x);
   const Tensor xc = x.contiguous(format);
+  const Tensor rc = has_residual ? residual->contiguous(format) : Tensor();
   Tensor y = at::empty_like(xc, format);
   Tensor mean = at::zeros({g.S, g.C}, xc.options().dtype(acc));
   Tensor var = at::zeros({g.S, g.C}, xc.options().dtype(acc));
@@ -217,7 +247,8 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
       at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const ForwardData<scalar_t> d{
-            xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+            xc.const_data_ptr<scalar_t>(),
+            has_residual ? rc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
             mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
             w.const_data_ptr<acc_t>(),      b.const_data_ptr<acc_t>(),
             rm.const_data_ptr<acc_t>(),     rv.const_data_ptr<acc_t>()};
@@ -228,7 +259,10 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
           });
         });
       });
-  zero_uncovered(y, g, covered);
+  if (has_residual)
+    activate_uncovered(y, rc, g, covered, act);
+  else
+    zero_uncovered(y, g, covered);
   return {y, mean, var};
 }
 

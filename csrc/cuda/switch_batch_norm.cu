@@ -322,7 +322,11 @@ std::pair<SwitchTable, Geometry> plan(const Tensor& x, const Tensor& weight, Int
 std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cuda(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
     const Tensor& running_var, IntArrayRef covered, IntArrayRef rows, bool training, double eps,
-    c10::string_view activation) {
+    c10::string_view activation, const std::optional<Tensor>& residual) {
+  // paradis_fast/ops/switch_bn.py adds a residual after this kernel on CUDA (the cuda backend does
+  // not list the op in residual_ops); only the CPU kernel fuses it.
+  TORCH_CHECK(!(residual.has_value() && residual->defined()),
+              "switch_batch_norm: the CUDA kernel does not fuse a residual; call it through paradis_fast.ops");
   const Act act = parse_activation(activation);
   SwitchTable table;
   Geometry g;

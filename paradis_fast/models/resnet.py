@@ -6,7 +6,7 @@ from typing import Sequence, Type, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn import Switchable
+from ..nn import Switchable, SwitchBatchNorm2d
 from ..switches import SwitchSet, SwitchSetLike
 from ._common import DEFAULT_SWITCHES, conv_bn, init_weights, scaled
 
@@ -18,11 +18,14 @@ def _shortcut(in_planes: int, out_planes: int, switches: SwitchSet, stride: int)
     return conv_bn(in_planes, out_planes, 1, switches, stride, activation=None)
 
 
-def _add_relu(branch: Tensor, shortcut: Tensor) -> Tensor:
-    """relu(branch + shortcut), in place on the branch: it is the fresh output of a BatchNorm that
-    its backward does not keep, so two activation-sized tensors per block are never allocated
-    (ResNet20 training step on CPU: ~3% faster, bench/README.md)."""
-    return torch.relu_(branch.add_(shortcut))
+def _add_relu(conv_bn: nn.Sequential, h: Tensor, shortcut: Tensor) -> Tensor:
+    """relu(conv_bn(h) + shortcut). With a switch BatchNorm, the addition and the ReLU happen in its
+    kernel's pass (SwitchBatchNorm2d.add_activate); in a deployed part (stock layers, BN folded
+    into the conv) in place on the conv's fresh output (bench/README.md)."""
+    bn = conv_bn[-1]
+    if isinstance(bn, SwitchBatchNorm2d):
+        return bn.add_activate(conv_bn[0](h), shortcut, "relu")
+    return torch.relu_(conv_bn(h).add_(shortcut))
 
 
 class BasicBlock(nn.Module):
@@ -37,7 +40,7 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(in_planes, planes, switches, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _add_relu(self.conv2(self.conv1(x)), self.shortcut(x))
+        return _add_relu(self.conv2, self.conv1(x), self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
@@ -53,7 +56,7 @@ class Bottleneck(nn.Module):
         self.shortcut = _shortcut(in_planes, planes * self.expansion, switches, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _add_relu(self.conv3(self.conv2(self.conv1(x))), self.shortcut(x))
+        return _add_relu(self.conv3, self.conv2(self.conv1(x)), self.shortcut(x))
 
 
 class ResNet(Switchable):

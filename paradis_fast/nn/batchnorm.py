@@ -36,6 +36,19 @@ class SwitchBatchNorm2d(Switchable):
         self.num_batches_tracked.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._normalize(x, self.activation, None)
+
+    def add_activate(self, x: torch.Tensor, residual: torch.Tensor, activation: str | None = "relu") -> torch.Tensor:
+        """activation(self(x) + residual): a residual block's tail, the add and the activation in the
+        BatchNorm kernel's own pass where the backend fuses them. Only for a BatchNorm without an
+        activation of its own (which would come before the addition)."""
+        if self.activation is not None:
+            raise ValueError(f"add_activate: this BatchNorm applies {self.activation!r} itself, before any residual")
+        if activation not in (None, "relu", "relu6"):
+            raise ValueError(f"unknown activation {activation!r}; choose None, 'relu' or 'relu6'")
+        return self._normalize(x, activation, residual)
+
+    def _normalize(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
         momentum = self.momentum
         if self.training:
             rows = torch.tensor(self.active_rows, device=self.num_batches_tracked.device)
@@ -43,7 +56,8 @@ class SwitchBatchNorm2d(Switchable):
             if momentum is None:
                 momentum = 1.0 / self.num_batches_tracked[rows].float()
         return ops.switch_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.active,
-                                     self.training, momentum, self.eps, self.activation, rows=self.active_rows)
+                                     self.training, momentum, self.eps, activation, rows=self.active_rows,
+                                     residual=residual)
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

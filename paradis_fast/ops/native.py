@@ -11,10 +11,13 @@ from .._extension import load_error
 class NativeBackend:
     """Kernels registered in C++ under one dispatch key; an op is served once its kernel exists."""
 
-    def __init__(self, device_type: str, dispatch_key: str, channels_last_ops: tuple[str, ...] = ()):
+    def __init__(self, device_type: str, dispatch_key: str, channels_last_ops: tuple[str, ...] = (),
+                 residual_ops: tuple[str, ...] = ()):
         self.device_type, self.dispatch_key = device_type, dispatch_key
         # ops whose kernels take channels_last x natively (and return it so); others get NCHW
         self.channels_last_ops = frozenset(channels_last_ops)
+        # ops whose kernels add a residual themselves (switch_batch_norm); for others the op adds it
+        self.residual_ops = frozenset(residual_ops)
 
     def unavailable_reason(self, op: str, device: torch.device) -> str | None:
         if device.type != self.device_type:
@@ -41,5 +44,6 @@ class NativeBackend:
         raise AttributeError(name)
 
 
-cpu = NativeBackend("cpu", "CPU", channels_last_ops=("switch_batch_norm", "sliced_conv2d"))
+cpu = NativeBackend("cpu", "CPU", channels_last_ops=("switch_batch_norm", "sliced_conv2d"),
+                    residual_ops=("switch_batch_norm",))
 cuda = NativeBackend("cuda", "CUDA")

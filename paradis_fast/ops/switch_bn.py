@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import checks, layout
+from .backends import kernels_for
 from .plan import covered_channels
 from .reference import accumulation_dtype
 from ..switches import SwitchSetLike
@@ -23,13 +24,38 @@ ACTIVATIONS = ("none", "relu", "relu6")
 def _switch_batch_norm(
     x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
     covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return layout.run(OP, "switch_batch_norm_forward", [x], weight, bias, running_mean, running_var, covered, rows,
-                      training, eps, activation)
+    args = (weight, bias, running_mean, running_var, covered, rows, training, eps)
+    if residual is None:
+        return layout.run(OP, "switch_batch_norm_forward", [x], *args, activation)
+    if OP in getattr(kernels_for(OP, x.device), "residual_ops", ()):  # added inside the kernel's pass
+        residual = residual.contiguous(memory_format=layout.memory_format(x))
+        return layout.run(OP, "switch_batch_norm_forward", [x], *args, activation, residual)
+    y, mean, var = layout.run(OP, "switch_batch_norm_forward", [x], *args, "none")
+    return _activate_(y.add_(residual), activation), mean, var
+
+
+def _activate_(z: Tensor, activation: str) -> Tensor:
+    if activation == "relu":
+        return z.relu_()
+    if activation == "relu6":
+        return z.clamp_(0, 6)
+    return z
+
+
+def _gradient_at_sum(grad_y: Tensor, y: Tensor, activation: str) -> Tensor:
+    """The gradient of y = activation(z) at z, from y (z > 0 exactly where relu's y > 0, and
+    0 < z < 6 where 0 < relu6's y < 6)."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_y, y, 0)
+    if activation == "relu6":
+        return torch.ops.aten.hardtanh_backward(grad_y, y, 0, 6)
+    return grad_y
 
 
 @_switch_batch_norm.register_fake
-def _(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation):
+def _(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual=None):
     stats = x.new_empty(len(covered), x.shape[1], dtype=accumulation_dtype(x.dtype))
     return layout.empty(x.shape, x), stats, torch.empty_like(stats)
 
@@ -49,17 +75,25 @@ def _(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activati
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, covered, rows, training, eps, activation = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, weight, bias, mean, var)
+    x, weight, bias, _, _, covered, rows, training, eps, activation, residual = inputs
+    y, mean, var = output
+    # With a residual the activation follows the sum, so its gradient mask comes from y.
+    ctx.with_residual = residual is not None
+    ctx.save_for_backward(x, weight, bias, mean, var, *((y,) if ctx.with_residual else ()))
     ctx.config = (covered, rows, training, eps, activation)
     ctx.mark_non_differentiable(mean, var)
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_var):
-    x, weight, bias, mean, var = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, *ctx.config)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+    x, weight, bias, mean, var, *y = ctx.saved_tensors
+    covered, rows, training, eps, activation = ctx.config
+    grad_residual = None
+    if ctx.with_residual:  # the gradient at the sum: the residual's, and the plain BatchNorm's
+        grad_y = grad_residual = _gradient_at_sum(grad_y, y[0], activation)
+        activation = "none"
+    grad_x, grad_w, grad_b = _switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, covered, rows, training,
+                                                         eps, activation)
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, grad_residual
 
 
 _switch_batch_norm.register_autograd(_backward, setup_context=_setup_context)
@@ -85,7 +119,7 @@ def update_running_stats(running_mean, running_var, mean, var, covered, rows, co
 def switch_batch_norm(
     x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
     switches: SwitchSetLike, training: bool, momentum: float | Tensor = 0.1, eps: float = 1e-5,
-    activation: Optional[str] = None, rows: Optional[Sequence[int]] = None,
+    activation: Optional[str] = None, rows: Optional[Sequence[int]] = None, residual: Optional[Tensor] = None,
 ) -> Tensor:
     """BatchNorm with private ``[S, C]`` affine parameters and statistics per switch, the
     activation (None, "relu", "relu6") fused. x is ``[S*B, C, ...]`` stacked switch-major.
@@ -93,9 +127,15 @@ def switch_batch_norm(
     Channels a switch does not cover stay zero and their running statistics untouched.
     ``rows`` maps each switch to its parameter row (default: switch s uses row s), so a model
     can run a subset of its switches while the parameters of the others stay untouched.
+    ``residual`` (x's shape and dtype): y = activation(BatchNorm(x) + residual), a residual
+    block's tail, added in the kernel's own pass where the backend fuses it (``cpu``).
     """
     switches = checks.switch_set(switches)
-    checks.tensors(OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    checks.tensors(OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                   residual=residual)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"{OP}: residual must have x's shape and dtype {tuple(x.shape)} {x.dtype}, "
+                         f"got {tuple(residual.shape)} {residual.dtype}")
     checks.rank(OP, "x", x, range(2, 9), "[S*B, C, ...] (at least 2-D)")
     activation = "none" if activation is None else activation
     if activation not in ACTIVATIONS:
@@ -120,7 +160,8 @@ def switch_batch_norm(
     if training and count < 2:
         raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
     covered = list(covered_channels(switches, channels))
-    y, mean, var = _switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation)
+    y, mean, var = _switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation,
+                                      residual)
     if training:
         update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum)
     return y

@@ -94,8 +94,9 @@ Result call_forward(const Tensor& x, const Tensor& w, const Tensor& b, const Ten
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("paradis_C::switch_batch_norm_forward", "")
           .typed<Result(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                        at::IntArrayRef, at::IntArrayRef, bool, double, c10::string_view)>();
-  return op.call(x, w, b, rm, rv, cs.covered, cs.rows, training, eps, act);
+                        at::IntArrayRef, at::IntArrayRef, bool, double, c10::string_view,
+                        const std::optional<Tensor>&)>();
+  return op.call(x, w, b, rm, rv, cs.covered, cs.rows, training, eps, act, std::nullopt);
 }
 
 Result call_backward(const Tensor& gy, const Tensor& x, const Tensor& w, const Tensor& b,
@@ -188,6 +189,24 @@ void run(const Case& cs, at::ScalarType dtype, at::ScalarType param_dtype, bool 
   expect(at::equal(dgx, grad_x) && at::equal(dgw, grad_weight) && at::equal(dgb, grad_bias),
          tag.str() + ": dispatcher backward");
 
+  // A residual added before the activation in the same pass: y = act(normalised x + residual),
+  // act(residual) on uncovered channels; against the op without activation plus residual.
+  const Tensor residual = at::randn(cs.shape, at::kDouble).to(dtype);
+  const Tensor plain = std::get<0>(paradis::switch_batch_norm_forward_cpu(
+      x, weight, bias, running_mean, running_var, cs.covered, cs.rows, training, eps, "none"));
+  const Tensor want = activate(plain.to(at::kDouble) + residual.to(at::kDouble), act);
+  const Tensor fused = std::get<0>(paradis::switch_batch_norm_forward_cpu(
+      x, weight, bias, running_mean, running_var, cs.covered, cs.rows, training, eps, act, residual));
+  expect_close(fused, want, tol, tag.str() + ": y with residual");
+  if (x.dim() == 4) {
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    const Tensor fused_cl = std::get<0>(paradis::switch_batch_norm_forward_cpu(
+        x.contiguous(cl), weight, bias, running_mean, running_var, cs.covered, cs.rows, training, eps, act,
+        residual.contiguous(cl)));
+    expect(fused_cl.is_contiguous(cl), tag.str() + ": channels_last y with residual layout");
+    expect_close(fused_cl, want, tol, tag.str() + ": channels_last y with residual");
+  }
+
   if (x.dim() == 4) { // the NHWC kernels: y and grad_x keep x's channels_last layout
     const auto cl = at::MemoryFormat::ChannelsLast;
     const Tensor x_cl = x.contiguous(cl);
@@ -252,6 +271,18 @@ void check_validation() {
                                                 cs.rows, true, 1e-5, "relu");
       },
       "mean must have shape", "backward mean shape");
+  expect_throws(
+      [&] {
+        paradis::switch_batch_norm_forward_cpu(x, t, t, t, t, cs.covered, cs.rows, true, 1e-5, "relu",
+                                               at::randn({4, 3, 2}));
+      },
+      "residual must be like x", "residual shape");
+  expect_throws(
+      [&] {
+        paradis::switch_batch_norm_forward_cpu(x, t, t, t, t, cs.covered, cs.rows, true, 1e-5, "relu",
+                                               at::randn(cs.shape, at::kDouble));
+      },
+      "residual must be like x", "residual dtype");
   expect_throws(
       [&] { call_forward(x, t, t, t, t, Case{"", {}, {5, 2}, {0, 1}, 2}, true, 1e-5, "relu"); },
       "covered[0] = 5", "dispatcher covered > C");
