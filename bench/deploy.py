@@ -9,8 +9,9 @@ untimed one of the same kind (a server's steady state). A request is a uint8 cam
 decoded to float on each device (the dense baseline decodes it too). A distributed request is
 timed end to end on rank 0: broadcast of the frame, each rank's part, one gather of the partial
 outputs (posted by the root before its own part), the fusion; and again without the broadcast,
-for devices that each receive the frame (a camera multicasting it). Bytes exchanged per image =
-frame sent to the other ranks + their partials.
+for devices that each receive the frame (a camera multicasting it); and each rank's part alone,
+all ranks at once, no exchange (what sharing the machine costs the compute). Bytes exchanged per
+image = frame sent to the other ranks + their partials.
 
     OMP_NUM_THREADS=1 python bench/deploy.py [--iters 30] [--csv out.csv]
 
@@ -83,7 +84,8 @@ def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int,
           release: bool) -> None:
     """One process of a `world`-process run. Rank 0 times, interleaved round by round so all
     meet the same machine load: the dense 1x1.0 alone on rank 0 (the others wait), the request
-    with the image broadcast, the request with the image already on every rank."""
+    with the image broadcast, the request with the image already on every rank, and every rank's
+    part at once without the exchange."""
     torch.set_num_threads(1)
     if not release:
         memory.cache_freed_memory()
@@ -93,9 +95,10 @@ def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int,
         model, shape = build(case)
         runner, dense = DistributedSplit(split(model, switch), preprocess=decode), split(model, "1x1.0")
         frame = camera_frame(shape)
-        samples = {"dense": [], "sent": [], "local": []}
         requests = {"dense": lambda: dense(decode(frame)) if rank == 0 else None,
-                    "sent": lambda: runner(frame, broadcast=True), "local": lambda: runner(frame, broadcast=False)}
+                    "sent": lambda: runner(frame, broadcast=True), "local": lambda: runner(frame, broadcast=False),
+                    "parts": lambda: runner.part(decode(frame))}
+        samples = {key: [] for key in requests}
         with torch.no_grad():
             for round_ in range(warmup + iters):
                 times = {}
@@ -156,11 +159,11 @@ def main(argv=None) -> int:
         single = single_process_latency(case, args.warmup, args.iters)
         rows.append(dict(case=case, switch="1x1.0 (ParaDiS model)", processes=1, dense_ms=single["dense"] * 1e3,
                          ms=single["paradis"] * 1e3, ratio=single["paradis"] / single["dense"], ms_local="-",
-                         ratio_local="-", part_ratio="-", bytes=0, gflops="-"))
+                         ratio_local="-", part_ratio="-", parts_ratio="-", bytes=0, gflops="-"))
         for switch, world in zip(SWITCHES, (1, 2, 4)):
             stats = split(model, switch).stats(shape)
             if world == 1:
-                timed = dict(single, sent=single["dense"], local=single["dense"])
+                timed = dict(single, sent=single["dense"], local=single["dense"], parts=single["1x1.0"])
             else:
                 timed = distributed_latency(case, switch, world, args.warmup, args.iters, args.release_freed_memory)
             exchanged = (world - 1) * image_bytes + sum(s.bytes_sent for s in stats[1:])
@@ -169,16 +172,17 @@ def main(argv=None) -> int:
                              ms_local=f"{timed['local'] * 1e3:.2f}",
                              ratio_local=f"{timed['local'] / timed['dense']:.2f}",
                              part_ratio=f"{single[switch] / single['dense']:.2f}",
+                             parts_ratio=f"{timed['parts'] / timed['dense']:.2f}",
                              bytes=exchanged, gflops="/".join(f"{s.flops / 1e9:.3f}" for s in stats)))
     print(f"MobileNet v1, batch 1, one thread per process, {os.cpu_count()} CPU cores, gloo; median of {args.iters} "
           "rounds; ratio = latency / latency of 1x1.0 dense on one process, timed in the same run, interleaved\n")
     print("| input | switch | processes | 1x1.0 dense, ms | ms / image | ratio | ms, image on every rank | ratio | "
-          "part 0 alone, ratio | bytes exchanged / image | GFLOPs per part |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "part 0 alone, ratio | part 0 beside the others' parts, ratio | bytes exchanged / image | GFLOPs per part |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['switch']} | {r['processes']} | {r['dense_ms']:.2f} | {r['ms']:.2f} | "
-              f"{r['ratio']:.2f} | {r['ms_local']} | {r['ratio_local']} | {r['part_ratio']} | {r['bytes']} | "
-              f"{r['gflops']} |")
+              f"{r['ratio']:.2f} | {r['ms_local']} | {r['ratio_local']} | {r['part_ratio']} | {r['parts_ratio']} | "
+              f"{r['bytes']} | {r['gflops']} |")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
