@@ -4,12 +4,19 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include <immintrin.h>
-
 #include <array>
 #include <cstdlib>
 #include <string_view>
 #include <vector>
+
+// AVX-512 code through GCC's target pragmas: built by GCC for x86-64 only. Elsewhere no unit fits
+// and sliced_conv2d runs every unit on oneDNN.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PARADIS_NARROW_AVX512 1
+#include <immintrin.h>
+#else
+#define PARADIS_NARROW_AVX512 0
+#endif
 
 // Why a kernel of our own: oneDNN runs a grouped 3x3 convolution with 4 or 8 channels per group at
 // 30-100 GFLOP/s here, against 150-200 for the dense one of the same width, so the 2x0.5 and
@@ -23,9 +30,11 @@
 // wastes the lanes of other groups. The weight gradient is the same product turned around:
 // acc[tap][m] += x[tap] * (grad_y of output m of each lane's group), over all pixels.
 namespace paradis {
-namespace {
 
 using at::Tensor;
+
+#if PARADIS_NARROW_AVX512
+namespace {
 
 constexpr int kLanes = 16;
 constexpr int kTaps = 9;
@@ -337,5 +346,26 @@ Tensor narrow_group_conv_grad_weight(const Tensor& grad_y, const Tensor& x, int6
   if (S == 4) return grad_weight_impl<4>(image_of(grad_y), image_of(x), x.size(0), C, win);
   return grad_weight_impl<8>(image_of(grad_y), image_of(x), x.size(0), C, win);
 }
+
+#else
+
+bool narrow_groups_fit(int64_t, int64_t, int64_t) { return false; }
+
+bool narrow_groups_fit_grad_input(int64_t, int64_t, int64_t, const ConvWindow&) { return false; }
+
+void narrow_group_conv_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                               const ConvWindow&) {
+  TORCH_CHECK(false, "narrow_group_conv: this build has no AVX-512 kernels (x86-64 GCC builds only)");
+}
+
+void narrow_group_conv_grad_input(const Tensor&, const Tensor&, const Tensor&, int64_t, const ConvWindow&) {
+  TORCH_CHECK(false, "narrow_group_conv: this build has no AVX-512 kernels (x86-64 GCC builds only)");
+}
+
+Tensor narrow_group_conv_grad_weight(const Tensor&, const Tensor&, int64_t, const ConvWindow&) {
+  TORCH_CHECK(false, "narrow_group_conv: this build has no AVX-512 kernels (x86-64 GCC builds only)");
+}
+
+#endif // PARADIS_NARROW_AVX512
 
 } // namespace paradis
