@@ -13,7 +13,7 @@ from torch import Tensor
 from . import checks, layout
 from .backends import kernels_for
 from .plan import covered_channels
-from .reference import accumulation_dtype
+from .reference import accumulation_dtype, activate
 from ..switches import SwitchSetLike
 
 OP = "switch_batch_norm"
@@ -33,15 +33,7 @@ def _switch_batch_norm(
         residual = residual.contiguous(memory_format=layout.memory_format(x))
         return layout.run(OP, "switch_batch_norm_forward", [x], *args, activation, residual)
     y, mean, var = layout.run(OP, "switch_batch_norm_forward", [x], *args, "none")
-    return _activate_(y.add_(residual), activation), mean, var
-
-
-def _activate_(z: Tensor, activation: str) -> Tensor:
-    if activation == "relu":
-        return z.relu_()
-    if activation == "relu6":
-        return z.clamp_(0, 6)
-    return z
+    return activate(y.add_(residual), activation), mean, var
 
 
 def _gradient_at_sum(grad_y: Tensor, y: Tensor, activation: str) -> Tensor:
