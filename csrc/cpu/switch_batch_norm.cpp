@@ -120,6 +120,13 @@ void check_table(const Tensor& t, const char* name, IntArrayRef shape) {
 }
 
 
+// Whether the kernels take x as NHWC: channels_last, or one value per sample and channel ([N, C] or
+// [N, C, 1, 1]), where the NCHW and NHWC layouts are the same memory and the NHWC loops are the fast
+// ones (the NCHW path's parallel tasks would own one value per sample each).
+bool channels_innermost(at::MemoryFormat format, const Geometry& g) {
+  return format == at::MemoryFormat::ChannelsLast || g.HW == 1;
+}
+
 // Zeroes the channels [covered[s], C) of every switch's samples.
 void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered) {
   for (int64_t s = 0; s < g.S; ++s) {
@@ -255,7 +262,7 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
         dispatch_act(act, [&](auto a) {
           with_kernels([&](auto k) {
             decltype(k)::template forward<scalar_t, decltype(a)::value>(
-                d, g, covered, rows, training, eps, format == at::MemoryFormat::ChannelsLast);
+                d, g, covered, rows, training, eps, channels_innermost(format, g));
           });
         });
       });
@@ -307,7 +314,7 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(
         dispatch_act(act, [&](auto a) {
           with_kernels([&](auto k) {
             decltype(k)::template backward<scalar_t, decltype(a)::value>(
-                d, g, covered, rows, training, eps, format == at::MemoryFormat::ChannelsLast);
+                d, g, covered, rows, training, eps, channels_innermost(format, g));
           });
         });
       });
