@@ -26,10 +26,12 @@ def case(switches, c_in, c_out, kernel, hw, stride=1, padding=None, dilation=1, 
 
 # Larger images, in both layouts: equal-width switches (2x0.5, 4x0.25, 3x1/3) run as one grouped
 # convolution, unequal ones (0.3+0.7, 0.5+0.25+0.25) block by block, the stem once per output range;
-# channels_last 1x1 layers on images of <= 16 pixels as one GEMM per block.
+# channels_last 1x1 layers on images of <= 16 pixels (and one-pixel images in either layout) as one
+# GEMM per block.
 LARGE_CASES = {
     "pointwise": case(["1x1.0", "2x0.5", "0.3+0.7"], 12, 10, 1, (16, 17), batch=2),
     "pointwise-small-image": case(["1x1.0", "0.5+0.25+0.25", "4x0.25"], 40, 24, 1, (3, 5), batch=3),  # GEMMs in nhwc
+    "pointwise-one-pixel": case(["1x1.0", "0.5+0.25+0.25", "4x0.25"], 40, 24, 1, (1, 1), batch=3),  # GEMMs in both
     "pointwise-stride2": case(["4x0.25", "3x1/3"], 12, 9, 1, (33, 32), stride=2, bias=False),
     "3x3-split-image": case(["1x1.0", "2x0.5"], 80, 6, 3, (20, 21), seed=1),
     "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),

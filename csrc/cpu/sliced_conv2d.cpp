@@ -250,12 +250,14 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
 // Channels_last 1x1 layers (stride 1, no padding) on images of at most this many pixels run as
 // one GEMM per block. Measured on the MobileNet v1 step's layers: there BLAS beats oneDNN's
 // (grouped) convolutions, most of all on the weight gradient, and it writes straight into the
-// stacked tensors; on larger images oneDNN wins (bench/README.md).
+// stacked tensors; on larger images oneDNN wins (bench/README.md). Images of one pixel are
+// channels_last whatever their layout says (the same memory): [N, C, 1, 1] runs as GEMMs too.
 constexpr int64_t kGemmMaxPixels = 16;
 
 bool runs_as_gemms(const Geometry& g, at::MemoryFormat format) {
-  return format == at::MemoryFormat::ChannelsLast && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 &&
-         g.ph == 0 && g.pw == 0 && !g.shared && g.Ho * g.Wo <= kGemmMaxPixels;
+  const bool pixel_rows_in_memory = format == at::MemoryFormat::ChannelsLast || g.H * g.W == 1;
+  return pixel_rows_in_memory && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+         !g.shared && g.Ho * g.Wo <= kGemmMaxPixels;
 }
 
 // A channels_last [N, C, H, W] tensor as the [N*H*W, C] matrix it is in memory (a view).

@@ -102,6 +102,9 @@ int main() {
       // 1x1.0, 2x0.5, 4x0.25 over 8 -> 12 channels; channels_last runs a GEMM per block (<= 16 pixels)
       {"pointwise small image", 3, 2, 8, 12, 1, 4, 1, 0, 1, false,
        {0, 0, 8, 0, 12, 1, 0, 4, 0, 6, 1, 4, 8, 6, 12, 2, 0, 2, 0, 3, 2, 2, 4, 3, 6, 2, 4, 6, 6, 9, 2, 6, 8, 9, 12}},
+      // the same on one-pixel images: GEMMs in either layout
+      {"pointwise one-pixel image", 3, 2, 8, 12, 1, 1, 1, 0, 1, false,
+       {0, 0, 8, 0, 12, 1, 0, 4, 0, 6, 1, 4, 8, 6, 12, 2, 0, 2, 0, 3, 2, 2, 4, 3, 6, 2, 4, 6, 6, 9, 2, 6, 8, 9, 12}},
       // 0.3+0.7 and a narrow 1x0.5, images large enough for in-place one-sample tiles
       {"pointwise large image", 2, 2, 10, 7, 1, 17, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
       {"pointwise 2x2 image, unequal", 2, 3, 10, 7, 1, 2, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
