@@ -17,4 +17,7 @@ TORCH_LIBRARY(paradis_C, m) {
       "sliced_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, int[] blocks, int num_switches, "
       "int[] stride, int[] padding, int[] dilation, bool input_shared, bool[] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "depthwise_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, int[] stride, int[] padding, "
+      "int[] dilation, bool[] output_mask) -> (Tensor, Tensor, Tensor)");
 }

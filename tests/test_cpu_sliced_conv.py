@@ -37,11 +37,14 @@ LARGE_CASES = {
     "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),
     "shared-stem": case(["1x1.0", "2x0.5", "4x0.25"], 3, 16, 3, (16, 16), batch=2, input_shared=True),
     "5x5-asymmetric-padding-free": case(["2x0.5"], 6, 8, 5, (18, 20), padding=0, batch=3),
-    # 3x3 units of 4- or 8-channel groups: narrow-group kernels in nhwc f32 (AVX-512 CPUs)
+    # 3x3 units of 1-, 4- or 8-channel groups: narrow-group kernels in nhwc f32 (AVX-512 CPUs)
     "3x3-narrow-groups": case(["1x1.0", "2x0.5", "4x0.25"], 16, 16, 3, (7, 19), batch=2, seed=2),
     "3x3-narrow-unequal-pad0": case(["0.5+0.25+0.25", "4x0.25"], 32, 32, 3, (9, 14), padding=0, seed=3),
     "3x3-narrow-pad2-stride2": case(["4x0.25", "2x0.5"], 32, 32, 3, (11, 16), padding=2, stride=2, bias=False),
     "3x3-narrow-pad2": case(["4x0.25"], 16, 16, 3, (6, 9), padding=2, batch=3, seed=4),
+    # one-channel groups (16 sub-networks of 16 channels): the kernels' depthwise case
+    "3x3-narrow-1-channel-groups": case(["16x0.0625", "1x1.0"], 16, 16, 3, (9, 29), batch=2, seed=5),
+    "3x3-narrow-1-channel-stride2": case(["16x0.0625"], 16, 16, 3, (10, 7), stride=2, bias=False, seed=6),
 }
 
 

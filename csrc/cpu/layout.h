@@ -12,4 +12,11 @@ inline at::MemoryFormat kernel_format(const at::Tensor& x) {
   return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Whether a 4-D tensor holds each pixel's channels side by side: channels_last, or one pixel per
+// image, where NCHW and NHWC are the same memory.
+inline bool channels_innermost(const at::Tensor& t) {
+  return kernel_format(t) == at::MemoryFormat::ChannelsLast ||
+         (t.dim() == 4 && t.size(2) * t.size(3) == 1 && t.is_contiguous());
+}
+
 } // namespace paradis

@@ -7,6 +7,7 @@
 #include <array>
 #include <cstdlib>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 // AVX-512 code through GCC's target pragmas: built by GCC for x86-64 only. Elsewhere no unit fits
@@ -157,50 +158,56 @@ void forward_tile(const Image& x, const float* img, const float* zero_row, int64
   }
 }
 
-// Adds the products of rows [r0, r1) (r = n * Ho + ho) of grad_y and x to part ([9][S][16], one
-// chunk's sums) for channels [16v, 16v + 16); x0 and gy0 point at channel 16v of image 0.
+// Adds the products of output row r (r = n * Ho + ho) of grad_y and x, all V channel vectors, to
+// part ([V][9][S][16], one chunk's sums): row by row, so both tensors are read in memory order.
+// M outputs of each group at a time (M * 9 accumulators).
 template <int S>
-void grad_weight_rows(const Image& x, const float* x0, const Image& gy, const float* gy0, const float* zero_row,
-                      int64_t r0, int64_t r1, const ConvWindow& win, float* part) {
+void grad_weight_row(const Image& x, const Image& gy, const float* zero_row, int64_t r, int64_t V,
+                     const ConvWindow& win, float* part) {
+  constexpr int M = S == 1 ? 1 : 2;
   alignas(64) int pick[S][kLanes]; // lane l of output m's gradient: output m of l's group
   for (int m = 0; m < S; ++m)
     for (int l = 0; l < kLanes; ++l) pick[m][l] = (l / S) * S + m;
-  for (int mb = 0; mb < S; mb += 2) {
-    const __m512i pick0 = _mm512_load_si512(pick[mb]), pick1 = _mm512_load_si512(pick[mb + 1]);
-    __m512 a0[kTaps], a1[kTaps];
+  const int64_t n = r / gy.H, ho = r % gy.H;
+  const float* rows[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t hi = ho * win.sh - win.ph + i;
+    rows[i] = hi >= 0 && hi < x.H ? x.data + n * x.image + hi * x.row : zero_row;
+  }
+  const float* gy_row = gy.data + n * gy.image + ho * gy.row;
+  for (int64_t v = 0; v < V; ++v) {
+    const int64_t c0 = v * kLanes;
+    float* pv = part + v * kTaps * S * kLanes;
+    for (int mb = 0; mb < S; mb += M) {
+      __m512i picks[M];
+      __m512 acc[M][kTaps];
+#pragma GCC unroll 2
+      for (int q = 0; q < M; ++q) {
+        picks[q] = _mm512_load_si512(pick[mb + q]);
 #pragma GCC unroll 9
-    for (int t = 0; t < kTaps; ++t) {
-      a0[t] = _mm512_loadu_ps(part + (t * S + mb) * kLanes);
-      a1[t] = _mm512_loadu_ps(part + (t * S + mb + 1) * kLanes);
-    }
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / gy.H, ho = r % gy.H;
-      const float* rows[3];
-      for (int i = 0; i < 3; ++i) {
-        const int64_t hi = ho * win.sh - win.ph + i;
-        rows[i] = hi >= 0 && hi < x.H ? x0 + n * x.image + hi * x.row : zero_row;
+        for (int t = 0; t < kTaps; ++t) acc[q][t] = _mm512_loadu_ps(pv + (t * S + mb + q) * kLanes);
       }
-      const float* gy_row = gy0 + n * gy.image + ho * gy.row;
       for (int64_t wo = 0; wo < gy.W; ++wo) {
-        const __m512 g = _mm512_loadu_ps(gy_row + wo * gy.pixel);
-        const __m512 g0 = _mm512_permutexvar_ps(pick0, g), g1 = _mm512_permutexvar_ps(pick1, g);
+        const __m512 g = _mm512_loadu_ps(gy_row + wo * gy.pixel + c0);
+        __m512 gm[M]; // one group channel per group: identity for S == 1
+#pragma GCC unroll 2
+        for (int q = 0; q < M; ++q) gm[q] = S == 1 ? g : _mm512_permutexvar_ps(picks[q], g);
 #pragma GCC unroll 3
         for (int j = 0; j < 3; ++j) {
           const int64_t wi = wo * win.sw - win.pw + j;
           const bool inside = wi >= 0 && wi < x.W;
 #pragma GCC unroll 3
           for (int i = 0; i < 3; ++i) {
-            const __m512 xv = _mm512_loadu_ps(inside ? rows[i] + wi * x.pixel : kZeroPixel);
-            a0[i * 3 + j] = _mm512_fmadd_ps(g0, xv, a0[i * 3 + j]);
-            a1[i * 3 + j] = _mm512_fmadd_ps(g1, xv, a1[i * 3 + j]);
+            const __m512 xv = _mm512_loadu_ps(inside ? rows[i] + wi * x.pixel + c0 : kZeroPixel);
+#pragma GCC unroll 2
+            for (int q = 0; q < M; ++q) acc[q][i * 3 + j] = _mm512_fmadd_ps(gm[q], xv, acc[q][i * 3 + j]);
           }
         }
       }
-    }
+#pragma GCC unroll 2
+      for (int q = 0; q < M; ++q)
 #pragma GCC unroll 9
-    for (int t = 0; t < kTaps; ++t) {
-      _mm512_storeu_ps(part + (t * S + mb) * kLanes, a0[t]);
-      _mm512_storeu_ps(part + (t * S + mb + 1) * kLanes, a1[t]);
+        for (int t = 0; t < kTaps; ++t) _mm512_storeu_ps(pv + (t * S + mb + q) * kLanes, acc[q][t]);
     }
   }
 }
@@ -228,15 +235,19 @@ std::vector<float> pack(const Tensor& weight, int S, bool transpose_flip) {
   return packed;
 }
 
-// Zeros for the rows above and below an image (a row of x, with its pixel stride).
-std::vector<float> zero_row(const Image& x) { return std::vector<float>(x.W * x.pixel + kLanes, 0.f); }
+// Zeros for the rows above and below an image: a row of x's pixels, `channels` wide each (the
+// pixel stride of a one-pixel image can be anything smaller).
+std::vector<float> zero_row(const Image& x, int64_t channels) {
+  return std::vector<float>((x.W - 1) * x.pixel + channels, 0.f);
+}
 
 template <int S>
 void forward_impl(const Image& x, const std::vector<float>& w, const float* bias, const Image& y, int64_t B,
                   const ConvWindow& win) {
-  constexpr int P = 24 / S; // pixels per tile: P * S accumulators of the 32 registers
+  // Pixels per tile: P * S accumulators and P loaded pixels within the 32 registers.
+  constexpr int P = S == 1 ? 12 : 24 / S;
   const int64_t V = static_cast<int64_t>(w.size()) / (kTaps * S * kLanes);
-  const std::vector<float> zeros = zero_row(x);
+  const std::vector<float> zeros = zero_row(x, V * kLanes);
   at::parallel_for(0, B * y.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / y.H, ho = r % y.H;
@@ -260,28 +271,27 @@ void forward_impl(const Image& x, const std::vector<float>& w, const float* bias
 
 template <int S>
 Tensor grad_weight_impl(const Image& gy, const Image& x, int64_t B, int64_t C, const ConvWindow& win) {
-  // A fixed partition of the rows, summed in order: the same result for any number of threads.
+  // A fixed partition of the rows into chunks, summed in order: the same result for any number of
+  // threads.
   const int64_t V = C / kLanes, rows = B * gy.H, chunks = std::min<int64_t>(rows, 32);
-  const int64_t piece = kTaps * S * kLanes;
-  std::vector<float> parts(chunks * V * piece, 0.f);
-  const std::vector<float> zeros = zero_row(x);
-  at::parallel_for(0, chunks * V, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t c = k / V, v = k % V;
-      grad_weight_rows<S>(x, x.data + v * kLanes, gy, gy.data + v * kLanes, zeros.data() + v * kLanes,
-                          rows * c / chunks, rows * (c + 1) / chunks, win, parts.data() + k * piece);
-    }
+  const int64_t span = V * kTaps * S * kLanes;
+  std::vector<float> parts(chunks * span, 0.f);
+  const std::vector<float> zeros = zero_row(x, C);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r)
+        grad_weight_row<S>(x, gy, zeros.data(), r, V, win, parts.data() + c * span);
   });
+  for (int64_t c = 1; c < chunks; ++c) // into chunk 0, chunk by chunk
+    for (int64_t i = 0; i < span; ++i) parts[i] += parts[c * span + i];
   Tensor grad = at::empty({C, S, 3, 3}, at::TensorOptions().dtype(at::kFloat));
   float* out = grad.data_ptr<float>();
   for (int64_t v = 0; v < V; ++v)
     for (int t = 0; t < kTaps; ++t)
       for (int m = 0; m < S; ++m)
         for (int l = 0; l < kLanes; ++l) {
-          float sum = 0.f;
-          for (int64_t c = 0; c < chunks; ++c) sum += parts[(c * V + v) * piece + (t * S + m) * kLanes + l];
           const int64_t g = v * (kLanes / S) + l / S;
-          out[((g * S + m) * S + l % S) * kTaps + t] = sum;
+          out[((g * S + m) * S + l % S) * kTaps + t] = parts[((v * kTaps + t) * S + m) * kLanes + l];
         }
   return grad;
 }
@@ -296,8 +306,16 @@ int64_t group_width(const Tensor& weight, int64_t groups) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
                   weight.size(0) == groups * weight.size(1) && narrow_groups_fit(groups, weight.size(0), weight.size(0)),
               "narrow_group_conv: weight ", weight.sizes(), " (", weight.scalar_type(), ") is not ", groups,
-              " groups of 4 or 8 channels, 3x3, float32");
+              " groups of 1, 4 or 8 channels, 3x3, float32");
   return weight.size(1);
+}
+
+// Calls f with the group width S (1, 4 or 8) as a compile-time constant.
+template <typename F>
+decltype(auto) with_width(int64_t S, F&& f) {
+  if (S == 1) return f(std::integral_constant<int, 1>{});
+  if (S == 4) return f(std::integral_constant<int, 4>{});
+  return f(std::integral_constant<int, 8>{});
 }
 
 } // namespace
@@ -305,7 +323,7 @@ int64_t group_width(const Tensor& weight, int64_t groups) {
 bool narrow_groups_fit(int64_t groups, int64_t in_width, int64_t out_width) {
   if (groups < 1 || in_width != out_width || in_width % groups != 0 || in_width % kLanes != 0) return false;
   const int64_t width = in_width / groups;
-  return (width == 4 || width == 8) && avx512_enabled();
+  return (width == 1 || width == 4 || width == 8) && avx512_enabled();
 }
 
 bool narrow_groups_fit_grad_input(int64_t groups, int64_t in_width, int64_t out_width, const ConvWindow& win) {
@@ -318,10 +336,7 @@ void narrow_group_conv_forward(const Tensor& x, const Tensor& weight, const Tens
   const std::vector<float> w = pack(weight, S, false);
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (S == 4)
-    forward_impl<4>(image_of(x), w, bp, image_of(y), x.size(0), win);
-  else
-    forward_impl<8>(image_of(x), w, bp, image_of(y), x.size(0), win);
+  with_width(S, [&](auto width) { forward_impl<width>(image_of(x), w, bp, image_of(y), x.size(0), win); });
 }
 
 void narrow_group_conv_grad_input(const Tensor& grad_y, const Tensor& weight, const Tensor& grad_x, int64_t groups,
@@ -333,18 +348,17 @@ void narrow_group_conv_grad_input(const Tensor& grad_y, const Tensor& weight, co
   // transposed, flipped weights and padding 2 - padding.
   const std::vector<float> w = pack(weight, S, true);
   const ConvWindow transposed{1, 1, 2 - win.ph, 2 - win.pw};
-  if (S == 4)
-    forward_impl<4>(image_of(grad_y), w, nullptr, image_of(grad_x), grad_y.size(0), transposed);
-  else
-    forward_impl<8>(image_of(grad_y), w, nullptr, image_of(grad_x), grad_y.size(0), transposed);
+  with_width(S, [&](auto width) {
+    forward_impl<width>(image_of(grad_y), w, nullptr, image_of(grad_x), grad_y.size(0), transposed);
+  });
 }
 
 Tensor narrow_group_conv_grad_weight(const Tensor& grad_y, const Tensor& x, int64_t groups, const ConvWindow& win) {
   const int64_t C = x.size(1), S = C / groups;
   TORCH_CHECK(x.scalar_type() == at::kFloat && grad_y.scalar_type() == at::kFloat && narrow_groups_fit(groups, C, C),
               "narrow_group_conv: ", groups, " groups of ", C, " channels (", x.scalar_type(), ") do not fit");
-  if (S == 4) return grad_weight_impl<4>(image_of(grad_y), image_of(x), x.size(0), C, win);
-  return grad_weight_impl<8>(image_of(grad_y), image_of(x), x.size(0), C, win);
+  return with_width(
+      S, [&](auto width) { return grad_weight_impl<width>(image_of(grad_y), image_of(x), x.size(0), C, win); });
 }
 
 #else

@@ -6,9 +6,10 @@
 
 namespace paradis {
 
-// Direct 3x3 convolutions of narrow groups (4 or 8 input and output channels each) on
-// channels_last float32 images, for the units of sliced_conv2d that oneDNN runs worst: the
-// 2x0.5 and 4x0.25 switches of 16- and 32-channel layers (bench/README.md). They read and write
+// Direct 3x3 convolutions of narrow groups (1, 4 or 8 input and output channels each) on
+// channels_last float32 images, for the convolutions that oneDNN runs worst: the units of
+// sliced_conv2d in the 2x0.5 and 4x0.25 switches of 16- and 32-channel layers, and the weight
+// gradient of depthwise convolutions (depthwise_conv2d.h; bench/README.md). They read and write
 // channel slices of the stacked tensors in place (views: channels innermost, any pixel stride),
 // so no slice is copied. AVX-512 only.
 

@@ -183,7 +183,7 @@ Problem validate(const Tensor& x, const Tensor& weight, IntArrayRef table,
 }
 
 // Whether a unit runs on the narrow-group kernels (narrow_group_conv.h) instead of oneDNN: 3x3
-// float32 channels_last layers, groups of 4 or 8 channels.
+// float32 channels_last layers, groups of 1, 4 or 8 channels.
 bool runs_narrow(const Geometry& g, const UnitView& v, const Tensor& x) {
   return x.scalar_type() == at::kFloat && kernel_format(x) == at::MemoryFormat::ChannelsLast && g.kh == 3 &&
          g.kw == 3 && g.dh == 1 && g.dw == 1 && !g.shared && narrow_groups_fit(v.count, v.in_width, v.out_width);
@@ -254,9 +254,8 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
 // channels_last whatever their layout says (the same memory): [N, C, 1, 1] runs as GEMMs too.
 constexpr int64_t kGemmMaxPixels = 16;
 
-bool runs_as_gemms(const Geometry& g, at::MemoryFormat format) {
-  const bool pixel_rows_in_memory = format == at::MemoryFormat::ChannelsLast || g.H * g.W == 1;
-  return pixel_rows_in_memory && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+bool runs_as_gemms(const Geometry& g, const Tensor& x) {
+  return channels_innermost(x) && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
          !g.shared && g.Ho * g.Wo <= kGemmMaxPixels;
 }
 
@@ -339,7 +338,7 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   const auto options = xc.options().memory_format(format);
   Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
   zero_uncovered(y, g, blocks, false);
-  if (runs_as_gemms(g, format)) {
+  if (runs_as_gemms(g, xc)) {
     forward_gemms(xc, wc, bc, y, g, blocks);
     return y;
   }
@@ -389,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
   }
   if (need_w) grad_w = at::zeros(wc.sizes(), wc.options());
   if (need_b) grad_b = at::zeros({g.C_out}, wc.options());
-  if (runs_as_gemms(g, format))
+  if (runs_as_gemms(g, xc))
     backward_gemms(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
   else
     backward_units(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn import SwitchBatchNorm2d, Switchable
+from ..nn import DepthwiseConv2d, SwitchBatchNorm2d, Switchable
 from ..switches import SwitchSet, SwitchSetLike
 from ._common import DEFAULT_SWITCHES, conv_bn, init_weights, scaled
 
@@ -14,11 +14,11 @@ BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *((512, 1),
 def depthwise_separable(in_channels: int, out_channels: int, switches: SwitchSet, stride: int) -> nn.Sequential:
     """Depthwise 3x3 + BN + ReLU, then sliced pointwise 1x1 + BN + ReLU.
 
-    The depthwise conv is a plain grouped nn.Conv2d: channel c reads only channel c, so the stacked
-    switches need no slicing and uncovered channels stay zero.
+    The depthwise conv (an nn.Conv2d with groups = channels) needs no slicing: channel c reads only
+    channel c, so the stacked switches share it and uncovered channels stay zero.
     """
     depthwise = nn.Sequential(
-        nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
+        DepthwiseConv2d(in_channels, 3, stride, 1),
         SwitchBatchNorm2d(in_channels, switches, activation="relu"),
     )
     return nn.Sequential(depthwise, conv_bn(in_channels, out_channels, 1, switches))

@@ -1,4 +1,5 @@
-"""SlicedConv2d: one full-width convolution weight shared by every switch's sub-networks."""
+"""The convolutions of ParaDiS networks: SlicedConv2d (one full-width weight shared by every
+switch's sub-networks) and DepthwiseConv2d (shared by the stacked switches as it is)."""
 from __future__ import annotations
 
 import math
@@ -51,3 +52,16 @@ class SlicedConv2d(Switchable):
         if self.input_shared:
             text += ", input_shared=True"
         return f"{text}, switches=[{self.active}]"
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(channels, channels, kernel_size, groups=channels)`` running `ops.depthwise_conv2d`:
+    the same module (parameters, state dict, deployment as a stock layer), with paradis_fast's CPU
+    weight gradient. Channel c reads only channel c, so the stacked switches need no slicing and
+    channels a switch does not cover stay zero."""
+
+    def __init__(self, channels: int, kernel_size=3, stride=1, padding=1, dilation=1, bias: bool = False):
+        super().__init__(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)

@@ -29,7 +29,7 @@ class NativeBackend:
         error = load_error()
         if error is not None:
             return error
-        name = f"paradis_C::{op}_forward"
+        name = f"paradis_C::{op}_backward"  # every op has one (depthwise_conv2d's forward is ATen's)
         try:
             has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(name, self.dispatch_key)
         except RuntimeError:  # the schema itself is not defined: this build of _C lacks the op

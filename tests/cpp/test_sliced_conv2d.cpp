@@ -94,6 +94,13 @@ void check_rejects(const std::vector<int64_t>& blocks, const std::string& needle
   expect(false, "block table accepted, expected '" + needle + "'");
 }
 
+// Switch 0 split into one-channel sub-networks: block (0, c, c + 1, c, c + 1) for every channel.
+std::vector<int64_t> one_channel_blocks(int64_t channels) {
+  std::vector<int64_t> blocks;
+  for (int64_t c = 0; c < channels; ++c) blocks.insert(blocks.end(), {0, c, c + 1, c, c + 1});
+  return blocks;
+}
+
 } // namespace
 
 int main() {
@@ -114,6 +121,8 @@ int main() {
        {0, 0, 8, 0, 8, 0, 8, 16, 8, 16, 1, 0, 4, 0, 4, 1, 4, 8, 4, 8, 1, 8, 12, 8, 12, 1, 12, 16, 12, 16}},
       {"3x3 narrow groups, stride 2, no padding", 1, 3, 16, 16, 3, 12, 2, 0, 1, false,
        {0, 0, 4, 0, 4, 0, 4, 8, 4, 8, 0, 8, 12, 8, 12, 0, 12, 16, 12, 16}},
+      // 16x0.0625: sixteen one-channel groups (the kernels' depthwise case)
+      {"3x3 one-channel groups", 1, 2, 16, 16, 3, 13, 1, 1, 1, false, one_channel_blocks(16)},
       {"3x3 dilated, split image", 1, 1, 40, 4, 3, 20, 1, 2, 2, false, {0, 0, 40, 0, 4}},
       {"shared stem", 3, 2, 3, 8, 3, 6, 1, 1, 1, true,
        {0, 0, 3, 0, 8, 1, 0, 3, 0, 4, 1, 0, 3, 4, 8, 2, 0, 3, 0, 2, 2, 0, 3, 2, 4, 2, 0, 3, 4, 6, 2, 0, 3, 6, 8}},

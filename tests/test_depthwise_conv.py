@@ -1,0 +1,180 @@
+"""paradis_fast.ops.depthwise_conv2d and nn.DepthwiseConv2d against F.conv2d in float64: the
+paradis_C weight gradient (float32 3x3, channels a multiple of 16 and innermost, AVX-512 CPUs),
+every other case, which runs ATen's convolution, and the routing (the op on small images only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paradis_fast.nn import DepthwiseConv2d
+from paradis_fast.ops import available_backends, depthwise_conv2d, use_backend
+from paradis_fast.ops.depthwise_conv import SMALL_IMAGE_PIXELS, _depthwise_conv2d
+
+NATIVE = "cpu" in available_backends("depthwise_conv2d")
+needs_native = pytest.mark.skipif(not NATIVE, reason="paradis_fast._C has no CPU depthwise_conv2d kernel (not built)")
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return " avx512f" in info.read()
+    except OSError:
+        return False
+
+
+# (channels, (H, W), kernel, stride, padding, dilation, bias, batch)
+CASES = {
+    "16ch": (16, (7, 9), 3, 1, 1, 1, False, 3),
+    "32ch-stride2-bias": (32, (8, 5), 3, 2, 1, 1, True, 2),
+    "48ch-pad0": (48, (6, 6), 3, 1, 0, 1, True, 2),
+    "16ch-stride2-pad2": (16, (5, 11), 3, 2, 2, 1, False, 3),
+    "64ch-2x2-image": (64, (2, 2), 3, 1, 1, 1, False, 5),  # a deep layer of small_input MobileNet
+    "32ch-1x1-image": (32, (1, 1), 3, 1, 1, 1, True, 6),  # MobileNet on 8x8 digits; channels innermost in NCHW too
+    "16ch-1x1-image-stride2": (16, (1, 1), 3, 2, 1, 1, False, 4),
+    "odd-19ch": (19, (6, 7), 3, 1, 1, 1, True, 2),  # ATen: not a multiple of 16
+    "5x5": (32, (9, 8), 5, 1, 2, 1, False, 2),  # ATen: not 3x3
+    "dilated": (16, (9, 10), 3, 1, 2, 2, True, 2),  # ATen: dilation 2
+}
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def make_case(name, dtype, layout, seed=0):
+    channels, hw, kernel, stride, padding, dilation, bias, batch = CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *hw, generator=g, dtype=dtype).contiguous(memory_format=layout)
+    weight = torch.randn(channels, 1, kernel, kernel, generator=g, dtype=dtype)
+    b = torch.randn(channels, generator=g, dtype=dtype) if bias else None
+    return x, weight, b, dict(stride=stride, padding=padding, dilation=dilation)
+
+
+def forward_backward(fn, x, weight, bias, grad_y_seed=1):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    y = fn(*leaves)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_y_seed), dtype=torch.float64).to(y.dtype)
+    y.backward(grad_y)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def oracle(x, weight, bias, geometry):
+    """F.conv2d in float64, gradients by autograd."""
+    double = [t.double() if t is not None else None for t in (x, weight, bias)]
+    return forward_backward(lambda *t: F.conv2d(*t, **geometry, groups=x.shape[1]), *double)
+
+
+def through_op(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """The custom op itself, whatever the image size (the public function routes large ones away)."""
+    return _depthwise_conv2d(x, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2)
+
+
+ENTRIES = {"public": depthwise_conv2d,
+           "op": pytest.param(through_op, marks=needs_native)}
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("entry", ENTRIES.values(), ids=list(ENTRIES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64_oracle(name, entry, dtype, layout):
+    x, weight, bias, geometry = make_case(name, dtype, layout)
+    got = forward_backward(lambda *t: entry(*t, **geometry), x, weight, bias)
+    want = oracle(x, weight, bias, geometry)
+    for what, g, w in zip(("y", "grad x", "grad weight", "grad bias"), got, want):
+        torch.testing.assert_close(g, w.to(dtype), **TOLERANCE[dtype], msg=lambda m: f"{what}: {m}")
+    assert got[0].is_contiguous(memory_format=layout) and got[1].is_contiguous(memory_format=layout)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weight_gradient_bit_identical_across_runs_and_threads(threads):
+    x, weight, _, geometry = make_case("32ch-stride2-bias", torch.float32, torch.channels_last)
+    x = torch.randn(24, 32, 15, 13, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(24, 32, 8, 7, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last)
+    args = ([2, 2], [1, 1], [1, 1], [False, True, False])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        first = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
+        again = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
+        torch.set_num_threads(1 if threads == 2 else 2)
+        other_threads = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(first, again) and torch.equal(first, other_threads)
+
+
+@needs_native
+@pytest.mark.skipif(not _has_avx512(), reason="the depthwise weight-gradient kernel needs AVX-512F")
+@pytest.mark.parametrize("case, layout", [("16ch", torch.channels_last), ("32ch-1x1-image", torch.contiguous_format)],
+                         ids=["nhwc", "one-pixel-nchw"])
+@pytest.mark.parametrize("isa, dnnl_calls", [("native", 0), ("baseline", 1)])
+def test_weight_gradient_skips_onednn(monkeypatch, isa, dnnl_calls, case, layout):
+    """The weight gradient alone (x needs none) runs paradis_C's kernel, no aten::convolution_backward,
+    unless PARADIS_CPU_ISA=baseline; both agree. One-pixel images (oneDNN's slowest case) run it in
+    either layout."""
+    x, weight, _, geometry = make_case(case, torch.float32, layout)
+    weight.requires_grad_()
+    if isa == "baseline":
+        monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
+    with torch.profiler.profile() as prof:
+        through_op(x, weight, None, **geometry).sum().backward()
+    names = [event.name for event in prof.events()]
+    assert names.count("paradis_C::depthwise_conv2d_backward") == 1
+    assert names.count("aten::convolution_backward") == dnnl_calls
+    grad = weight.grad
+    weight.grad = None
+    monkeypatch.setenv("PARADIS_CPU_ISA", "native" if isa == "baseline" else "baseline")
+    through_op(x, weight, None, **geometry).sum().backward()
+    torch.testing.assert_close(grad, weight.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_opcheck(layout):
+    x, weight, bias, _ = make_case("32ch-stride2-bias", torch.float32, layout)
+    for t in (x, weight, bias):
+        t.requires_grad_()
+    torch.library.opcheck(_depthwise_conv2d, (x, weight, bias, [2, 2], [1, 1], [1, 1]))
+    torch.library.opcheck(_depthwise_conv2d, (x, weight, None, [1, 1], [0, 0], [1, 1]))
+
+
+@pytest.mark.parametrize("case, backend, through_op", [
+    ("64ch-2x2-image", None, NATIVE), ("32ch-1x1-image", "cpu", NATIVE), ("64ch-2x2-image", "reference", False),
+    ("16ch", None, False)], ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image"])
+def test_routing(case, backend, through_op):
+    """Small images on the cpu backend go through the op; larger images and backends with no
+    depthwise kernel (reference) are F.conv2d itself."""
+    x, weight, _, geometry = make_case(case, torch.float32, torch.channels_last)
+    with use_backend(backend), torch.profiler.profile() as prof:
+        y = depthwise_conv2d(x, weight, None, **geometry)
+    assert y.shape[2] * y.shape[3] <= SMALL_IMAGE_PIXELS or not through_op
+    assert any(event.name == "paradis::depthwise_conv2d" for event in prof.events()) == through_op
+    torch.testing.assert_close(y, F.conv2d(x, weight, None, **geometry, groups=x.shape[1]))
+
+
+def test_module_is_a_grouped_conv2d():
+    torch.manual_seed(0)
+    module = DepthwiseConv2d(32, 3, stride=2, padding=1, bias=True)
+    stock = nn.Conv2d(32, 32, 3, 2, 1, groups=32, bias=True)
+    assert isinstance(module, nn.Conv2d) and module.groups == 32
+    assert stock.load_state_dict(module.state_dict()) is not None
+    x = torch.randn(3, 32, 9, 10).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(module(x), stock(x))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(x=torch.randn(2, 16, 5)), ValueError, "x must be 4-D"),
+    (dict(weight=torch.randn(16, 2, 3, 3)), ValueError, r"weight must be \[C, 1, kh, kw\] with C = 16"),
+    (dict(weight=torch.randn(8, 1, 3, 3)), ValueError, "C = 16"),
+    (dict(weight=torch.randn(16, 1, 3, 3, dtype=torch.float64)), TypeError, "mixed dtypes"),
+    (dict(bias=torch.randn(15)), ValueError, r"bias must have shape \(16,\)"),
+    (dict(x=torch.randn(2, 16, 2, 2), padding=0), ValueError, "smaller than the kernel"),
+    (dict(stride=0), ValueError, "stride must be an int >= 1"),
+    (dict(x=torch.randint(0, 3, (2, 16, 5, 5))), TypeError, "x must be a floating tensor"),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, error, message):
+    args = dict(x=torch.randn(2, 16, 5, 5), weight=torch.randn(16, 1, 3, 3), bias=None, stride=1, padding=1)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        depthwise_conv2d(**args)
