@@ -341,6 +341,29 @@ def test_channels_last_and_nchw_runs_agree(name):
                                    msg=lambda m: f"{param_name}: {m}")
 
 
+@pytest.mark.parametrize("builder", [
+    lambda: mobilenet_v1(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.25, small_input=True, in_channels=1),
+    lambda: resnet20(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.5, in_channels=1),
+    lambda: wdsr_a(2, ["1x1.0", "2x0.5"], n_feats=8, block_feats=16, n_blocks=1, in_channels=1)],
+    ids=["mobilenet_v1", "resnet20", "wdsr_a"])
+def test_one_channel_images_run_channels_last(builder):
+    """A grayscale image is NCHW and channels_last at once (the same memory); input_layout marks it
+    channels_last in its strides, so every layer after the stem runs channels_last on CPU too."""
+    from paradis_fast.ops.layout import memory_format
+
+    model = builder()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    assert memory_format(x) == torch.contiguous_format
+    assert memory_format(model.input_layout(x)) == torch.channels_last
+    assert torch.equal(model.input_layout(x), x)
+    layouts = []
+    for module in model.modules():
+        if isinstance(module, (SlicedConv2d, SwitchBatchNorm2d)):
+            module.register_forward_hook(lambda m, i, o: layouts.append(memory_format(o)))
+    model(x)
+    assert layouts and set(layouts) == {torch.channels_last}
+
+
 @pytest.mark.parametrize("name", ["resnet20", "wdsr_a"])
 def test_torch_compile_fullgraph_of_a_channels_last_model(name):
     """A whole model compiles into one graph on CPU, where it runs channels_last: the ops' fake

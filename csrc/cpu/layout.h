@@ -5,10 +5,11 @@
 namespace paradis {
 
 // The layout a CPU kernel runs in, as paradis_fast/ops/layout.py decides it: NHWC for a 4-D x laid
-// out channels_last (unless it is also NCHW-contiguous, where the two coincide), else NCHW. x's
-// own layout, so x is never copied.
+// out channels_last (channels_last-contiguous and either not NCHW-contiguous or, where the two
+// coincide, with channels_last's own strides), else NCHW. x's own layout, so x is never copied.
 inline at::MemoryFormat kernel_format(const at::Tensor& x) {
-  const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() != 4 || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::Contiguous;
+  const bool nhwc = !x.is_contiguous() || (x.stride(1) == 1 && x.stride(3) == x.size(1));
   return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.layout import memory_format
 from ..switches import SwitchSet, SwitchSetLike
 
 
@@ -22,7 +23,11 @@ class Switchable(nn.Module):
         otherwise, because the C++ kernels' NHWC paths and oneDNN's depthwise convolution are faster
         that way (bench/README.md); elsewhere the caller's layout."""
         use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
-        return x.contiguous(memory_format=torch.channels_last) if use and x.dim() == 4 else x
+        if not use or x.dim() != 4 or memory_format(x) == torch.channels_last:
+            return x
+        # empty_like gives a one-channel image channels_last's own strides (contiguous() would keep
+        # NCHW's, the same memory): the ops read the layout from the strides and pass it on.
+        return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
     def check_slices(self, channels: int, layer: str) -> None:
         """Reject at construction a channel count that leaves some sub-network an empty slice."""

@@ -13,9 +13,12 @@ from .backends import kernels_for
 
 
 def memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last for a 4-D x laid out so (unless it is also NCHW-contiguous, where the two
-    coincide), else contiguous (NCHW)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    """channels_last for a 4-D x laid out so: channels_last-contiguous and either not NCHW-contiguous
+    or, where the two coincide (one channel, one pixel), with channels_last's own strides (as
+    `Switchable.input_layout` marks a one-channel image); else contiguous (NCHW)."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    if not x.is_contiguous() or (x.stride(1) == 1 and x.stride(3) == x.shape[1]):
         return torch.channels_last
     return torch.contiguous_format
 
