@@ -33,6 +33,7 @@ import suites  # noqa: E402
 import timing  # noqa: E402
 from paradis_fast import SwitchSet  # noqa: E402
 from paradis_fast import models  # noqa: E402
+from paradis_fast.nn import DepthwiseConv2d  # noqa: E402
 from paradis_fast.ops import backends, sliced_conv2d, switch_batch_norm, use_backend  # noqa: E402
 from paradis_fast.train import InplaceDistillationLoss  # noqa: E402
 from paradis_fast import memory  # noqa: E402
@@ -218,6 +219,10 @@ def native_kernel_share(model, x, target, criterion) -> str:
         native = names.count(f"paradis_C::{op}_forward")
         report.append(f"{op}: {native}/{calls} forward calls native, "
                       f"{names.count(f'paradis_C::{op}_backward')} native backward")
+    depthwise = sum(isinstance(m, DepthwiseConv2d) for m in model.modules())
+    if depthwise:
+        report.append(f"depthwise_conv2d: {names.count('paradis_C::depthwise_conv2d_backward')}/{depthwise} backward "
+                      "calls native (images of <= 16 pixels; larger ones are F.conv2d's)")
     return "; ".join(report)
 
 
