@@ -51,10 +51,14 @@ class SwitchBatchNorm2d(Switchable):
     def _normalize(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
         momentum = self.momentum
         if self.training:
-            rows = torch.tensor(self.active_rows, device=self.num_batches_tracked.device)
-            self.num_batches_tracked.index_add_(0, rows, torch.ones_like(rows))
+            if self.active_rows == tuple(range(len(self.switches))):  # every switch, in order
+                counts = self.num_batches_tracked.add_(1)
+            else:
+                rows = torch.tensor(self.active_rows, device=self.num_batches_tracked.device)
+                self.num_batches_tracked.index_add_(0, rows, torch.ones_like(rows))
+                counts = self.num_batches_tracked[rows]
             if momentum is None:
-                momentum = 1.0 / self.num_batches_tracked[rows].float()
+                momentum = 1.0 / counts.float()
         return ops.switch_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.active,
                                      self.training, momentum, self.eps, activation, rows=self.active_rows,
                                      residual=residual)
