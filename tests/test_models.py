@@ -364,7 +364,7 @@ def test_one_channel_images_run_channels_last(builder):
     assert layouts and set(layouts) == {torch.channels_last}
 
 
-@pytest.mark.parametrize("name", ["resnet20", "wdsr_a"])
+@pytest.mark.parametrize("name", ["mobilenet_v1", "resnet20", "wdsr_a"])
 def test_torch_compile_fullgraph_of_a_channels_last_model(name):
     """A whole model compiles into one graph on CPU, where it runs channels_last: the ops' fake
     implementations give the layouts their kernels return. float64, so the comparison is tight."""

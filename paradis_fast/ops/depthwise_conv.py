@@ -71,10 +71,15 @@ _depthwise_conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _runs_native(device: torch.device, out_pixels: int) -> bool:
-    """Whether the cpu backend's kernel serves this call: a small image, and the cpu backend chosen
-    (automatically or forced) and built. Other backends have no kernel of their own for this op."""
-    return (out_pixels <= SMALL_IMAGE_PIXELS and forced_backend() in (None, "cpu")
-            and native.cpu.unavailable_reason(OP, device) is None)
+    """Whether the cpu backend's kernel serves this call: a small image on a device it serves."""
+    return out_pixels <= SMALL_IMAGE_PIXELS and _cpu_backend_serves(device.type)
+
+
+@torch._dynamo.assume_constant_result  # torch.compile: read once while tracing (the backend is a setting)
+def _cpu_backend_serves(device_type: str) -> bool:
+    """The cpu backend is chosen (automatically or forced) and built; other backends have no kernel
+    of their own for this op."""
+    return forced_backend() in (None, "cpu") and native.cpu.unavailable_reason(OP, torch.device(device_type)) is None
 
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
