@@ -178,3 +178,20 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         depthwise_conv2d(**args)
+
+
+@needs_native
+def test_compiled_under_another_backend_runs_atens_backward():
+    """torch.compile routes small CPU images through the op without reading the backend setting;
+    the op's backward then reads it and, for a backend other than cpu, runs ATen's convolution_backward."""
+    x, weight, _, geometry = make_case("64ch-2x2-image", torch.float32, torch.channels_last)
+    compiled = torch.compile(lambda x, w: depthwise_conv2d(x, w, None, **geometry), backend="aot_eager",
+                             fullgraph=True)
+    leaf = weight.clone().requires_grad_()
+    with use_backend("reference"), torch.profiler.profile() as prof:
+        compiled(x, leaf).square().sum().backward()
+    names = [event.name for event in prof.events()]
+    assert "paradis::depthwise_conv2d" in names and "paradis_C::depthwise_conv2d_backward" not in names
+    expected = weight.clone().requires_grad_()
+    F.conv2d(x, expected, None, **geometry, groups=x.shape[1]).square().sum().backward()
+    torch.testing.assert_close(leaf.grad, expected.grad, rtol=1e-4, atol=1e-4)

@@ -41,7 +41,11 @@ def _(x, weight, bias, stride, padding, dilation):
 def _depthwise_conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
                                dilation: List[int], output_mask: List[bool]) -> List[Tensor]:
     grad_y = grad_y.contiguous(memory_format=layout.memory_format(x))
-    grads = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, stride, padding, dilation, output_mask)
+    if _cpu_backend_serves(x.device.type):
+        grads = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, stride, padding, dilation, output_mask)
+    else:  # reached under torch.compile only, which routes without reading the backend setting
+        grads = torch.ops.aten.convolution_backward(grad_y, x, weight, [x.shape[1]], stride, padding, dilation, False,
+                                                    [0, 0], x.shape[1], output_mask)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -71,11 +75,13 @@ _depthwise_conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _runs_native(device: torch.device, out_pixels: int) -> bool:
-    """Whether the cpu backend's kernel serves this call: a small image on a device it serves."""
-    return out_pixels <= SMALL_IMAGE_PIXELS and _cpu_backend_serves(device.type)
+    """Whether the call goes through the op: a small image on CPU, where the cpu backend serves it.
+    torch.compile cannot trace the backend setting (a ContextVar): there the op's backward checks."""
+    if out_pixels > SMALL_IMAGE_PIXELS or device.type != "cpu":
+        return False
+    return torch.compiler.is_compiling() or _cpu_backend_serves(device.type)
 
 
-@torch._dynamo.assume_constant_result  # torch.compile: read once while tracing (the backend is a setting)
 def _cpu_backend_serves(device_type: str) -> bool:
     """The cpu backend is chosen (automatically or forced) and built; other backends have no kernel
     of their own for this op."""
