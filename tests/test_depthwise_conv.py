@@ -8,20 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from test_cpu_sliced_conv import _has_avx512
 from paradis_fast.nn import DepthwiseConv2d
 from paradis_fast.ops import available_backends, depthwise_conv2d, use_backend
 from paradis_fast.ops.depthwise_conv import SMALL_IMAGE_PIXELS, _depthwise_conv2d
 
 NATIVE = "cpu" in available_backends("depthwise_conv2d")
 needs_native = pytest.mark.skipif(not NATIVE, reason="paradis_fast._C has no CPU depthwise_conv2d kernel (not built)")
-
-
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return " avx512f" in info.read()
-    except OSError:
-        return False
 
 
 # (channels, (H, W), kernel, stride, padding, dilation, bias, batch)
