@@ -27,11 +27,15 @@ def case(switches, c_in, c_out, kernel, hw, stride=1, padding=None, dilation=1, 
 # Larger images, in both layouts: equal-width switches (2x0.5, 4x0.25, 3x1/3) run as one grouped
 # convolution, unequal ones (0.3+0.7, 0.5+0.25+0.25) block by block, the stem once per output range;
 # channels_last 1x1 layers on images of <= 16 pixels (and one-pixel images in either layout) as one
-# GEMM per block.
+# GEMM per block; on larger images (f32) on the pointwise GEMM kernels (AVX-512 CPUs).
 LARGE_CASES = {
     "pointwise": case(["1x1.0", "2x0.5", "0.3+0.7"], 12, 10, 1, (16, 17), batch=2),
     "pointwise-small-image": case(["1x1.0", "0.5+0.25+0.25", "4x0.25"], 40, 24, 1, (3, 5), batch=3),  # GEMMs in nhwc
     "pointwise-one-pixel": case(["1x1.0", "0.5+0.25+0.25", "4x0.25"], 40, 24, 1, (1, 1), batch=3),  # GEMMs in both
+    # 3 -> 2 channel blocks merged into block-diagonal products of <= 16 outputs; 150 -> 140 channels:
+    # several passes over k, column tiles with a masked tail, row tiles with single-row leftovers
+    "pointwise-gemm-narrow": case(["1x1.0", "8x0.125", "0.5+0.25+0.25"], 24, 16, 1, (5, 7), batch=2, seed=7),
+    "pointwise-gemm-wide": case(["1x1.0", "0.5+0.25+0.25"], 150, 140, 1, (4, 5), batch=3, seed=8),
     "pointwise-stride2": case(["4x0.25", "3x1/3"], 12, 9, 1, (33, 32), stride=2, bias=False),
     "3x3-split-image": case(["1x1.0", "2x0.5"], 80, 6, 3, (20, 21), seed=1),
     "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),
@@ -123,6 +127,54 @@ def test_narrow_group_units_skip_onednn(monkeypatch, isa, dnnl_calls):
     gx_other, gw_other, _ = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, False])
     for got, want in ((y, y_other), (gx, gx_other), (gw, gw_other)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
+def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypatch):
+    """A channels_last float32 1x1 layer on images of more than 16 pixels runs on the pointwise
+    GEMM kernels, with no ATen convolution or GEMM; under PARADIS_CPU_ISA=baseline on oneDNN, with
+    the same results."""
+    switches = SwitchSet(["1x1.0", "2x0.5", "0.5+0.25+0.25"])
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3 * 2, 40, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(36, 40, 1, 1, generator=g), torch.randn(36, generator=g)
+    grad_y = torch.randn(3 * 2, 36, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    blocks, geometry = list(conv_blocks(switches, 40, 36, False)), ([1, 1], [0, 0], [1, 1], False)
+
+    def run():
+        with torch.profiler.profile() as prof:
+            y = KERNEL.sliced_conv2d_forward(x, weight, bias, blocks, 3, *geometry)
+            grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, True])
+        names = {event.name for event in prof.events()}
+        return (y, *grads), names & {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm"}
+
+    native, aten_calls = run()
+    assert not aten_calls
+    monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
+    baseline, aten_calls = run()
+    assert "aten::convolution" in aten_calls
+    for got, want, what in zip(native, baseline, ("forward", "grad x", "grad weight", "grad bias")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+def test_pointwise_weight_gradient_same_for_any_thread_count():
+    """The weight gradient sums each block's rows over a fixed partition (several chunks here), so
+    one thread and two give the same bits."""
+    switches = SwitchSet(["1x1.0", "2x0.5", "4x0.25"])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3 * 4, 32, 24, 24, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(48, 32, 1, 1, generator=g)
+    grad_y = torch.randn(3 * 4, 48, 24, 24, generator=g).contiguous(memory_format=torch.channels_last)
+    blocks, geometry = list(conv_blocks(switches, 32, 48, False)), ([1, 1], [0, 0], [1, 1], False)
+    previous = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads.append(KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [False, True, False])[1])
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_backward_returns_only_requested_gradients():

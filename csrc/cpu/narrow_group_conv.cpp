@@ -5,10 +5,10 @@
 #include <c10/util/Exception.h>
 
 #include <array>
-#include <cstdlib>
-#include <string_view>
 #include <type_traits>
 #include <vector>
+
+#include "cpu/isa.h"
 
 // AVX-512 code through GCC's target pragmas: built by GCC for x86-64 only. Elsewhere no unit fits
 // and sliced_conv2d runs every unit on oneDNN.
@@ -294,12 +294,6 @@ Tensor grad_weight_impl(const Image& gy, const Image& x, int64_t B, int64_t C, c
           out[((g * S + m) * S + l % S) * kTaps + t] = parts[((v * kTaps + t) * S + m) * kLanes + l];
         }
   return grad;
-}
-
-bool avx512_enabled() {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const char* forced = std::getenv("PARADIS_CPU_ISA");
-  return has_avx512 && !(forced && std::string_view(forced) == "baseline");
 }
 
 int64_t group_width(const Tensor& weight, int64_t groups) {

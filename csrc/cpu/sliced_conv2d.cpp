@@ -12,6 +12,7 @@
 
 #include "cpu/layout.h"
 #include "cpu/narrow_group_conv.h"
+#include "cpu/pointwise_gemm.h"
 
 #include <algorithm>
 #include <tuple>
@@ -26,9 +27,11 @@
 // was as fast or faster on every layer of bench/suites.py, in both layouts, most of all on small
 // channel counts -- except channels_last 1x1 layers on small images (the deep layers of a
 // network), where a block is a GEMM of few rows that BLAS runs faster than oneDNN, straight into
-// the stacked tensors with no copy (bench/README.md): those run as one GEMM per block. And 3x3
-// float32 channels_last units of 4- or 8-channel groups, which oneDNN runs at a fraction of its
-// dense rate, run on narrow_group_conv.h's kernels (AVX-512), also in place.
+// the stacked tensors with no copy (bench/README.md): those run as one GEMM per block. Our own
+// kernels, AVX-512 and float32, in place: channels_last 1x1 layers on larger images on
+// pointwise_gemm.h's (faster than oneDNN on narrow blocks, and no unit output copied), 3x3 units of
+// 1-, 4- or 8-channel groups, which oneDNN runs at a fraction of its dense rate, on
+// narrow_group_conv.h's.
 namespace paradis {
 namespace {
 
@@ -247,17 +250,28 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
   }
 }
 
-// Channels_last 1x1 layers (stride 1, no padding) on images of at most this many pixels run as
-// one GEMM per block. Measured on the MobileNet v1 step's layers: there BLAS beats oneDNN's
-// (grouped) convolutions, most of all on the weight gradient, and it writes straight into the
-// stacked tensors; on larger images oneDNN wins (bench/README.md). Images of one pixel are
+// Channels_last 1x1 layers (stride 1, no padding) run as GEMMs on the channel slices of the
+// [pixels, channels] matrices, every block in place, no slice copied. On images of at most this many
+// pixels (the deep layers of a network) one BLAS GEMM per block, which beats oneDNN's (grouped)
+// convolutions there, most of all on the weight gradient; on larger images, where BLAS loses to
+// oneDNN, pointwise_gemm.h's kernels (float32, AVX-512), which beat both on narrow blocks and save
+// the copies of unit outputs (bench/README.md); else oneDNN's convolutions. Images of one pixel are
 // channels_last whatever their layout says (the same memory): [N, C, 1, 1] runs as GEMMs too.
-constexpr int64_t kGemmMaxPixels = 16;
+constexpr int64_t kBlasMaxPixels = 16;
 
-bool runs_as_gemms(const Geometry& g, const Tensor& x) {
+bool pointwise_layer(const Geometry& g, const Tensor& x) {
   return channels_innermost(x) && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
-         !g.shared && g.Ho * g.Wo <= kGemmMaxPixels;
+         !g.shared;
 }
+
+bool runs_on_blas(const Geometry& g, const Tensor& x) { return pointwise_layer(g, x) && g.Ho * g.Wo <= kBlasMaxPixels; }
+
+bool runs_on_pointwise_gemm(const Geometry& g, const Tensor& x) {
+  return pointwise_layer(g, x) && g.Ho * g.Wo > kBlasMaxPixels && x.scalar_type() == at::kFloat &&
+         pointwise_gemm_enabled();
+}
+
+bool runs_as_gemms(const Geometry& g, const Tensor& x) { return runs_on_blas(g, x) || runs_on_pointwise_gemm(g, x); }
 
 // A channels_last [N, C, H, W] tensor as the [N*H*W, C] matrix it is in memory (a view).
 Tensor pixel_rows(const Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
@@ -272,12 +286,27 @@ Tensor block_weight(const Tensor& w2, const Block& b) {
   return w2.narrow(0, b.o0, b.o1 - b.o0).narrow(1, b.i0, b.i1 - b.i0);
 }
 
-// The GEMMs write into views of the op's outputs: out= calls, which autograd refuses when an input
-// requires grad (a direct call from C++); a kernel is below autograd anyway.
+// The blocks as pointwise_gemm products from x's rows and input channels to y's rows and output
+// channels (forward and weight gradient), or from grad_y's to grad_x's (input gradient).
+std::vector<GemmBlock> gemm_blocks(const Geometry& g, const std::vector<Block>& blocks, bool to_input) {
+  const int64_t pixels = g.Ho * g.Wo;
+  std::vector<GemmBlock> out;
+  for (const Block& b : blocks)
+    out.push_back(to_input ? GemmBlock{b.y0 * pixels, b.x0 * pixels, g.B * pixels, b.o0, b.o1, b.i0, b.i1}
+                           : GemmBlock{b.x0 * pixels, b.y0 * pixels, g.B * pixels, b.i0, b.i1, b.o0, b.o1});
+  return out;
+}
+
+// The BLAS GEMMs write into views of the op's outputs: out= calls, which autograd refuses when an
+// input requires grad (a direct call from C++); a kernel is below autograd anyway.
 void forward_gemms(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y, const Geometry& g,
                    const std::vector<Block>& blocks) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensor x2 = pixel_rows(x), y2 = pixel_rows(y), w2 = weight.view({g.C_out, g.C_in});
+  if (runs_on_pointwise_gemm(g, x)) {
+    pointwise_gemm(x2, w2.t(), bias, y2, gemm_blocks(g, blocks, false));
+    return;
+  }
   for (const Block& b : blocks) {
     Tensor out = block_rows(y2, g, b.y0, b.o0, b.o1);
     const Tensor in = block_rows(x2, g, b.x0, b.i0, b.i1), w = block_weight(w2, b).t();
@@ -296,14 +325,22 @@ void backward_gemms(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
   const Tensor x2 = pixel_rows(x), gy2 = pixel_rows(grad_y), w2 = weight.view({g.C_out, g.C_in});
   const Tensor gx2 = grad_x.defined() ? pixel_rows(grad_x) : Tensor();
   const Tensor gw2 = grad_weight.defined() ? grad_weight.view({g.C_out, g.C_in}) : Tensor();
-  for (const Block& b : blocks) {
-    const Tensor gy = block_rows(gy2, g, b.y0, b.o0, b.o1);
-    if (gx2.defined()) {
-      Tensor out = block_rows(gx2, g, b.x0, b.i0, b.i1);
-      at::mm_out(out, gy, block_weight(w2, b));
+  if (runs_on_pointwise_gemm(g, x)) {
+    if (gx2.defined()) pointwise_gemm(gy2, w2, Tensor(), gx2, gemm_blocks(g, blocks, true));
+    if (gw2.defined()) pointwise_gemm_grad_weight(x2, gy2, gw2, gemm_blocks(g, blocks, false));
+  } else {
+    for (const Block& b : blocks) {
+      const Tensor gy = block_rows(gy2, g, b.y0, b.o0, b.o1);
+      if (gx2.defined()) {
+        Tensor out = block_rows(gx2, g, b.x0, b.i0, b.i1);
+        at::mm_out(out, gy, block_weight(w2, b));
+      }
+      if (gw2.defined()) block_weight(gw2, b).addmm_(gy.t(), block_rows(x2, g, b.x0, b.i0, b.i1));
     }
-    if (gw2.defined()) block_weight(gw2, b).addmm_(gy.t(), block_rows(x2, g, b.x0, b.i0, b.i1));
-    if (grad_bias.defined()) grad_bias.narrow(0, b.o0, b.o1 - b.o0).add_(gy.sum(0));
+  }
+  if (grad_bias.defined()) {
+    for (const Block& b : blocks)
+      grad_bias.narrow(0, b.o0, b.o1 - b.o0).add_(block_rows(gy2, g, b.y0, b.o0, b.o1).sum(0));
   }
 }
 

@@ -114,6 +114,14 @@ int main() {
        {0, 0, 8, 0, 12, 1, 0, 4, 0, 6, 1, 4, 8, 6, 12, 2, 0, 2, 0, 3, 2, 2, 4, 3, 6, 2, 4, 6, 6, 9, 2, 6, 8, 9, 12}},
       // 0.3+0.7 and a narrow 1x0.5, images large enough for in-place one-sample tiles
       {"pointwise large image", 2, 2, 10, 7, 1, 17, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
+      // nhwc f32 on AVX-512: the pointwise GEMM kernels. 150 -> 140 channels (several passes over k,
+      // column tiles with a masked tail, single-row leftovers); 8x0.125 of 24 -> 16 (3 -> 2 channel
+      // blocks merged into one block-diagonal product)
+      {"pointwise wide", 2, 2, 150, 140, 1, 5, 1, 0, 1, false,
+       {0, 0, 150, 0, 140, 1, 0, 75, 0, 70, 1, 75, 113, 70, 105, 1, 113, 150, 105, 140}},
+      {"pointwise narrow blocks", 1, 3, 24, 16, 1, 6, 1, 0, 1, false,
+       {0, 0, 3, 0, 2, 0, 3, 6, 2, 4, 0, 6, 9, 4, 6, 0, 9, 12, 6, 8, 0, 12, 15, 8, 10, 0, 15, 18, 10, 12, 0, 18, 21,
+        12, 14, 0, 21, 24, 14, 16}},
       {"pointwise 2x2 image, unequal", 2, 3, 10, 7, 1, 2, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
       {"3x3 stride 2", 2, 3, 6, 5, 3, 9, 2, 1, 1, false, {0, 0, 3, 0, 3, 0, 3, 6, 3, 5, 1, 0, 6, 0, 5}},
       // 2x0.5 and 4x0.25 over 16 channels: groups of 8 and 4, the narrow-group kernels (nhwc f32, AVX-512)
