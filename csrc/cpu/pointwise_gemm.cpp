@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <memory>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -31,12 +33,17 @@ namespace {
 
 constexpr int kLanes = 16;
 constexpr int kMaxVectors = 4;      // columns of a tile: up to 64
-constexpr int64_t kTaskRows = 48;   // rows of the forward per task (a multiple of the tiles' rows)
-constexpr int64_t kSubRows = 24;    // ... run by every product in turn (whole rows read while in L1)
-constexpr int64_t kDepth = 64;      // k per pass over a tile: b's 64 x 64 floats stay in L1
+constexpr int64_t kTile = kMaxVectors * kLanes;
+constexpr int64_t kTaskRows = 96;   // rows of the forward per task (a multiple of the tiles' rows)
+constexpr int64_t kSubRows = 24;    // ... run by every product of a switch in turn (rows read while in L1)
+constexpr int64_t kSoloSubRows = 48; // ... or by a switch's one product (more reuse of each weight panel)
+constexpr int64_t kDepth = 64;
+constexpr int64_t kPackRows = kSoloSubRows;      // k per pass over a tile: b's 64 x 64 floats stay in L1
 constexpr int64_t kMaxChunks = 32;  // the weight gradient's fixed partition of the rows
 constexpr int64_t kChunkRows = 256; // ... into chunks of at least this many rows
 constexpr int64_t kMaxPartials = int64_t{1} << 22; // ... and at most this many partial sums
+constexpr int64_t kMinTasks = 16;   // ... and at least this many tasks with the bands of output rows
+constexpr int64_t kBand = 48;       // output rows of a weight-gradient task
 
 // Rows of a tile of V vectors: R * V accumulators, V loaded vectors and a broadcast in 32 registers.
 template <int V>
@@ -131,64 +138,36 @@ void tile_column(const float* a, int64_t a_r, int64_t a_k, const float* b, int64
 // b(k, j) = b[j / 64 * b_tile + k * ldb + j % 64]: k in passes of kDepth, each over column tiles of
 // 64 and then rows.
 void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t b_tile, int64_t K,
-             const float* init, float* c, int64_t ldc, int64_t rows, int64_t columns) {
+             const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t columns) {
+  // Where several column tiles read the same rows of a (unit k stride), each pass copies its piece
+  // of them side by side: rows of a may be a multiple of 4 KiB apart, all in one L1 set.
+  const bool pack_a = columns > kTile && a_k == 1 && rows <= kPackRows;
+  alignas(64) float a_pack[kPackRows * kDepth];
   for (int64_t k = 0; k < K; k += kDepth) {
     const int64_t depth = std::min(kDepth, K - k);
-    for (int64_t j = 0; j < columns; j += kMaxVectors * kLanes) {
-      const int64_t left = std::min<int64_t>(columns - j, kMaxVectors * kLanes);
+    const float* ak = a + k * a_k;
+    int64_t ar = a_r;
+    if (pack_a) {
+      for (int64_t r = 0; r < rows; ++r) std::copy(ak + r * a_r, ak + r * a_r + depth, a_pack + r * kDepth);
+      ak = a_pack;
+      ar = kDepth;
+    }
+    for (int64_t j = 0; j < columns; j += kTile) {
+      const int64_t left = std::min<int64_t>(columns - j, kTile);
       const int V = static_cast<int>((left + kLanes - 1) / kLanes);
       const __mmask16 last = tail_mask(left - (V - 1) * kLanes);
-      const float* ak = a + k * a_k;
-      const float* bj = b + j / (kMaxVectors * kLanes) * b_tile + k * ldb;
+      const float* bj = b + j / (kTile) * b_tile + k * ldb;
       const float* ij = init ? init + j : nullptr;
       float* cj = c + j;
-      const bool acc = k > 0;
+      const bool acc = accumulate || k > 0;
       switch (V) {
-        case 1: tile_column<1>(ak, a_r, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
-        case 2: tile_column<2>(ak, a_r, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
-        case 3: tile_column<3>(ak, a_r, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
-        default: tile_column<4>(ak, a_r, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
+        case 1: tile_column<1>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
+        case 2: tile_column<2>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
+        case 3: tile_column<3>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
+        default: tile_column<4>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows); break;
       }
     }
   }
-}
-
-// A block's slice of m as the tiles read it: one [K][64] panel per column tile, zero-padded (rows of
-// the panel 256 bytes apart: m's own rows may be a multiple of 4 KiB apart, all in one L1 set); and
-// its bias, zero-padded to whole tiles.
-struct Packed {
-  std::vector<float> m, bias;
-};
-
-constexpr int64_t kTile = kMaxVectors * kLanes;
-
-// The packed slice of a product covering blocks [first, last): each block's entries of m, zeros
-// around them (a product of several blocks is block-diagonal).
-Packed pack(const Tensor& m, const Tensor& bias, const std::vector<GemmBlock>& blocks, size_t first, size_t last) {
-  const int64_t k0 = blocks[first].k0, n0 = blocks[first].n0;
-  const int64_t K = blocks[last - 1].k1 - k0, N = blocks[last - 1].n1 - n0, tiles = (N + kTile - 1) / kTile;
-  Packed p{std::vector<float>(tiles * K * kTile, 0.f), {}};
-  const float* src = m.data_ptr<float>();
-  const int64_t sk = m.stride(0), sn = m.stride(1);
-  const auto put = [&](int64_t k, int64_t n) {
-    p.m[((n - n0) / kTile * K + k - k0) * kTile + (n - n0) % kTile] = src[k * sk + n * sn];
-  };
-  for (size_t i = first; i < last; ++i) { // along m's rows or columns, whichever are contiguous
-    const GemmBlock& b = blocks[i];
-    if (sn == 1) {
-      for (int64_t k = b.k0; k < b.k1; ++k)
-        for (int64_t n = b.n0; n < b.n1; ++n) put(k, n);
-    } else {
-      for (int64_t n = b.n0; n < b.n1; ++n)
-        for (int64_t k = b.k0; k < b.k1; ++k) put(k, n);
-    }
-  }
-  if (bias.defined()) {
-    const auto bs = bias.accessor<float, 1>();
-    p.bias.assign(tiles * kTile, 0.f);
-    for (int64_t n = 0; n < N; ++n) p.bias[n] = bs[n0 + n];
-  }
-  return p;
 }
 
 // The products that pointwise_gemm runs: each block alone, except that narrow neighbours (the
@@ -218,11 +197,63 @@ std::vector<Product> products_of(const std::vector<GemmBlock>& blocks) {
   return out;
 }
 
-// The chunks of the weight gradient's fixed row partition: a function of the block's shape only.
-int64_t chunks_of(const GemmBlock& b, int64_t padded_k) {
+// Each product's slice of m as the tiles read it: one [K][64] panel per column tile, zero-padded (rows
+// of a panel 256 bytes apart: m's own rows may be a multiple of 4 KiB apart, all in one L1 set),
+// each block's entries of m and zeros around them (a product of several blocks is block-diagonal);
+// and its bias, zero-padded to whole tiles. Filled in parallel, one panel per task.
+struct Packed {
+  std::unique_ptr<float[]> m;
+  std::vector<float> bias;
+};
+
+std::vector<Packed> pack(const Tensor& m, const Tensor& bias, const std::vector<GemmBlock>& blocks,
+                         const std::vector<Product>& products) {
+  std::vector<Packed> packed(products.size());
+  std::vector<std::pair<size_t, int64_t>> panels; // (product, column tile)
+  for (size_t i = 0; i < products.size(); ++i) {
+    const GemmBlock& s = products[i].span;
+    const int64_t tiles = (s.n1 - s.n0 + kTile - 1) / kTile;
+    packed[i].m.reset(new float[tiles * (s.k1 - s.k0) * kTile]);
+    for (int64_t t = 0; t < tiles; ++t) panels.push_back({i, t});
+    if (bias.defined()) {
+      const auto bs = bias.accessor<float, 1>();
+      packed[i].bias.assign(tiles * kTile, 0.f);
+      for (int64_t n = s.n0; n < s.n1; ++n) packed[i].bias[n - s.n0] = bs[n];
+    }
+  }
+  const float* src = m.data_ptr<float>();
+  const int64_t sk = m.stride(0), sn = m.stride(1);
+  at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const auto [i, t] = panels[q];
+      const GemmBlock& s = products[i].span;
+      const int64_t K = s.k1 - s.k0, first = s.n0 + t * kTile, stop = std::min(s.n1, first + kTile);
+      float* panel = packed[i].m.get() + t * K * kTile;
+      std::fill(panel, panel + K * kTile, 0.f);
+      for (size_t j = products[i].first; j < products[i].last; ++j) {
+        const GemmBlock& b = blocks[j];
+        const int64_t n0 = std::max(b.n0, first), n1 = std::min(b.n1, stop);
+        const auto put = [&](int64_t k, int64_t n) { panel[(k - s.k0) * kTile + n - first] = src[k * sk + n * sn]; };
+        if (sn == 1) { // along m's rows or columns, whichever are contiguous
+          for (int64_t k = b.k0; k < b.k1; ++k)
+            for (int64_t n = n0; n < n1; ++n) put(k, n);
+        } else {
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t k = b.k0; k < b.k1; ++k) put(k, n);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// The chunks of the weight gradient's fixed row partition, a function of the block's shape only:
+// enough (chunk, band) tasks to keep every thread busy, each chunk of at least kChunkRows rows.
+int64_t chunks_of(const GemmBlock& b, int64_t bands, int64_t padded_k) {
   const int64_t by_rows = std::max<int64_t>(1, b.rows / kChunkRows);
+  const int64_t by_tasks = std::max<int64_t>(1, kMinTasks / bands);
   const int64_t by_memory = std::max<int64_t>(1, kMaxPartials / ((b.n1 - b.n0) * padded_k));
-  return std::min({kMaxChunks, by_rows, by_memory});
+  return std::min({kMaxChunks, by_rows, by_tasks, by_memory});
 }
 
 } // namespace
@@ -240,8 +271,7 @@ void pointwise_gemm(const Tensor& in, const Tensor& m, const Tensor& bias, const
               "pointwise_gemm: bias must be float32 [", y.cols, "]");
   for (const GemmBlock& b : blocks) check_block(b, x, y, x.cols, y.cols);
   const std::vector<Product> products = products_of(blocks);
-  std::vector<Packed> packed;
-  for (const Product& p : products) packed.push_back(pack(m, bias, blocks, p.first, p.last));
+  const std::vector<Packed> packed = pack(m, bias, blocks, products);
   // Tasks of kTaskRows rows of a run of products over the same rows (a switch's sub-networks): a
   // task runs every product of its run on its rows, so each row of out is written while hot. Each
   // thread takes a contiguous range of tasks of about equal work (a product weighs K * N per row).
@@ -269,15 +299,16 @@ void pointwise_gemm(const Tensor& in, const Tensor& m, const Tensor& bias, const
       return std::lower_bound(work.begin(), work.end() - 1, work.back() * part / parts) - work.begin();
     };
     for (int64_t t = task_at(begin); t < task_at(end); ++t) {
+      const int64_t sub_rows = task_last[t] - task_first[t] > 1 ? kSubRows : kSoloSubRows;
       const int64_t rows = std::min(kTaskRows, products[task_first[t]].span.rows - task_row[t]);
-      for (int64_t s = 0; s < rows; s += kSubRows)
+      for (int64_t s = 0; s < rows; s += sub_rows)
         for (size_t i = task_first[t]; i < task_last[t]; ++i) {
           const GemmBlock& b = products[i].span;
           const Packed& p = packed[i];
           const int64_t r0 = task_row[t] + s;
-          product(x.data + (b.in_row0 + r0) * x.ld + b.k0, x.ld, 1, p.m.data(), kTile, (b.k1 - b.k0) * kTile,
-                  b.k1 - b.k0, p.bias.empty() ? nullptr : p.bias.data(), y.data + (b.out_row0 + r0) * y.ld + b.n0,
-                  y.ld, std::min(kSubRows, rows - s), b.n1 - b.n0);
+          product(x.data + (b.in_row0 + r0) * x.ld + b.k0, x.ld, 1, p.m.get(), kTile, (b.k1 - b.k0) * kTile,
+                  b.k1 - b.k0, p.bias.empty() ? nullptr : p.bias.data(), false, y.data + (b.out_row0 + r0) * y.ld + b.n0,
+                  y.ld, std::min(sub_rows, rows - s), b.n1 - b.n0);
         }
     }
   });
@@ -293,19 +324,20 @@ void pointwise_gemm_grad_weight(const Tensor& in, const Tensor& grad_out, const 
   for (const GemmBlock& b : blocks) {
     if (b.rows == 0) continue;
     const int64_t N = b.n1 - b.n0, K = b.k1 - b.k0, ld = (K + kLanes - 1) / kLanes * kLanes;
-    const int64_t chunks = chunks_of(b, ld);
-    // Tasks: (chunk, band of output rows); each writes its own partial sums, in row order.
-    constexpr int64_t kBand = 48;
-    const int64_t bands = (N + kBand - 1) / kBand;
-    std::vector<float> partial(chunks * N * ld);
+    const int64_t bands = (N + kBand - 1) / kBand, chunks = chunks_of(b, bands, ld);
+    // Tasks: (chunk, band of output rows), each summing its rows in order; one chunk adds straight
+    // into grad_w, several write partial sums, added up in chunk order.
+    std::vector<float> partial(chunks > 1 ? chunks * N * ld : 0);
     at::parallel_for(0, chunks * bands, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t / bands, n = t % bands * kBand;
         const int64_t p0 = b.rows * c / chunks, p1 = b.rows * (c + 1) / chunks;
+        float* to = chunks > 1 ? partial.data() + (c * N + n) * ld : gw.data + (b.n0 + n) * gw.ld + b.k0;
         product(gy.data + (b.out_row0 + p0) * gy.ld + b.n0 + n, 1, gy.ld, x.data + (b.in_row0 + p0) * x.ld + b.k0,
-                x.ld, kTile, p1 - p0, nullptr, partial.data() + (c * N + n) * ld, ld, std::min(kBand, N - n), K);
+                x.ld, kTile, p1 - p0, nullptr, chunks == 1, to, chunks > 1 ? ld : gw.ld, std::min(kBand, N - n), K);
       }
     });
+    if (chunks == 1) continue;
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         float* to = gw.data + (b.n0 + n) * gw.ld + b.k0;

@@ -251,24 +251,29 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
 }
 
 // Channels_last 1x1 layers (stride 1, no padding) run as GEMMs on the channel slices of the
-// [pixels, channels] matrices, every block in place, no slice copied. On images of at most this many
-// pixels (the deep layers of a network) one BLAS GEMM per block, which beats oneDNN's (grouped)
-// convolutions there, most of all on the weight gradient; on larger images, where BLAS loses to
-// oneDNN, pointwise_gemm.h's kernels (float32, AVX-512), which beat both on narrow blocks and save
-// the copies of unit outputs (bench/README.md); else oneDNN's convolutions. Images of one pixel are
-// channels_last whatever their layout says (the same memory): [N, C, 1, 1] runs as GEMMs too.
+// [pixels, channels] matrices, every block in place, no slice copied: float32 on pointwise_gemm.h's
+// kernels (AVX-512), which beat oneDNN's (grouped) convolutions on narrow blocks and save the
+// copies of unit outputs, except on small images with few pixel rows per switch (the deepest layers
+// of a network: [64, 1024, 2, 2] is 256 rows), where BLAS runs the wide blocks faster; there, and
+// for float64 or without AVX-512, one BLAS GEMM per block, which beats oneDNN on images of at most
+// 16 pixels, most of all on the weight gradient; larger images go to oneDNN (bench/README.md).
+// Images of one pixel are channels_last whatever their layout says (the same memory): [N, C, 1, 1]
+// runs as GEMMs too.
 constexpr int64_t kBlasMaxPixels = 16;
+constexpr int64_t kBlasMaxRows = 1024;
 
 bool pointwise_layer(const Geometry& g, const Tensor& x) {
   return channels_innermost(x) && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
          !g.shared;
 }
 
-bool runs_on_blas(const Geometry& g, const Tensor& x) { return pointwise_layer(g, x) && g.Ho * g.Wo <= kBlasMaxPixels; }
-
 bool runs_on_pointwise_gemm(const Geometry& g, const Tensor& x) {
-  return pointwise_layer(g, x) && g.Ho * g.Wo > kBlasMaxPixels && x.scalar_type() == at::kFloat &&
-         pointwise_gemm_enabled();
+  const bool large = g.Ho * g.Wo > kBlasMaxPixels || g.B * g.Ho * g.Wo >= kBlasMaxRows;
+  return pointwise_layer(g, x) && large && x.scalar_type() == at::kFloat && pointwise_gemm_enabled();
+}
+
+bool runs_on_blas(const Geometry& g, const Tensor& x) {
+  return pointwise_layer(g, x) && g.Ho * g.Wo <= kBlasMaxPixels && !runs_on_pointwise_gemm(g, x);
 }
 
 bool runs_as_gemms(const Geometry& g, const Tensor& x) { return runs_on_blas(g, x) || runs_on_pointwise_gemm(g, x); }
