@@ -160,6 +160,29 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
+def test_pointwise_outputs_larger_than_16_mib_are_streamed_correctly(monkeypatch):
+    """y (42 MiB) and grad_x (21 MiB) go out through non-temporal stores where a tile's row is
+    64-byte aligned, with masked stores for partial vectors (1x0.75: 72 of 96 channels, the rest
+    zero) and unaligned blocks (24 channels at channel 72); the results match oneDNN's
+    (PARADIS_CPU_ISA=baseline)."""
+    switches = SwitchSet(["1x1.0", "0.5+0.25+0.25", "1x0.75"])
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3 * 16, 48, 48, 48, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(96, 48, 1, 1, generator=g)
+    grad_y = torch.randn(3 * 16, 96, 48, 48, generator=g).contiguous(memory_format=torch.channels_last)
+    blocks, geometry = list(conv_blocks(switches, 48, 96, False)), ([1, 1], [0, 0], [1, 1], False)
+
+    def run():
+        y = KERNEL.sliced_conv2d_forward(x, weight, None, blocks, 3, *geometry)
+        return (y, *KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, False])[:2])
+
+    native = run()
+    monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
+    for got, want, what in zip(native, run(), ("forward", "grad x", "grad weight")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3, msg=lambda m: f"{what}: {m}")
+
+
 def test_pointwise_weight_gradient_same_for_any_thread_count():
     """The weight gradient sums each block's rows over a fixed partition (several chunks here), so
     one thread and two give the same bits."""
