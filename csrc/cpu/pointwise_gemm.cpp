@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdint>
 #include <memory>
 #include <cstdlib>
 #include <type_traits>
@@ -38,8 +39,8 @@ constexpr int64_t kTile = kMaxVectors * kLanes;
 constexpr int64_t kTaskRows = 96;   // rows of the forward per task (a multiple of the tiles' rows)
 constexpr int64_t kSubRows = 24;    // ... run by every product of a switch in turn (rows read while in L1)
 constexpr int64_t kSoloSubRows = 48; // ... or by a switch's one product (more reuse of each weight panel)
-constexpr int64_t kDepth = 64;
-constexpr int64_t kPackRows = kSoloSubRows;      // k per pass over a tile: b's 64 x 64 floats stay in L1
+constexpr int64_t kDepth = 64;      // k per pass over a tile: b's 64 x 64 floats stay in L1
+constexpr int64_t kPackRows = kSoloSubRows; // most rows of a copied side by side per pass
 constexpr int64_t kMaxChunks = 32;  // the weight gradient's fixed partition of the rows
 constexpr int64_t kChunkRows = 256; // ... into chunks of at least this many rows
 constexpr int64_t kMaxPartials = int64_t{1} << 22; // ... and at most this many partial sums
@@ -86,7 +87,8 @@ __mmask16 tail_mask(int64_t columns) { // columns in the last vector of a tile, 
 
 // acc[r][v] = start + sum over k < K of a[r * a_r + k * a_k] * b[k * ldb + 16 v, +16), written to
 // c + r * ldc + 16 v; start is c itself (accumulate), else init(v), or zero where init is null. The
-// last vector of b, init and c is masked by `last`.
+// last vector of b, init and c is masked by `last`. stream: whole vectors of c (64-byte aligned) go
+// out through non-temporal stores.
 template <int R, int V>
 __attribute__((always_inline)) inline void tile(const float* a, int64_t a_r, int64_t a_k, const float* b,
                                                 int64_t ldb, int64_t K, __mmask16 last, const float* init,
@@ -133,7 +135,7 @@ template <int V>
 void tile_column(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t K, __mmask16 last,
                  const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, bool stream) {
   constexpr int R = tile_rows<V>();
-  stream = stream && reinterpret_cast<uintptr_t>(c) % 64 == 0 && ldc % kLanes == 0;
+  stream = stream && reinterpret_cast<std::uintptr_t>(c) % 64 == 0 && ldc % kLanes == 0;
   int64_t r = 0;
   for (; r + R <= rows; r += R)
     tile<R, V>(a + r * a_r, a_r, a_k, b, ldb, K, last, init, accumulate, c + r * ldc, ldc, stream);
@@ -165,7 +167,7 @@ void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t l
       const int64_t left = std::min<int64_t>(columns - j, kTile);
       const int V = static_cast<int>((left + kLanes - 1) / kLanes);
       const __mmask16 last = tail_mask(left - (V - 1) * kLanes);
-      const float* bj = b + j / (kTile) * b_tile + k * ldb;
+      const float* bj = b + j / kTile * b_tile + k * ldb;
       const float* ij = init ? init + j : nullptr;
       float* cj = c + j;
       const bool acc = accumulate || k > 0;

@@ -28,7 +28,7 @@
 // channel counts -- except channels_last 1x1 layers on small images (the deep layers of a
 // network), where a block is a GEMM of few rows that BLAS runs faster than oneDNN, straight into
 // the stacked tensors with no copy (bench/README.md): those run as one GEMM per block. Our own
-// kernels, AVX-512 and float32, in place: channels_last 1x1 layers on larger images on
+// kernels, AVX-512 and float32, in place: channels_last 1x1 layers with many pixel rows on
 // pointwise_gemm.h's (faster than oneDNN on narrow blocks, and no unit output copied), 3x3 units of
 // 1-, 4- or 8-channel groups, which oneDNN runs at a fraction of its dense rate, on
 // narrow_group_conv.h's.
