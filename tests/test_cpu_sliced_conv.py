@@ -129,6 +129,19 @@ def test_narrow_group_units_skip_onednn(monkeypatch, isa, dnnl_calls):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+POINTWISE_GEOMETRY = ([1, 1], [0, 0], [1, 1], False)  # stride, padding, dilation, input_shared
+
+
+def _pointwise_problem(specs, batch, c_in, c_out, hw, seed):
+    """Random channels_last x and grad_y of a 1x1 layer over the switches `specs`, its weight and
+    block table."""
+    switches, g = SwitchSet(specs), torch.Generator().manual_seed(seed)
+    x = torch.randn(len(switches) * batch, c_in, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 1, 1, generator=g)
+    grad_y = torch.randn(len(switches) * batch, c_out, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, weight, grad_y, list(conv_blocks(switches, c_in, c_out, False))
+
+
 @pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
 @pytest.mark.parametrize("batch, hw, ours", [(2, (6, 5), True), (64, (4, 4), True), (8, (4, 4), False)],
                          ids=["30px", "16px-1024-rows", "16px-128-rows"])
@@ -137,17 +150,14 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
     convolution or GEMM, on images of more than 16 pixels or with at least 1024 pixel rows per
     switch; on fewer rows of small images on BLAS; under PARADIS_CPU_ISA=baseline on ATen, with the
     same results."""
-    switches = SwitchSet(["1x1.0", "2x0.5", "0.5+0.25+0.25"])
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(3 * batch, 40, *hw, generator=g).contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.randn(36, 40, 1, 1, generator=g), torch.randn(36, generator=g)
-    grad_y = torch.randn(3 * batch, 36, *hw, generator=g).contiguous(memory_format=torch.channels_last)
-    blocks, geometry = list(conv_blocks(switches, 40, 36, False)), ([1, 1], [0, 0], [1, 1], False)
+    x, weight, grad_y, blocks = _pointwise_problem(["1x1.0", "2x0.5", "0.5+0.25+0.25"], batch, 40, 36, hw, seed=4)
+    bias = torch.randn(36, generator=torch.Generator().manual_seed(4))
 
     def run():
         with torch.profiler.profile() as prof:
-            y = KERNEL.sliced_conv2d_forward(x, weight, bias, blocks, 3, *geometry)
-            grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, True])
+            y = KERNEL.sliced_conv2d_forward(x, weight, bias, blocks, 3, *POINTWISE_GEOMETRY)
+            grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *POINTWISE_GEOMETRY,
+                                                  [True, True, True])
         names = {event.name for event in prof.events()}
         return (y, *grads), names & {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm"}
 
@@ -166,16 +176,13 @@ def test_pointwise_outputs_larger_than_16_mib_are_streamed_correctly(monkeypatch
     64-byte aligned, with masked stores for partial vectors (1x0.75: 72 of 96 channels, the rest
     zero) and unaligned blocks (24 channels at channel 72); the results match oneDNN's
     (PARADIS_CPU_ISA=baseline)."""
-    switches = SwitchSet(["1x1.0", "0.5+0.25+0.25", "1x0.75"])
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(3 * 16, 48, 48, 48, generator=g).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(96, 48, 1, 1, generator=g)
-    grad_y = torch.randn(3 * 16, 96, 48, 48, generator=g).contiguous(memory_format=torch.channels_last)
-    blocks, geometry = list(conv_blocks(switches, 48, 96, False)), ([1, 1], [0, 0], [1, 1], False)
+    specs = ["1x1.0", "0.5+0.25+0.25", "1x0.75"]
+    x, weight, grad_y, blocks = _pointwise_problem(specs, 16, 48, 96, (48, 48), seed=6)
 
     def run():
-        y = KERNEL.sliced_conv2d_forward(x, weight, None, blocks, 3, *geometry)
-        return (y, *KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, False])[:2])
+        y = KERNEL.sliced_conv2d_forward(x, weight, None, blocks, 3, *POINTWISE_GEOMETRY)
+        grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *POINTWISE_GEOMETRY, [True, True, False])
+        return y, grads[0], grads[1]
 
     native = run()
     monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
@@ -186,18 +193,14 @@ def test_pointwise_outputs_larger_than_16_mib_are_streamed_correctly(monkeypatch
 def test_pointwise_weight_gradient_same_for_any_thread_count():
     """The weight gradient sums each block's rows over a fixed partition (several chunks here), so
     one thread and two give the same bits."""
-    switches = SwitchSet(["1x1.0", "2x0.5", "4x0.25"])
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(3 * 4, 32, 24, 24, generator=g).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(48, 32, 1, 1, generator=g)
-    grad_y = torch.randn(3 * 4, 48, 24, 24, generator=g).contiguous(memory_format=torch.channels_last)
-    blocks, geometry = list(conv_blocks(switches, 32, 48, False)), ([1, 1], [0, 0], [1, 1], False)
+    x, weight, grad_y, blocks = _pointwise_problem(["1x1.0", "2x0.5", "4x0.25"], 4, 32, 48, (24, 24), seed=5)
     previous = torch.get_num_threads()
     grads = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            grads.append(KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [False, True, False])[1])
+            mask = [False, True, False]
+            grads.append(KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *POINTWISE_GEOMETRY, mask)[1])
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(grads[0], grads[1])
