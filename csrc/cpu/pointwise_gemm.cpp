@@ -42,9 +42,8 @@ constexpr int64_t kSoloSubRows = 48; // ... or by a switch's one product (more r
 constexpr int64_t kDepth = 64;      // k per pass over a tile: b's 64 x 64 floats stay in L1
 constexpr int64_t kPackRows = kSoloSubRows; // most rows of a copied side by side per pass
 constexpr int64_t kMaxChunks = 32;  // the weight gradient's fixed partition of the rows
-constexpr int64_t kChunkRows = 256; // ... into chunks of at least this many rows
+constexpr int64_t kChunkRows = 512; // ... into chunks of at least this many rows
 constexpr int64_t kMaxPartials = int64_t{1} << 22; // ... and at most this many partial sums
-constexpr int64_t kMinTasks = 16;   // ... and at least this many tasks with the bands of output rows
 constexpr int64_t kBand = 48;       // output rows of a weight-gradient task
 // Outputs larger than this are written with non-temporal stores: they would not stay cached for
 // the next op anyway (half this machine's L3), and a normal store first reads each line it writes
@@ -260,12 +259,12 @@ std::vector<Packed> pack(const Tensor& m, const Tensor& bias, const std::vector<
 }
 
 // The chunks of the weight gradient's fixed row partition, a function of the block's shape only:
-// enough (chunk, band) tasks to keep every thread busy, each chunk of at least kChunkRows rows.
-int64_t chunks_of(const GemmBlock& b, int64_t bands, int64_t padded_k) {
+// chunks of at least kChunkRows rows (a chunk's rows of x and grad_y stay in L2 while every band of
+// output rows reads them).
+int64_t chunks_of(const GemmBlock& b, int64_t padded_k) {
   const int64_t by_rows = std::max<int64_t>(1, b.rows / kChunkRows);
-  const int64_t by_tasks = std::max<int64_t>(1, kMinTasks / bands);
   const int64_t by_memory = std::max<int64_t>(1, kMaxPartials / ((b.n1 - b.n0) * padded_k));
-  return std::min({kMaxChunks, by_rows, by_tasks, by_memory});
+  return std::min({kMaxChunks, by_rows, by_memory});
 }
 
 } // namespace
@@ -340,7 +339,7 @@ void pointwise_gemm_grad_weight(const Tensor& in, const Tensor& grad_out, const 
   for (const GemmBlock& b : blocks) {
     if (b.rows == 0) continue;
     const int64_t N = b.n1 - b.n0, K = b.k1 - b.k0, ld = (K + kLanes - 1) / kLanes * kLanes;
-    const int64_t bands = (N + kBand - 1) / kBand, chunks = chunks_of(b, bands, ld);
+    const int64_t bands = (N + kBand - 1) / kBand, chunks = chunks_of(b, ld);
     // Tasks: (chunk, band of output rows), each summing its rows in order; one chunk adds straight
     // into grad_w, several write partial sums, added up in chunk order.
     std::vector<float> partial(chunks > 1 ? chunks * N * ld : 0);
