@@ -77,6 +77,11 @@ void check_block(const GemmBlock& b, const Matrix& in, const Matrix& out, int64_
               b.k1, "), n [", b.n0, ", ", b.n1, ")) is outside in ", in.rows, " x ", K, ", out ", out.rows, " x ", N);
 }
 
+// Whether two blocks run over the same rows (blocks of one switch).
+bool same_rows(const GemmBlock& a, const GemmBlock& b) {
+  return a.in_row0 == b.in_row0 && a.out_row0 == b.out_row0 && a.rows == b.rows;
+}
+
 __mmask16 tail_mask(int64_t columns) { // columns in the last vector of a tile, 1..16
   return static_cast<__mmask16>((1u << columns) - 1u);
 }
@@ -195,8 +200,7 @@ std::vector<Product> products_of(const std::vector<GemmBlock>& blocks) {
     const GemmBlock& b = blocks[i];
     if (!out.empty()) {
       GemmBlock& s = out.back().span;
-      if (s.in_row0 == b.in_row0 && s.out_row0 == b.out_row0 && s.rows == b.rows && s.k1 == b.k0 && s.n1 == b.n0 &&
-          b.n1 - s.n0 <= kLanes) {
+      if (same_rows(s, b) && s.k1 == b.k0 && s.n1 == b.n0 && b.n1 - s.n0 <= kLanes) {
         s.k1 = b.k1;
         s.n1 = b.n1;
         out.back().last = i + 1;
@@ -292,9 +296,7 @@ void pointwise_gemm(const Tensor& in, const Tensor& m, const Tensor& bias, const
     const GemmBlock& head = products[i].span;
     size_t j = i;
     int64_t weight = 0;
-    for (; j < products.size() && products[j].span.in_row0 == head.in_row0 &&
-           products[j].span.out_row0 == head.out_row0 && products[j].span.rows == head.rows;
-         ++j)
+    for (; j < products.size() && same_rows(products[j].span, head); ++j)
       weight += (products[j].span.k1 - products[j].span.k0 + kLanes) * (products[j].span.n1 - products[j].span.n0);
     for (int64_t r = 0; r < head.rows; r += kTaskRows) {
       task_first.push_back(i);
