@@ -10,7 +10,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 
 def extension():
-    sources = ["csrc/paradis.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/paradis.cpp", "csrc/autograd.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda and CUDA_HOME is not None)
     if with_cuda:

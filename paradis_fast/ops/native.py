@@ -38,6 +38,15 @@ class NativeBackend:
             return f"paradis_fast._C has no {self.dispatch_key} kernel for {op}"
         return None
 
+    @functools.lru_cache(maxsize=None)
+    def autograd_op(self, op: str):
+        """paradis_C::<op>, the op with its autograd in C++, where this build has it; else None."""
+        try:
+            has_autograd = torch._C._dispatch_has_kernel_for_dispatch_key(f"paradis_C::{op}", "Autograd")
+        except RuntimeError:  # no such schema
+            return None
+        return getattr(torch.ops.paradis_C, op) if has_autograd and self._missing_kernel(op) is None else None
+
     def __getattr__(self, name: str):
         if name.endswith("_forward") or name.endswith("_backward"):
             return getattr(torch.ops.paradis_C, name)

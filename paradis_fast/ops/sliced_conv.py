@@ -91,4 +91,5 @@ def sliced_conv2d(
         if conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) < 1:
             raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
     blocks = conv_blocks(switches, weight.shape[1], weight.shape[0], bool(input_shared))
-    return _sliced_conv2d(x, weight, bias, list(blocks), len(switches), stride, padding, dilation, bool(input_shared))
+    op = layout.eager_autograd_op(OP, x) or _sliced_conv2d
+    return op(x, weight, bias, list(blocks), len(switches), stride, padding, dilation, bool(input_shared))

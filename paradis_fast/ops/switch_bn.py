@@ -158,8 +158,10 @@ def switch_batch_norm(
     if training and count < 2:
         raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
     covered = list(covered_channels(switches, channels))
-    y, mean, var = _switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation,
-                                      residual)
+    op = layout.eager_autograd_op(OP, x)
+    if op is None or (residual is not None and OP not in getattr(kernels_for(OP, x.device), "residual_ops", ())):
+        op = _switch_batch_norm
+    y, mean, var = op(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual)
     if training:
         update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum)
     return y
