@@ -1,5 +1,5 @@
 // The differentiable paradis_C ops, their autograd in C++: the eager path of the native backends
-// (paradis_fast/ops/backends.py: native_autograd_op). The same forward and backward kernels as
+// (paradis_fast/ops/layout.py: eager_autograd_op). The same forward and backward kernels as
 // the paradis:: custom ops (torch.library, Python), without their Python dispatch and autograd
 // glue: ~0.2 ms less per layer call (bench/README.md), a third of a small-batch step. torch.compile
 // and torch.export keep tracing the paradis:: ops, which have fake kernels.
