@@ -36,7 +36,9 @@ LARGE_CASES = {
     # several passes over k, column tiles with a masked tail, row tiles with single-row leftovers
     "pointwise-gemm-narrow": case(["1x1.0", "8x0.125", "0.5+0.25+0.25"], 24, 16, 1, (5, 7), batch=2, seed=7),
     "pointwise-gemm-wide": case(["1x1.0", "0.5+0.25+0.25"], 150, 140, 1, (4, 5), batch=3, seed=8),
+    # stride > 1: the stride grid gathered, then as above (pointwise GEMM kernels; BLAS at 9 pixels)
     "pointwise-stride2": case(["4x0.25", "3x1/3"], 12, 9, 1, (33, 32), stride=2, bias=False),
+    "pointwise-stride3-small": case(["1x1.0", "0.5+0.25+0.25"], 10, 14, 1, (7, 8), stride=3, batch=2, seed=9),
     "3x3-split-image": case(["1x1.0", "2x0.5"], 80, 6, 3, (20, 21), seed=1),
     "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),
     "shared-stem": case(["1x1.0", "2x0.5", "4x0.25"], 3, 16, 3, (16, 16), batch=2, input_shared=True),
@@ -166,6 +168,39 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
     monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
     baseline, aten_calls = run()
     assert aten_calls
+    for got, want, what in zip(native, baseline, ("forward", "grad x", "grad weight", "grad bias")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
+@pytest.mark.parametrize("hw, stride, dnnl_in_baseline", [((13, 12), (2, 3), True), ((9, 8), (3, 3), False)],
+                         ids=["stride2x3-28px", "stride3-9px"])
+def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch, hw, stride, dnnl_in_baseline):
+    """A channels_last 1x1 layer of stride > 1 gathers its stride grid and runs as a stride-1 layer:
+    no ATen convolution; its input gradient is exactly zero off the grid; the same results as
+    oneDNN's strided convolution (PARADIS_CPU_ISA=baseline, where the 28-pixel grid goes there)."""
+    switches, g = SwitchSet(["1x1.0", "2x0.5", "0.5+0.25+0.25"]), torch.Generator().manual_seed(10)
+    x = torch.randn(6, 20, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(18, 20, 1, 1, generator=g), torch.randn(18, generator=g)
+    blocks, geometry = list(conv_blocks(switches, 20, 18, False)), (list(stride), [0, 0], [1, 1], False)
+    grad_y = torch.randn(KERNEL.sliced_conv2d_forward(x, weight, bias, blocks, 3, *geometry).shape, generator=g)
+
+    def run():
+        with torch.profiler.profile() as prof:
+            y = KERNEL.sliced_conv2d_forward(x, weight, bias, blocks, 3, *geometry)
+            grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, True])
+        return (y, *grads), {event.name for event in prof.events()} & {"aten::convolution", "aten::convolution_backward"}
+
+    native, dnnl_calls = run()
+    assert not dnnl_calls
+    assert native[0].is_contiguous(memory_format=torch.channels_last)
+    assert native[1].is_contiguous(memory_format=torch.channels_last)
+    off_grid = torch.ones(hw, dtype=torch.bool)
+    off_grid[::stride[0], ::stride[1]] = False
+    assert native[1][:, :, off_grid].eq(0).all() and native[1][:, :, ~off_grid].ne(0).any()
+    monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
+    baseline, dnnl_calls = run()
+    assert bool(dnnl_calls) == dnnl_in_baseline
     for got, want, what in zip(native, baseline, ("forward", "grad x", "grad weight", "grad bias")):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 

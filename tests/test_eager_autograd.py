@@ -48,6 +48,7 @@ def test_conv_cpp_autograd_gives_the_custom_ops_bits(layout_, kernel, stride, wi
     for got, want in zip(ours, theirs):
         assert torch.equal(got, want)
     assert ours[0].is_contiguous(memory_format=layout_)
+    assert not needs[0] or ours[1].is_contiguous(memory_format=layout_)
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])

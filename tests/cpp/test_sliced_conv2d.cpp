@@ -123,6 +123,9 @@ int main() {
        {0, 0, 3, 0, 2, 0, 3, 6, 2, 4, 0, 6, 9, 4, 6, 0, 9, 12, 6, 8, 0, 12, 15, 8, 10, 0, 15, 18, 10, 12, 0, 18, 21,
         12, 14, 0, 21, 24, 14, 16}},
       {"pointwise 2x2 image, unequal", 2, 3, 10, 7, 1, 2, 1, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
+      // the stride grid gathered into a stride-1 layer: 9x9 -> 5x5 (our kernels), 7x7 -> 4x4 (BLAS)
+      {"pointwise stride 2", 2, 3, 10, 7, 1, 9, 2, 0, 1, false, {0, 0, 3, 0, 2, 0, 3, 10, 2, 7, 1, 0, 5, 0, 4}},
+      {"pointwise stride 2, small image", 2, 3, 10, 7, 1, 7, 2, 0, 1, false, {0, 0, 10, 0, 7, 1, 0, 5, 0, 4}},
       {"3x3 stride 2", 2, 3, 6, 5, 3, 9, 2, 1, 1, false, {0, 0, 3, 0, 3, 0, 3, 6, 3, 5, 1, 0, 6, 0, 5}},
       // 2x0.5 and 4x0.25 over 16 channels: groups of 8 and 4, the narrow-group kernels (nhwc f32, AVX-512)
       {"3x3 narrow groups", 2, 2, 16, 16, 3, 11, 1, 1, 1, false,
