@@ -215,7 +215,7 @@ def native_kernel_share(model, x, target, criterion) -> str:
     names = [event.name for event in prof.events()]
     report = []
     for op in ("sliced_conv2d", "switch_batch_norm"):
-        calls = names.count(f"paradis::{op}")
+        calls = names.count(f"paradis::{op}") + names.count(f"paradis_C::{op}")  # custom op or its eager C++ twin
         native = names.count(f"paradis_C::{op}_forward")
         report.append(f"{op}: {native}/{calls} forward calls native, "
                       f"{names.count(f'paradis_C::{op}_backward')} native backward")
