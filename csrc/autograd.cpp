@@ -1,9 +1,11 @@
-// The differentiable paradis_C ops, their autograd in C++: the eager path of the native backends
+// The differentiable paradis_C ops (sliced_conv2d, switch_batch_norm, depthwise_conv2d), their
+// autograd in C++: the eager path of the native backends
 // (paradis_fast/ops/layout.py: eager_autograd_op). The same forward and backward kernels as
 // the paradis:: custom ops (torch.library, Python), without their Python dispatch and autograd
 // glue: ~0.2 ms less per layer call (bench/README.md), a third of a small-batch step. torch.compile
 // and torch.export keep tracing the paradis:: ops, which have fake kernels.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution.h>
 #include <ATen/ops/hardtanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
 #include <torch/autograd.h>
@@ -13,6 +15,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cpu/layout.h"
 
 namespace paradis {
 namespace {
@@ -45,35 +49,55 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward(const Tensor& grad_y, 
   return op.call(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask);
 }
 
+// What the convolutions keep for their backward: x, the weight, the window and whether a bias came.
+void save_convolution(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                      IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+  ctx->save_for_backward({x, weight});
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+}
+
+// The gradients a convolution's backward is asked for: x's, the weight's, the bias's.
+c10::List<bool> convolution_grad_mask(AutogradContext* ctx) {
+  return c10::List<bool>({ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                          ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)});
+}
+
+// One entry per forward argument: the asked-for gradients of x, the weight and the bias, then none
+// for the `others` arguments that are not tensors.
+variable_list convolution_grads(const c10::List<bool>& mask, const std::tuple<Tensor, Tensor, Tensor>& grads,
+                                size_t others) {
+  variable_list out{mask[0] ? std::get<0>(grads) : Tensor(), mask[1] ? std::get<1>(grads) : Tensor(),
+                    mask[2] ? std::get<2>(grads) : Tensor()};
+  out.resize(3 + others);
+  return out;
+}
+
 class SlicedConv2d : public torch::autograd::Function<SlicedConv2d> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                         IntArrayRef blocks, int64_t num_switches, IntArrayRef stride, IntArrayRef padding,
                         IntArrayRef dilation, bool input_shared) {
-    ctx->save_for_backward({x, weight});
+    save_convolution(ctx, x, weight, bias, stride, padding, dilation);
     ctx->saved_data["blocks"] = blocks.vec();
     ctx->saved_data["num_switches"] = num_switches;
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["input_shared"] = input_shared;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return sliced_conv2d_forward(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const c10::List<bool> mask({ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                has_bias && ctx->needs_input_grad(2)});
+    const c10::List<bool> mask = convolution_grad_mask(ctx);
     const auto ints = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };
-    auto [grad_x, grad_w, grad_b] = sliced_conv2d_backward(
-        grad_outputs[0], saved[0], saved[1], ints("blocks"), ctx->saved_data["num_switches"].toInt(), ints("stride"),
-        ints("padding"), ints("dilation"), ctx->saved_data["input_shared"].toBool(), mask);
-    // one entry per forward argument; none for those that need no gradient or are not tensors
-    return {mask[0] ? grad_x : Tensor(), mask[1] ? grad_w : Tensor(), mask[2] ? grad_b : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return convolution_grads(
+        mask,
+        sliced_conv2d_backward(grad_outputs[0], saved[0], saved[1], ints("blocks"),
+                               ctx->saved_data["num_switches"].toInt(), ints("stride"), ints("padding"),
+                               ints("dilation"), ctx->saved_data["input_shared"].toBool(), mask),
+        6);
   }
 };
 
@@ -166,17 +190,64 @@ Stats switch_batch_norm_autograd(const Tensor& x, const Tensor& weight, const Te
   return {out[0], out[1], out[2]};
 }
 
+// The depthwise convolution's forward is ATen's; its backward paradis_C's (the weight gradient of
+// small images; paradis_fast/ops/depthwise_conv.py).
+Tensor depthwise_conv2d_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+  return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, x.size(1));
+}
+
+std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_y, const Tensor& x,
+                                                             const Tensor& weight, IntArrayRef stride,
+                                                             IntArrayRef padding, IntArrayRef dilation,
+                                                             const c10::List<bool>& output_mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("paradis_C::depthwise_conv2d_backward", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                       IntArrayRef, IntArrayRef, IntArrayRef,
+                                                                       const c10::List<bool>&)>();
+  return op.call(grad_y, x, weight, stride, padding, dilation, output_mask);
+}
+
+class DepthwiseConv2d : public torch::autograd::Function<DepthwiseConv2d> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                        IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+    save_convolution(ctx, x, weight, bias, stride, padding, dilation);
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return depthwise_conv2d_forward(x, weight, bias, stride, padding, dilation);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const c10::List<bool> mask = convolution_grad_mask(ctx);
+    const auto ints = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };
+    // grad_y in x's layout, as the kernel reads it (paradis_fast/ops/layout.py's contract)
+    const Tensor grad_y = grad_outputs[0].contiguous(kernel_format(saved[0]));
+    return convolution_grads(
+        mask, depthwise_conv2d_backward(grad_y, saved[0], saved[1], ints("stride"), ints("padding"), ints("dilation"), mask),
+        3);
+  }
+};
+
+Tensor depthwise_conv2d_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                 IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+  return DepthwiseConv2d::apply(x, weight, bias, stride, padding, dilation);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(paradis_C, Autograd, m) {
   m.impl("sliced_conv2d", TORCH_FN(sliced_conv2d_autograd));
   m.impl("switch_batch_norm", TORCH_FN(switch_batch_norm_autograd));
+  m.impl("depthwise_conv2d", TORCH_FN(depthwise_conv2d_autograd));
 }
 
 // Below autograd (inference mode, or no autograd keys): the forward kernels themselves.
 TORCH_LIBRARY_IMPL(paradis_C, CompositeExplicitAutograd, m) {
   m.impl("sliced_conv2d", TORCH_FN(sliced_conv2d_forward));
   m.impl("switch_batch_norm", TORCH_FN(switch_batch_norm_forward));
+  m.impl("depthwise_conv2d", TORCH_FN(depthwise_conv2d_forward));
 }
 
 } // namespace paradis

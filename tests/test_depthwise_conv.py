@@ -136,13 +136,14 @@ def test_opcheck(layout):
     ("64ch-2x2-image", None, NATIVE), ("32ch-1x1-image", "cpu", NATIVE), ("64ch-2x2-image", "reference", False),
     ("16ch", None, False)], ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image"])
 def test_routing(case, backend, through_op):
-    """Small images on the cpu backend go through the op; larger images and backends with no
-    depthwise kernel (reference) are F.conv2d itself."""
+    """Small images on the cpu backend go through the op (eagerly its C++ twin, paradis_C's);
+    larger images and backends with no depthwise kernel (reference) are F.conv2d itself."""
     x, weight, _, geometry = make_case(case, torch.float32, torch.channels_last)
     with use_backend(backend), torch.profiler.profile() as prof:
         y = depthwise_conv2d(x, weight, None, **geometry)
     assert y.shape[2] * y.shape[3] <= SMALL_IMAGE_PIXELS or not through_op
-    assert any(event.name == "paradis::depthwise_conv2d" for event in prof.events()) == through_op
+    ops = {"paradis::depthwise_conv2d", "paradis_C::depthwise_conv2d"}
+    assert any(event.name in ops for event in prof.events()) == through_op
     torch.testing.assert_close(y, F.conv2d(x, weight, None, **geometry, groups=x.shape[1]))
 
 

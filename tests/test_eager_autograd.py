@@ -1,7 +1,7 @@
-"""The eager path of the native CPU backend: paradis_C::sliced_conv2d and paradis_C::switch_batch_norm,
-the ops with their autograd in C++ (csrc/autograd.cpp), serve eager calls of the public ops instead
-of the paradis:: custom ops (torch.library, Python), with the same kernels and so the same bits;
-tracing keeps the custom ops."""
+"""The eager path of the native CPU backend: paradis_C::sliced_conv2d, switch_batch_norm and
+depthwise_conv2d, the ops with their autograd in C++ (csrc/autograd.cpp), serve eager calls of the
+public ops instead of the paradis:: custom ops (torch.library, Python), with the same kernels and so
+the same bits; tracing keeps the custom ops."""
 from __future__ import annotations
 
 import pytest
@@ -71,6 +71,22 @@ def test_bn_cpp_autograd_gives_the_custom_ops_bits(activation, with_residual, tr
     assert not mean.requires_grad and not var.requires_grad
 
 
+@pytest.mark.parametrize("layout_", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("stride, with_bias", [(1, True), (2, False)])
+def test_depthwise_cpp_autograd_gives_the_custom_ops_bits(layout_, stride, with_bias):
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(6, 32, 5, 4, generator=g).contiguous(memory_format=layout_)
+    weight, bias = torch.randn(32, 1, 3, 3, generator=g), torch.randn(32, generator=g)
+    args = ([stride] * 2, [1, 1], [1, 1])
+    grad_y = torch.randn(C_OPS.depthwise_conv2d(x, weight, None, *args).shape, generator=g)
+    inputs = [_leaf(x), _leaf(weight), _leaf(bias) if with_bias else None, *args]
+    ours, theirs = _run(C_OPS.depthwise_conv2d, inputs, grad_y), _run(PY_OPS.depthwise_conv2d, inputs, grad_y)
+    assert len(ours) == len(theirs) == 3 + with_bias
+    for got, want in zip(ours, theirs):
+        assert torch.equal(got, want)
+    assert ours[0].is_contiguous(memory_format=layout_) and ours[1].is_contiguous(memory_format=layout_)
+
+
 def test_public_ops_run_the_cpp_ops_eagerly_and_in_inference_mode():
     g = torch.Generator().manual_seed(13)
     x = torch.randn(len(SWITCHES) * 2, 6, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
@@ -99,13 +115,16 @@ def test_tracing_and_other_backends_keep_the_custom_ops():
         assert layout.eager_autograd_op("sliced_conv2d", mode.from_tensor(x)) is None
     with use_backend("reference"):
         assert layout.eager_autograd_op("sliced_conv2d", x) is None
-    assert layout.eager_autograd_op("depthwise_conv2d", x) is None  # no paradis_C::depthwise_conv2d
+    assert layout.eager_autograd_op("no_such_op", x) is None
 
 
-@pytest.mark.parametrize("op", ["sliced_conv2d", "switch_batch_norm"])
+@pytest.mark.parametrize("op", ["sliced_conv2d", "switch_batch_norm", "depthwise_conv2d"])
 def test_cpp_ops_schema_and_autograd_registration(op):
     g = torch.Generator().manual_seed(14)
-    if op == "sliced_conv2d":
+    if op == "depthwise_conv2d":
+        args = (torch.randn(2, 16, 3, 3, generator=g, requires_grad=True),
+                torch.randn(16, 1, 3, 3, generator=g, requires_grad=True), None, [1, 1], [1, 1], [1, 1])
+    elif op == "sliced_conv2d":
         args = (torch.randn(6, 4, 5, 5, generator=g, requires_grad=True), torch.randn(5, 4, 3, 3, generator=g, requires_grad=True),
                 None, list(conv_blocks(SWITCHES, 4, 5, False)), 3, [1, 1], [1, 1], [1, 1], False)
     else:

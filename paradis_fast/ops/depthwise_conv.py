@@ -110,4 +110,5 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
         raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
     if not _runs_native(x.device, out_hw[0] * out_hw[1]):
         return F.conv2d(x, weight, bias, stride, padding, dilation, channels)
-    return _depthwise_conv2d(x, weight, bias, stride, padding, dilation)
+    op = layout.eager_autograd_op(OP, x) or _depthwise_conv2d
+    return op(x, weight, bias, stride, padding, dilation)

@@ -53,6 +53,6 @@ class NativeBackend:
         raise AttributeError(name)
 
 
-cpu = NativeBackend("cpu", "CPU", channels_last_ops=("switch_batch_norm", "sliced_conv2d"),
+cpu = NativeBackend("cpu", "CPU", channels_last_ops=("switch_batch_norm", "sliced_conv2d", "depthwise_conv2d"),
                     residual_ops=("switch_batch_norm",))
 cuda = NativeBackend("cuda", "CUDA")
