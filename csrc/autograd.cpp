@@ -49,6 +49,14 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward(const Tensor& grad_y, 
   return op.call(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask);
 }
 
+// The backward kernels have no derivative of their own: create_graph=True (a double backward) gets
+// a clear error, not the autograd fallback's warning and silently wrong zeros. (The paradis::
+// custom ops fail too, at the second backward.)
+void refuse_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              ": no double backward (create_graph=True): its backward kernels are not differentiable");
+}
+
 // What the convolutions keep for their backward: x, the weight, the window and whether a bias came.
 void save_convolution(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                       IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
@@ -89,6 +97,7 @@ class SlicedConv2d : public torch::autograd::Function<SlicedConv2d> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    refuse_double_backward("paradis_C::sliced_conv2d");
     const variable_list saved = ctx->get_saved_variables();
     const c10::List<bool> mask = convolution_grad_mask(ctx);
     const auto ints = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };
@@ -166,6 +175,7 @@ class SwitchBatchNorm : public torch::autograd::Function<SwitchBatchNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    refuse_double_backward("paradis_C::switch_batch_norm");
     const variable_list saved = ctx->get_saved_variables();
     std::string activation = ctx->saved_data["activation"].toStringRef();
     Tensor grad_y = grad_outputs[0], grad_residual;
@@ -219,6 +229,7 @@ class DepthwiseConv2d : public torch::autograd::Function<DepthwiseConv2d> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    refuse_double_backward("paradis_C::depthwise_conv2d");
     const variable_list saved = ctx->get_saved_variables();
     const c10::List<bool> mask = convolution_grad_mask(ctx);
     const auto ints = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };

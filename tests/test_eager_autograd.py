@@ -132,3 +132,19 @@ def test_cpp_ops_schema_and_autograd_registration(op):
                 torch.randn(3, 4, generator=g), torch.zeros(3, 4), torch.ones(3, 4), [4, 2, 4], [0, 1, 2], True, 1e-5,
                 "relu", None)
     torch.library.opcheck(getattr(C_OPS, op), args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("op", ["sliced_conv2d", "depthwise_conv2d", "switch_batch_norm"])
+def test_double_backward_is_refused_clearly(op):
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    if op == "switch_batch_norm":
+        y = C_OPS.switch_batch_norm(x, torch.ones(1, 16, requires_grad=True), torch.zeros(1, 16), torch.zeros(1, 16),
+                                    torch.ones(1, 16), [16], [0], True, 1e-5, "relu")[0]
+    elif op == "sliced_conv2d":
+        y = C_OPS.sliced_conv2d(x, torch.randn(16, 16, 3, 3, requires_grad=True), None,
+                                list(conv_blocks(SwitchSet(["1x1.0"]), 16, 16, False)), 1, [1, 1], [1, 1], [1, 1], False)
+    else:
+        y = C_OPS.depthwise_conv2d(x, torch.randn(16, 1, 3, 3, requires_grad=True), None, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert torch.autograd.grad(y.square().sum(), x)[0].shape == x.shape
