@@ -42,6 +42,8 @@ LARGE_CASES = {
     "3x3-split-image": case(["1x1.0", "2x0.5"], 80, 6, 3, (20, 21), seed=1),
     "3x3-stride2-dilated": case(["0.5+0.25+0.25", "1x0.5"], 13, 11, 3, (36, 34), stride=2, dilation=2, padding=2),
     "shared-stem": case(["1x1.0", "2x0.5", "4x0.25"], 3, 16, 3, (16, 16), batch=2, input_shared=True),
+    # outputs 6-11 read by no switch: their weight and bias gradients exactly zero
+    "shared-stem-partial": case(["1x0.5", "0.25+0.25"], 3, 12, 3, (9, 10), batch=2, input_shared=True, seed=10),
     "5x5-asymmetric-padding-free": case(["2x0.5"], 6, 8, 5, (18, 20), padding=0, batch=3),
     # 3x3 units of 1-, 4- or 8-channel groups: narrow-group kernels in nhwc f32 (AVX-512 CPUs)
     "3x3-narrow-groups": case(["1x1.0", "2x0.5", "4x0.25"], 16, 16, 3, (7, 19), batch=2, seed=2),
@@ -68,6 +70,24 @@ def test_large_image_paths_match_oracle(name, dtype, layout):
         if want is not None:
             torch.testing.assert_close(got, want.to(dtype), **tol, msg=lambda m: f"{what}: {m}")
     conv_tests.assert_uncovered_exact_zeros(conv_case, y, gx, gw, gb)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", ["shared-stem", "pointwise", "pointwise-stride2", "3x3-narrow-groups", "3x3-split-image"])
+def test_kernels_return_the_layouts_the_fake_kernels_promise(name, layout):
+    """y and grad_x in x's layout, the weight and bias gradients contiguous: compiled graphs trust the
+    fake kernels' strides (a channels_last weight gradient broke a weight-normed stem's gradients)."""
+    conv_case = LARGE_CASES[name]
+    x, weight, bias, g = conv_tests.make_inputs(conv_case, torch.float32)
+    x = x.contiguous(memory_format=layout)
+    switches = SwitchSet(conv_case["switches"])
+    geometry = ([conv_case["stride"]] * 2, [conv_case["padding"]] * 2, [conv_case["dilation"]] * 2, conv_case["input_shared"])
+    blocks = list(conv_blocks(switches, conv_case["c_in"], conv_case["c_out"], conv_case["input_shared"]))
+    y = KERNEL.sliced_conv2d_forward(x, weight, bias, blocks, len(switches), *geometry)
+    grad_y = torch.randn(y.shape, generator=g).contiguous(memory_format=layout)
+    gx, gw, gb = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, len(switches), *geometry, [True, True, True])
+    assert y.is_contiguous(memory_format=layout) and gx.is_contiguous(memory_format=layout)
+    assert gw.is_contiguous() and gb.is_contiguous()
 
 
 @pytest.fixture

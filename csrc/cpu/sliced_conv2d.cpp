@@ -210,14 +210,13 @@ void forward_units(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   }
 }
 
-// Gradients of every unit. grad_x: each unit writes its own rows and input channels, except with
-// input_shared, where the units add up in order. Weight gradients (which start at zero): the
-// blocks of different switches that share weights add up in a fixed order.
+// Gradients of every unit (not input_shared: see shared_backward). grad_x: each unit writes its own
+// rows and input channels. Weight gradients (which start at zero): the blocks of different
+// switches that share weights add up in a fixed order.
 void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias, const Geometry& g,
                    const std::vector<Block>& blocks) {
-  const std::vector<Unit> all = units(blocks);
-  for (const Unit& u : all) {
+  for (const Unit& u : units(blocks)) {
     const UnitView v = view(weight, blocks, u);
     const Tensor xs = x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
     const Tensor gys = grad_y.narrow(0, v.first.y0, g.B).narrow(1, v.first.o0, v.out_width);
@@ -234,12 +233,10 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
     if (grad_weight.defined() && narrow) gw = narrow_group_conv_grad_weight(gys, xs, v.count, window(g));
     if (grad_x.defined()) {
       const Tensor target = grad_x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
-      if (narrow_x) // never input_shared: each unit writes its own rows and channels
+      if (narrow_x)
         narrow_group_conv_grad_input(gys, v.weight, target, v.count, window(g));
-      else if (!g.shared || &u == &all.front())
-        target.copy_(gx);
       else
-        target.add_(gx);
+        target.copy_(gx);
     }
     if (grad_bias.defined()) grad_bias.narrow(0, v.first.o0, v.out_width).add_(gb);
     if (!grad_weight.defined()) continue;
@@ -249,6 +246,26 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
       grad_weight.narrow(0, b.o0, b.o1 - b.o0).narrow(1, b.i0, b.i1 - b.i0).add_(gw.narrow(0, k * ow, ow));
     }
   }
+}
+
+// input_shared (a network's stem): every block convolves the same image with all its channels, so
+// the gradients of all blocks are those of one convolution whose output gradient sums the blocks'
+// (each block's output channels from its switch's rows): one oneDNN call instead of one per unit
+// (ResNet20's stem, 7 blocks: bench/README.md). Channels no block covers get zero gradients.
+std::tuple<Tensor, Tensor, Tensor> shared_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                   const Geometry& g, const std::vector<Block>& blocks,
+                                                   const c10::List<bool>& output_mask) {
+  const Tensor summed = at::empty({g.B, g.C_out, g.Ho, g.Wo}, grad_y.options().memory_format(kernel_format(x))).zero_();
+  for (const Block& b : blocks)
+    summed.narrow(1, b.o0, b.o1 - b.o0).add_(grad_y.narrow(0, b.y0, g.B).narrow(1, b.o0, b.o1 - b.o0));
+  const std::vector<int64_t> bias_sizes{g.C_out};
+  auto [grad_x, grad_w, grad_b] = at::convolution_backward(
+      summed, x, weight, output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw},
+      {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, 1, {output_mask[0], output_mask[1], output_mask[2]});
+  // the layouts the op promises (its fake kernel): grad_x as x, the weight gradient contiguous
+  // (oneDNN returns it channels_last for channels_last images)
+  const auto layout = [](const Tensor& t, at::MemoryFormat format) { return t.defined() ? t.contiguous(format) : t; };
+  return {layout(grad_x, kernel_format(x)), layout(grad_w, at::MemoryFormat::Contiguous), grad_b};
 }
 
 // Channels_last 1x1 layers (stride 1, no padding) run as GEMMs on the channel slices of the
@@ -445,13 +462,14 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
               "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
   const at::MemoryFormat format = kernel_format(x);
   const Tensor gyc = grad_y.contiguous(format), xc = x.contiguous(format), wc = weight.contiguous();
+  if (input_shared) return shared_backward(gyc, xc, wc, g, blocks, output_mask);
   const std::optional<Geometry> compact = gathered_pointwise(g, xc);
   Tensor grad_x, grad_w, grad_b;
   if (need_x && compact) { // written on the stride grid only
     grad_x = at::empty(xc.sizes(), xc.options().memory_format(format)).zero_();
   } else if (need_x) { // the units write the covered inputs; the others get zero
     grad_x = at::empty(xc.sizes(), xc.options().memory_format(format));
-    if (!input_shared) zero_uncovered(grad_x, g, blocks, true);
+    zero_uncovered(grad_x, g, blocks, true);
   }
   if (need_w) grad_w = at::zeros(wc.sizes(), wc.options());
   if (need_b) grad_b = at::zeros({g.C_out}, wc.options());
