@@ -45,6 +45,7 @@ constexpr int64_t kMaxChunks = 32;  // the weight gradient's fixed partition of 
 constexpr int64_t kChunkRows = 512; // ... into chunks of at least this many rows
 constexpr int64_t kMaxPartials = int64_t{1} << 22; // ... and at most this many partial sums
 constexpr int64_t kBand = 48;       // output rows of a weight-gradient task
+constexpr int kAheadTiles = 2;      // a's rows asked for this many tiles of rows before they are used
 // Outputs larger than this are written with non-temporal stores: they would not stay cached for
 // the next op anyway (half this machine's L3), and a normal store first reads each line it writes
 // (32-64 @32 forward 6.4 -> 3.1 ms, input gradient 7.7 -> 5.0 ms; bench/README.md).
@@ -80,6 +81,19 @@ void check_block(const GemmBlock& b, const Matrix& in, const Matrix& out, int64_
 // Whether two blocks run over the same rows (blocks of one switch).
 bool same_rows(const GemmBlock& a, const GemmBlock& b) {
   return a.in_row0 == b.in_row0 && a.out_row0 == b.out_row0 && a.rows == b.rows;
+}
+
+// Asks for `count` floats of each of `rows` rows, `ld` floats apart, to be brought into L2. The tiles
+// read short strided streams (8 rows of 256-1024 bytes, then 8 others) that the hardware prefetchers
+// lose, so without this the products of the backward waited on memory (bench/README.md). Always
+// inlined: out of line, GCC's IPA pure-const pass takes a function that only prefetches for pure and
+// drops its calls.
+__attribute__((always_inline)) inline void fetch_rows(const float* first, int64_t ld, int64_t rows, int64_t count) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(first + r * ld);
+    const int64_t skew = static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(row) % 64);
+    for (int64_t byte = -skew; byte < count * int64_t{sizeof(float)}; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
+  }
 }
 
 __mmask16 tail_mask(int64_t columns) { // columns in the last vector of a tile, 1..16
@@ -135,14 +149,19 @@ __attribute__((always_inline)) inline void tile(const float* a, int64_t a_r, int
 }
 
 // Rows [0, rows) of one column tile (up to 64 columns): full tiles of R rows, then single rows.
+// Rows of a up to a_rows (past `rows`: the caller's next ones) are fetched kAheadTiles tiles ahead.
 template <int V>
 void tile_column(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t K, __mmask16 last,
-                 const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, bool stream) {
+                 const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t a_rows,
+                 bool stream) {
   constexpr int R = tile_rows<V>();
+  constexpr int64_t ahead = kAheadTiles * R;
   stream = stream && reinterpret_cast<std::uintptr_t>(c) % 64 == 0 && ldc % kLanes == 0;
   int64_t r = 0;
-  for (; r + R <= rows; r += R)
+  for (; r + R <= rows; r += R) {
+    if (r + ahead < a_rows) fetch_rows(a + (r + ahead) * a_r, a_r, std::min<int64_t>(R, a_rows - r - ahead), K);
     tile<R, V>(a + r * a_r, a_r, a_k, b, ldb, K, last, init, accumulate, c + r * ldc, ldc, stream);
+  }
   for (; r < rows; ++r) tile<1, V>(a + r * a_r, a_r, a_k, b, ldb, K, last, init, accumulate, c + r * ldc, ldc, stream);
 }
 
@@ -150,16 +169,24 @@ void tile_column(const float* a, int64_t a_r, int64_t a_k, const float* b, int64
 
 // c[r, j] = init[j] + sum_k a(r, k) * b(k, j) for r < rows, j < columns (init null: zero), where
 // b(k, j) = b[j / 64 * b_tile + k * ldb + j % 64]: k in passes of kDepth, each over column tiles of
-// 64 and then rows.
+// 64 and then rows. Either a's rows are k-contiguous (a_k == 1: the forward and input gradient),
+// a_rows of them exist and are fetched tiles ahead; or a is read across (a_r == 1: the weight
+// gradient, k over rows of a and of b, whose k-rows are contiguous), and each pass fetches the next
+// pass's rows of both.
 void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t b_tile, int64_t K,
              const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t columns,
-             bool stream = false) {
+             int64_t a_rows, bool stream = false) {
   // Where several column tiles read the same rows of a (unit k stride), each pass copies its piece
   // of them side by side: rows of a may be a multiple of 4 KiB apart, all in one L1 set.
   const bool pack_a = columns > kTile && a_k == 1 && rows <= kPackRows;
   alignas(64) float a_pack[kPackRows * kDepth];
   for (int64_t k = 0; k < K; k += kDepth) {
     const int64_t depth = std::min(kDepth, K - k);
+    if (a_k != 1 && k + kDepth < K) {
+      const int64_t next = std::min(kDepth, K - k - kDepth);
+      fetch_rows(a + (k + kDepth) * a_k, a_k, next, rows);
+      fetch_rows(b + (k + kDepth) * ldb, ldb, next, columns);
+    }
     const float* ak = a + k * a_k;
     int64_t ar = a_r;
     if (pack_a) {
@@ -167,6 +194,7 @@ void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t l
       ak = a_pack;
       ar = kDepth;
     }
+    const int64_t ahead = pack_a || a_k != 1 ? 0 : a_rows; // packed rows are in L1
     for (int64_t j = 0; j < columns; j += kTile) {
       const int64_t left = std::min<int64_t>(columns - j, kTile);
       const int V = static_cast<int>((left + kLanes - 1) / kLanes);
@@ -177,10 +205,10 @@ void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t l
       const bool acc = accumulate || k > 0;
       const bool nt = stream && k + kDepth >= K;
       switch (V) {
-        case 1: tile_column<1>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, nt); break;
-        case 2: tile_column<2>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, nt); break;
-        case 3: tile_column<3>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, nt); break;
-        default: tile_column<4>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, nt); break;
+        case 1: tile_column<1>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
+        case 2: tile_column<2>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
+        case 3: tile_column<3>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
+        default: tile_column<4>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
       }
     }
   }
@@ -324,7 +352,7 @@ void pointwise_gemm(const Tensor& in, const Tensor& m, const Tensor& bias, const
           const int64_t r0 = task_row[t] + s;
           product(x.data + (b.in_row0 + r0) * x.ld + b.k0, x.ld, 1, p.m.get(), kTile, (b.k1 - b.k0) * kTile,
                   b.k1 - b.k0, p.bias.empty() ? nullptr : p.bias.data(), false, y.data + (b.out_row0 + r0) * y.ld + b.n0,
-                  y.ld, std::min(sub_rows, rows - s), b.n1 - b.n0, stream);
+                  y.ld, std::min(sub_rows, rows - s), b.n1 - b.n0, b.rows - r0, stream);
         }
     }
     _mm_sfence();
@@ -351,7 +379,7 @@ void pointwise_gemm_grad_weight(const Tensor& in, const Tensor& grad_out, const 
         const int64_t p0 = b.rows * c / chunks, p1 = b.rows * (c + 1) / chunks;
         float* to = chunks > 1 ? partial.data() + (c * N + n) * ld : gw.data + (b.n0 + n) * gw.ld + b.k0;
         product(gy.data + (b.out_row0 + p0) * gy.ld + b.n0 + n, 1, gy.ld, x.data + (b.in_row0 + p0) * x.ld + b.k0,
-                x.ld, kTile, p1 - p0, nullptr, chunks == 1, to, chunks > 1 ? ld : gw.ld, std::min(kBand, N - n), K);
+                x.ld, kTile, p1 - p0, nullptr, chunks == 1, to, chunks > 1 ? ld : gw.ld, std::min(kBand, N - n), K, 0);
       }
     });
     if (chunks == 1) continue;
