@@ -91,9 +91,9 @@ bool same_rows(const GemmBlock& a, const GemmBlock& b) {
 // drops its calls.
 __attribute__((always_inline)) inline void fetch_rows(const float* first, int64_t ld, int64_t rows, int64_t count) {
   for (int64_t r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(first + r * ld);
-    const int64_t skew = static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(row) % 64);
-    for (int64_t byte = -skew; byte < count * int64_t{sizeof(float)}; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
+    const auto begin = reinterpret_cast<std::uintptr_t>(first + r * ld), end = begin + count * sizeof(float);
+    for (std::uintptr_t line = begin & ~std::uintptr_t{63}; line < end; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
   }
 }
 
