@@ -79,12 +79,15 @@ def test_bn_methods_agree_and_table(run):
 
 def test_headroom_counts_layers_beyond_the_best_rate(run):
     # 1 GFLOP layers: (d) reaches 100 GF/s at best (10 ms); 2x over an (a) of 15 ms needs 133 GF/s.
-    def entry(a_ms, d_ms):
-        return {"a": a_ms, "d": d_ms, "flops": 10**9, "gflops": 10**9 / d_ms / 1e6}
+    # Against (b) at 1.5x: a (b) of 12 ms needs 125 GF/s, one of 15 ms exactly 100.
+    def entry(a_ms, b_ms, d_ms):
+        return {"a": a_ms, "b": b_ms, "d": d_ms, "flops": 10**9, "gflops": 10**9 / d_ms / 1e6}
 
-    table = {("sliced_conv2d", "fast", "fwd+bwd"): entry(15.0, 10.0),
-             ("sliced_conv2d", "slow", "fwd+bwd"): entry(40.0, 12.0),
-             ("sliced_conv2d", "edge", "fwd+bwd"): entry(20.0, 11.0),
-             ("bn", "other", "fwd+bwd"): entry(1.0, 10.0)}
+    table = {("sliced_conv2d", "fast", "fwd+bwd"): entry(15.0, 12.0, 10.0),
+             ("sliced_conv2d", "slow", "fwd+bwd"): entry(40.0, 15.0, 12.0),
+             ("sliced_conv2d", "edge", "fwd+bwd"): entry(20.0, 30.0, 11.0),
+             ("bn", "other", "fwd+bwd"): entry(1.0, 1.0, 10.0)}
     (line,) = run.headroom(table)
-    assert "100 GF/s, fast" in line and "on 1 of 3 layers" in line and "needs 2 at 2x" in line
+    assert "2x over (a)" in line and "100 GF/s, fast" in line and "on 1 of 3 layers" in line and "needs 2 at 2x" in line
+    (line,) = run.headroom(table, "b", 1.5)
+    assert "1.5x over (b)" in line and "on 1 of 3 layers" in line and "needs 2 at 1.5x" in line
