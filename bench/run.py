@@ -329,7 +329,8 @@ def headroom(table, baseline="a", target=2.0, kind="sliced_conv2d"):
     times as fast."""
     lines = []
     for phase in ("fwd", "fwd+bwd"):
-        entries = {n: e for (k, n, p), e in table.items() if k == kind and p == phase and baseline in e and "gflops" in e}
+        entries = {n: e for (k, n, p), e in table.items()
+                   if k == kind and p == phase and baseline in e and "gflops" in e}
         if not entries:
             continue
         best = max(entries, key=lambda n: entries[n]["gflops"])
@@ -411,7 +412,8 @@ def main(argv=None):
           f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {args.dtype}; (a) NCHW, (b) best of NCHW "
           f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run\n")
     print_table(table)
-    lines = summary(table) + headroom(table, "a", 2.0) + headroom(table, "b", 1.5) + [f"native kernels in the training step: {note}" for note in notes]
+    lines = summary(table) + headroom(table, "a", 2.0) + headroom(table, "b", 1.5)
+    lines += [f"native kernels in the training step: {note}" for note in notes]
     print("\n" + "\n".join(lines))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     info["summary"] = lines

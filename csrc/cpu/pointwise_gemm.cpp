@@ -196,7 +196,7 @@ void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t l
       ak = a_pack;
       ar = kDepth;
     }
-    // Packed rows are in L1.
+    // Packed rows are already in L1.
     const int64_t ahead = pack_a || a_k != 1 || a_r < kFetchStride ? 0 : a_rows;
     for (int64_t j = 0; j < columns; j += kTile) {
       const int64_t left = std::min<int64_t>(columns - j, kTile);
