@@ -20,6 +20,11 @@ OP = "switch_batch_norm"
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
+def _fuses_residual(device: torch.device) -> bool:
+    """Whether the backend serving this op on ``device`` adds the residual inside its own pass."""
+    return OP in getattr(kernels_for(OP, device), "residual_ops", ())
+
+
 @torch.library.custom_op("paradis::switch_batch_norm", mutates_args=())
 def _switch_batch_norm(
     x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
@@ -29,7 +34,7 @@ def _switch_batch_norm(
     args = (weight, bias, running_mean, running_var, covered, rows, training, eps)
     if residual is None:
         return layout.run(OP, "switch_batch_norm_forward", [x], *args, activation)
-    if OP in getattr(kernels_for(OP, x.device), "residual_ops", ()):  # added inside the kernel's pass
+    if _fuses_residual(x.device):
         residual = residual.contiguous(memory_format=layout.memory_format(x))
         return layout.run(OP, "switch_batch_norm_forward", [x], *args, activation, residual)
     y, mean, var = layout.run(OP, "switch_batch_norm_forward", [x], *args, "none")
@@ -159,7 +164,7 @@ def switch_batch_norm(
         raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
     covered = list(covered_channels(switches, channels))
     op = layout.eager_autograd_op(OP, x)
-    if op is None or (residual is not None and OP not in getattr(kernels_for(OP, x.device), "residual_ops", ())):
+    if op is None or (residual is not None and not _fuses_residual(x.device)):
         op = _switch_batch_norm
     y, mean, var = op(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual)
     if training:
