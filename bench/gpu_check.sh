@@ -2,7 +2,7 @@
 # One-call check of the GPU path on a machine with a CUDA GPU and no network (torch with CUDA,
 # triton, ninja and pytest already installed):
 #   1. builds paradis_fast._C with its CUDA kernels (csrc/cuda/*.cu);
-#   2. runs tests/test_gpu.py: the triton and cuda backends against the float64 oracles, fp32 and
+#   2. runs tests/test_gpu.py: the ops' CUDA kernels (Triton and CUDA C++) against the float64 oracles, fp32 and
 #      bf16, a training step against the reference backend, torch.compile;
 #   3. runs bench/run.py on CUDA (the naive loop, the best plain PyTorch way, torch._grouped_mm
 #      where it applies, cuDNN BatchNorm, paradis_fast) and prints its ratio table last.
@@ -46,10 +46,11 @@ fi
 tail -3 "$OUT/build.log"
 python - <<'EOF' || exit 1
 import torch
-from paradis_fast.ops import available_backends
+from paradis_fast.ops import available_backends, library
 for op in ("sliced_conv2d", "switch_batch_norm"):
-    print(f"{op}: backends for CUDA tensors {available_backends(op, 'cuda')}")
-if "cuda" not in available_backends("switch_batch_norm", "cuda"):
+    source = "Triton" if op in library.TRITON_CUDA_OPS else "CUDA C++"
+    print(f"{op}: backends for CUDA tensors {available_backends(op, 'cuda')}, CUDA kernels: {source}")
+if "switch_batch_norm" in library.TRITON_CUDA_OPS:
     raise SystemExit("gpu_check: the CUDA kernels were not built into paradis_fast._C")
 EOF
 

@@ -6,8 +6,8 @@
   blocks) and `masked_conv` (block-masked dense convolution), `stacked_bn_relu` (one F.batch_norm
   over the switches stacked as channels): the best single-call alternatives (b);
 - `grouped_mm_conv1x1`: torch._grouped_mm per switch for 1x1 convolutions (CUDA, bf16);
-- `SlimmableLoopBackend`: the per-switch loops as a paradis backend, so the training-step baseline
-  runs the same model code one switch at a time with ATen's own BatchNorm kernels.
+- `SlimmableLoop`: the per-switch loops as a paradis backend, so the training-step baseline runs
+  the same model code one switch at a time with ATen's own BatchNorm kernels.
 """
 from __future__ import annotations
 
@@ -121,51 +121,33 @@ def stacked_bn_relu(x, weight, bias, running_mean, running_var):
     return y.reshape(batch, num_switches, channels, -1).transpose(0, 1).reshape(x.shape)
 
 
-class SlimmableLoopBackend:
-    """The per-switch loops as a paradis backend: sliced_conv2d by the reference's per-block
-    F.conv2d, switch_batch_norm by ATen's native batch_norm kernels per switch."""
+class SlimmableLoop:
+    """The per-switch loops as a paradis Python backend (bench/run.py registers it as
+    SLIMMABLE_LOOP): sliced_conv2d by the reference's per-block F.conv2d, switch_batch_norm by
+    ATen's own batch_norm per switch; autograd differentiates both."""
 
-    def unavailable_reason(self, op: str, device: torch.device) -> str | None:
-        return None
-
-    sliced_conv2d_forward = staticmethod(reference.sliced_conv2d_forward)
-    sliced_conv2d_backward = staticmethod(reference.sliced_conv2d_backward)
+    sliced_conv2d = staticmethod(reference.sliced_conv2d)
+    depthwise_conv2d = staticmethod(reference.depthwise_conv2d)
 
     @staticmethod
-    def switch_batch_norm_forward(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation):
+    def switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation,
+                          residual=None):
         if not training:
-            return reference.switch_batch_norm_forward(x, weight, bias, running_mean, running_var, covered, rows,
-                                                       training, eps, activation)
+            return reference.switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training,
+                                               eps, activation, residual)
         batch = x.shape[0] // len(covered)
-        y = torch.zeros_like(x)
-        mean = x.new_zeros(len(covered), x.shape[1])
-        var = x.new_zeros(len(covered), x.shape[1])
+        y = torch.zeros_like(x) if residual is None else reference.activate(residual, activation).clone()
+        mean = x.new_zeros(len(covered), x.shape[1], dtype=torch.float32)
+        var = torch.zeros_like(mean)
         for s, (c, r) in enumerate(zip(covered, rows)):
-            out, m, invstd = torch.ops.aten.native_batch_norm(
-                _rows(x, s, batch)[:, :c], weight[r, :c], bias[r, :c], None, None, True, 0.0, eps)
-            y[s * batch : (s + 1) * batch, :c] = reference.activate(out, activation)
-            mean[s, :c], var[s, :c] = m, invstd.pow(-2) - eps
+            block = slice(s * batch, (s + 1) * batch)
+            out, m, invstd = torch.native_batch_norm(x[block, :c], weight[r, :c], bias[r, :c], None, None, True, 0.0,
+                                                     eps)
+            if residual is not None:
+                out = out + residual[block, :c]
+            y[block, :c] = reference.activate(out, activation)
+            mean[s, :c], var[s, :c] = m.detach(), invstd.detach().pow(-2) - eps
         return y, mean, var
-
-    @staticmethod
-    def switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation):
-        if not training:
-            return reference.switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, covered, rows, training,
-                                                        eps, activation)
-        batch = x.shape[0] // len(covered)
-        grad_x, grad_w, grad_b = torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(bias)
-        for s, (c, r) in enumerate(zip(covered, rows)):
-            xs, block = _rows(x, s, batch)[:, :c], slice(s * batch, (s + 1) * batch)
-            invstd = (var[s, :c] + eps).rsqrt()
-            g = grad_y[block, :c]
-            if activation != "none":  # the activation's mask, from the recomputed normalised value
-                z = torch.ops.aten.native_batch_norm(xs, weight[r, :c], bias[r, :c], None, None, True, 0.0, eps)[0]
-                keep = (z > 0) & (z < 6) if activation == "relu6" else z > 0
-                g = g * keep
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                g, xs, weight[r, :c], None, None, mean[s, :c], invstd, True, eps, [True, True, True])
-            grad_x[block, :c], grad_w[r, :c], grad_b[r, :c] = gx, gw, gb
-        return grad_x, grad_w, grad_b
 
 
 def bn_covered(switches: SwitchSet, channels: int) -> List[int]:

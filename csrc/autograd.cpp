@@ -1,11 +1,7 @@
-// The differentiable paradis_C ops (sliced_conv2d, switch_batch_norm, depthwise_conv2d), their
-// autograd in C++: the eager path of the native backends
-// (paradis_fast/ops/layout.py: eager_autograd_op). The same forward and backward kernels as
-// the paradis:: custom ops (torch.library, Python), without their Python dispatch and autograd
-// glue: ~0.2 ms less per layer call (bench/README.md), a third of a small-batch step. torch.compile
-// and torch.export keep tracing the paradis:: ops, which have fake kernels.
+// The autograd of the paradis ops, one registration per op (the Autograd dispatch key): the
+// forward redispatches the same op below autograd to the device's kernel, the backward calls the
+// op's backward op. Eager, torch.compile and torch.export calls all run through it.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/convolution.h>
 #include <ATen/ops/hardtanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
 #include <torch/autograd.h>
@@ -16,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/layout.h"
+#include "layout.h"
 
 namespace paradis {
 namespace {
@@ -25,35 +21,18 @@ using at::IntArrayRef;
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using Grads = std::tuple<Tensor, Tensor, Tensor>;
 
-Tensor sliced_conv2d_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                             IntArrayRef blocks, int64_t num_switches, IntArrayRef stride, IntArrayRef padding,
-                             IntArrayRef dilation, bool input_shared) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("paradis_C::sliced_conv2d_forward", "")
-                             .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef,
-                                           int64_t, IntArrayRef, IntArrayRef, IntArrayRef, bool)>();
-  return op.call(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared);
-}
-
-std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
-                                                          IntArrayRef blocks, int64_t num_switches,
-                                                          IntArrayRef stride, IntArrayRef padding,
-                                                          IntArrayRef dilation, bool input_shared,
-                                                          const c10::List<bool>& output_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("paradis_C::sliced_conv2d_backward", "")
-                             .typed<std::tuple<Tensor, Tensor, Tensor>(
-                                 const Tensor&, const Tensor&, const Tensor&, IntArrayRef, int64_t, IntArrayRef,
-                                 IntArrayRef, IntArrayRef, bool, const c10::List<bool>&)>();
-  return op.call(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask);
+// The typed handle of an op (callers keep it in a static: the lookup is a hash-map search).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 // The backward kernels have no derivative of their own: create_graph=True (a double backward) gets
-// a clear error, not the autograd fallback's warning and silently wrong zeros. (The paradis::
-// custom ops fail too, at the second backward.)
-void refuse_double_backward(const char* op) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+// a clear error, not the autograd fallback's warning and silently wrong zeros.
+void refuse_double_backward(const char* name) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), name,
               ": no double backward (create_graph=True): its backward kernels are not differentiable");
 }
 
@@ -67,6 +46,8 @@ void save_convolution(AutogradContext* ctx, const Tensor& x, const Tensor& weigh
   ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
 }
 
+std::vector<int64_t> ints(AutogradContext* ctx, const char* key) { return ctx->saved_data[key].toIntVector(); }
+
 // The gradients a convolution's backward is asked for: x's, the weight's, the bias's.
 c10::List<bool> convolution_grad_mask(AutogradContext* ctx) {
   return c10::List<bool>({ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -75,13 +56,17 @@ c10::List<bool> convolution_grad_mask(AutogradContext* ctx) {
 
 // One entry per forward argument: the asked-for gradients of x, the weight and the bias, then none
 // for the `others` arguments that are not tensors.
-variable_list convolution_grads(const c10::List<bool>& mask, const std::tuple<Tensor, Tensor, Tensor>& grads,
-                                size_t others) {
+variable_list convolution_grads(const c10::List<bool>& mask, const Grads& grads, size_t others) {
   variable_list out{mask[0] ? std::get<0>(grads) : Tensor(), mask[1] ? std::get<1>(grads) : Tensor(),
                     mask[2] ? std::get<2>(grads) : Tensor()};
   out.resize(3 + others);
   return out;
 }
+
+using SlicedConv2dFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, int64_t,
+                              IntArrayRef, IntArrayRef, IntArrayRef, bool);
+using SlicedConv2dBackwardFn = Grads(const Tensor&, const Tensor&, const Tensor&, IntArrayRef, int64_t, IntArrayRef,
+                                     IntArrayRef, IntArrayRef, bool, const c10::List<bool>&);
 
 class SlicedConv2d : public torch::autograd::Function<SlicedConv2d> {
  public:
@@ -93,20 +78,21 @@ class SlicedConv2d : public torch::autograd::Function<SlicedConv2d> {
     ctx->saved_data["num_switches"] = num_switches;
     ctx->saved_data["input_shared"] = input_shared;
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return sliced_conv2d_forward(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared);
+    static const auto op = typed_op<SlicedConv2dFn>("paradis::sliced_conv2d");
+    return op
+        .call(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("paradis_C::sliced_conv2d");
+    refuse_double_backward("paradis::sliced_conv2d");
     const variable_list saved = ctx->get_saved_variables();
     const c10::List<bool> mask = convolution_grad_mask(ctx);
-    const auto ints = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };
-    return convolution_grads(
-        mask,
-        sliced_conv2d_backward(grad_outputs[0], saved[0], saved[1], ints("blocks"),
-                               ctx->saved_data["num_switches"].toInt(), ints("stride"), ints("padding"),
-                               ints("dilation"), ctx->saved_data["input_shared"].toBool(), mask),
-        6);
+    static const auto op = typed_op<SlicedConv2dBackwardFn>("paradis::sliced_conv2d_backward");
+    const Grads grads = op
+                            .call(grad_outputs[0], saved[0], saved[1], ints(ctx, "blocks"),
+                                  ctx->saved_data["num_switches"].toInt(), ints(ctx, "stride"), ints(ctx, "padding"),
+                                  ints(ctx, "dilation"), ctx->saved_data["input_shared"].toBool(), mask);
+    return convolution_grads(mask, grads, 6);
   }
 };
 
@@ -117,30 +103,13 @@ Tensor sliced_conv2d_autograd(const Tensor& x, const Tensor& weight, const std::
 }
 
 using Stats = std::tuple<Tensor, Tensor, Tensor>;
-
-Stats switch_batch_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-                                const Tensor& running_var, IntArrayRef covered, IntArrayRef rows, bool training,
-                                double eps, c10::string_view activation, const std::optional<Tensor>& residual) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("paradis_C::switch_batch_norm_forward", "")
-                             .typed<Stats(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          IntArrayRef, IntArrayRef, bool, double, c10::string_view,
-                                          const std::optional<Tensor>&)>();
-  return op.call(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual);
-}
-
-Stats switch_batch_norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                 const Tensor& mean, const Tensor& var, IntArrayRef covered, IntArrayRef rows,
-                                 bool training, double eps, c10::string_view activation) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("paradis_C::switch_batch_norm_backward", "")
-                             .typed<Stats(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, IntArrayRef, IntArrayRef, bool, double, c10::string_view)>();
-  return op.call(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation);
-}
+using SwitchBatchNormFn = Stats(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, IntArrayRef,
+                                IntArrayRef, bool, double, c10::string_view, const std::optional<Tensor>&);
+using SwitchBatchNormBackwardFn = Stats(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                        const Tensor&, IntArrayRef, IntArrayRef, bool, double, c10::string_view);
 
 // The gradient of y = activation(z) at z, from y: z > 0 exactly where relu's y > 0, and 0 < z < 6
-// where 0 < relu6's y < 6 (paradis_fast/ops/switch_bn.py's _gradient_at_sum).
+// where 0 < relu6's y < 6.
 Tensor gradient_at_sum(const Tensor& grad_y, const Tensor& y, const std::string& activation) {
   if (activation == "relu") return at::threshold_backward(grad_y, y, 0);
   if (activation == "relu6") return at::hardtanh_backward(grad_y, y, 0, 6);
@@ -159,8 +128,10 @@ class SwitchBatchNorm : public torch::autograd::Function<SwitchBatchNorm> {
     Tensor y, mean, var;
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, mean, var) = switch_batch_norm_forward(x, weight, bias, running_mean, running_var, covered, rows,
-                                                         training, eps, activation, residual);
+      static const auto op = typed_op<SwitchBatchNormFn>("paradis::switch_batch_norm");
+      std::tie(y, mean, var) = op
+                                   .call(x, weight, bias, running_mean, running_var, covered, rows, training, eps,
+                                         activation, residual);
     }
     const bool with_residual = residual.has_value() && residual->defined();
     ctx->mark_non_differentiable({mean, var});
@@ -175,7 +146,7 @@ class SwitchBatchNorm : public torch::autograd::Function<SwitchBatchNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("paradis_C::switch_batch_norm");
+    refuse_double_backward("paradis::switch_batch_norm");
     const variable_list saved = ctx->get_saved_variables();
     std::string activation = ctx->saved_data["activation"].toStringRef();
     Tensor grad_y = grad_outputs[0], grad_residual;
@@ -183,10 +154,12 @@ class SwitchBatchNorm : public torch::autograd::Function<SwitchBatchNorm> {
       grad_y = grad_residual = gradient_at_sum(grad_y, saved[5], activation);
       activation = "none";
     }
-    auto [grad_x, grad_w, grad_b] = switch_batch_norm_backward(
-        grad_y, saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["covered"].toIntVector(),
-        ctx->saved_data["rows"].toIntVector(), ctx->saved_data["training"].toBool(),
-        ctx->saved_data["eps"].toDouble(), activation);
+    static const auto op = typed_op<SwitchBatchNormBackwardFn>("paradis::switch_batch_norm_backward");
+    auto [grad_x, grad_w, grad_b] = op
+                                        .call(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                              ints(ctx, "covered"), ints(ctx, "rows"),
+                                              ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
+                                              activation);
     return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
             grad_residual};
   }
@@ -200,24 +173,10 @@ Stats switch_batch_norm_autograd(const Tensor& x, const Tensor& weight, const Te
   return {out[0], out[1], out[2]};
 }
 
-// The depthwise convolution's forward is ATen's; its backward paradis_C's (the weight gradient of
-// small images; paradis_fast/ops/depthwise_conv.py).
-Tensor depthwise_conv2d_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
-  return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, x.size(1));
-}
-
-std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_y, const Tensor& x,
-                                                             const Tensor& weight, IntArrayRef stride,
-                                                             IntArrayRef padding, IntArrayRef dilation,
-                                                             const c10::List<bool>& output_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("paradis_C::depthwise_conv2d_backward", "")
-                             .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                       IntArrayRef, IntArrayRef, IntArrayRef,
-                                                                       const c10::List<bool>&)>();
-  return op.call(grad_y, x, weight, stride, padding, dilation, output_mask);
-}
+using DepthwiseConv2dFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, IntArrayRef,
+                                 IntArrayRef);
+using DepthwiseConv2dBackwardFn = Grads(const Tensor&, const Tensor&, const Tensor&, IntArrayRef, IntArrayRef,
+                                        IntArrayRef, const c10::List<bool>&);
 
 class DepthwiseConv2d : public torch::autograd::Function<DepthwiseConv2d> {
  public:
@@ -225,19 +184,21 @@ class DepthwiseConv2d : public torch::autograd::Function<DepthwiseConv2d> {
                         IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
     save_convolution(ctx, x, weight, bias, stride, padding, dilation);
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return depthwise_conv2d_forward(x, weight, bias, stride, padding, dilation);
+    static const auto op = typed_op<DepthwiseConv2dFn>("paradis::depthwise_conv2d");
+    return op.call(x, weight, bias, stride, padding, dilation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("paradis_C::depthwise_conv2d");
+    refuse_double_backward("paradis::depthwise_conv2d");
     const variable_list saved = ctx->get_saved_variables();
     const c10::List<bool> mask = convolution_grad_mask(ctx);
-    const auto ints = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };
     // grad_y in x's layout, as the kernel reads it (paradis_fast/ops/layout.py's contract)
     const Tensor grad_y = grad_outputs[0].contiguous(kernel_format(saved[0]));
-    return convolution_grads(
-        mask, depthwise_conv2d_backward(grad_y, saved[0], saved[1], ints("stride"), ints("padding"), ints("dilation"), mask),
-        3);
+    static const auto op = typed_op<DepthwiseConv2dBackwardFn>("paradis::depthwise_conv2d_backward");
+    const Grads grads = op
+                            .call(grad_y, saved[0], saved[1], ints(ctx, "stride"), ints(ctx, "padding"),
+                                  ints(ctx, "dilation"), mask);
+    return convolution_grads(mask, grads, 3);
   }
 };
 
@@ -248,17 +209,10 @@ Tensor depthwise_conv2d_autograd(const Tensor& x, const Tensor& weight, const st
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(paradis_C, Autograd, m) {
+TORCH_LIBRARY_IMPL(paradis, Autograd, m) {
   m.impl("sliced_conv2d", TORCH_FN(sliced_conv2d_autograd));
   m.impl("switch_batch_norm", TORCH_FN(switch_batch_norm_autograd));
   m.impl("depthwise_conv2d", TORCH_FN(depthwise_conv2d_autograd));
-}
-
-// Below autograd (inference mode, or no autograd keys): the forward kernels themselves.
-TORCH_LIBRARY_IMPL(paradis_C, CompositeExplicitAutograd, m) {
-  m.impl("sliced_conv2d", TORCH_FN(sliced_conv2d_forward));
-  m.impl("switch_batch_norm", TORCH_FN(switch_batch_norm_forward));
-  m.impl("depthwise_conv2d", TORCH_FN(depthwise_conv2d_forward));
 }
 
 } // namespace paradis

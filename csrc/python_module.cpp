@@ -1,5 +1,5 @@
 // Python entry point of paradis_fast._C. The module has no functions: importing it loads this
-// library, whose static initialisers register the paradis_C ops with the dispatcher (torch.ops).
+// library, whose static initialisers register the paradis ops with the dispatcher (torch.ops.paradis).
 #include <Python.h>
 
 PyMODINIT_FUNC PyInit__C(void) {

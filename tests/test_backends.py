@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paradis_fast.ops import available_backends, backends, forced_backend, reference, sliced_conv2d, switch_batch_norm, use_backend
-from paradis_fast.ops.backends import kernels_for
+from paradis_fast.ops import (Backend, available_backends, backend_for, backends, forced_backend, reference,
+                              register_backend, sliced_conv2d, switch_batch_norm, use_backend)
 
 CPU = torch.device("cpu")
 OPS = ("sliced_conv2d", "switch_batch_norm")
@@ -18,11 +18,13 @@ def _clean_env(monkeypatch):
     monkeypatch.delenv("PARADIS_BACKEND", raising=False)
 
 
-def _automatic(op: str):
+def _automatic(op: str) -> str:
     """What automatic choice must pick on CPU tensors: the C++ kernels when built, else the reference."""
-    if "cpu" in available_backends(op, "cpu"):
-        return backends.BACKENDS["cpu"]
-    return reference
+    return "cpu" if "cpu" in available_backends(op, "cpu") else "reference"
+
+
+def kernels_for(op: str, device: torch.device) -> str:
+    return backend_for(op, device).name
 
 
 def _conv_inputs():
@@ -37,7 +39,7 @@ def test_available_backends_lists_reference():
     for op in (None, *OPS):
         names = available_backends(op)
         assert "reference" in names
-        assert set(names) <= set(backends.BACKENDS)
+        assert set(names) <= {backend.name for backend in backends.BACKENDS}
         assert "cuda" not in available_backends(op, "cpu"), "the cuda backend cannot run CPU tensors"
     assert set(available_backends("sliced_conv2d")) | set(available_backends("switch_batch_norm")) == set(
         available_backends()
@@ -47,23 +49,23 @@ def test_available_backends_lists_reference():
 @pytest.mark.parametrize("op", OPS)
 def test_automatic_choice(op):
     assert forced_backend() is None
-    assert kernels_for(op, CPU) is _automatic(op)
+    assert kernels_for(op, CPU) == _automatic(op)
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_use_backend_forces_reference(op):
     with use_backend("reference"):
         assert forced_backend() == "reference"
-        assert kernels_for(op, CPU) is reference
+        assert kernels_for(op, CPU) == "reference"
     assert forced_backend() is None
-    assert kernels_for(op, CPU) is _automatic(op)
+    assert kernels_for(op, CPU) == _automatic(op)
 
 
-def test_use_backend_reaches_the_kernels(monkeypatch):
-    """The ops really run the forced backend's kernels (observed through spies on the reference module)."""
+def test_use_backend_reaches_the_implementation(monkeypatch):
+    """The ops really run the forced backend (observed through spies on the reference module), and
+    autograd differentiates it: no kernel of the paradis op library runs."""
     calls = []
-    for name in ("sliced_conv2d_forward", "sliced_conv2d_backward", "switch_batch_norm_forward",
-                 "switch_batch_norm_backward"):
+    for name in ("sliced_conv2d", "switch_batch_norm"):
         original = getattr(reference, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -71,14 +73,38 @@ def test_use_backend_reaches_the_kernels(monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(reference, name, spy)
-    with use_backend("reference"):
+    with use_backend("reference"), torch.profiler.profile() as prof:
         x, w, b = (t.requires_grad_() for t in _conv_inputs())
         sliced_conv2d(x, w, b, ["2x0.5", "1x1.0"], padding=1).sum().backward()
         x, w, b, rm, rv = _bn_inputs()
         x.requires_grad_()
         switch_batch_norm(x, w, b, rm, rv, ["2x0.5", "1x1.0"], True).square().sum().backward()
-    assert calls == ["sliced_conv2d_forward", "sliced_conv2d_backward", "switch_batch_norm_forward",
-                     "switch_batch_norm_backward"]
+    assert calls == ["sliced_conv2d", "switch_batch_norm"]
+    assert not [event.name for event in prof.events() if event.name.startswith("paradis")]
+
+
+def test_registered_backend_is_forced_by_name_and_never_chosen_automatically(monkeypatch):
+    calls = []
+
+    class Loop:
+        @staticmethod
+        def sliced_conv2d(*args):
+            calls.append("sliced_conv2d")
+            return reference.sliced_conv2d(*args)
+
+    monkeypatch.setattr(backends, "BACKENDS", list(backends.BACKENDS))
+    register_backend(Backend("loop", ("cpu",), ("sliced_conv2d",), implementation=Loop, automatic=False))
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend(Backend("loop", ("cpu",), ("sliced_conv2d",), implementation=Loop))
+    assert "loop" in available_backends("sliced_conv2d") and "loop" not in available_backends("switch_batch_norm")
+    assert kernels_for("sliced_conv2d", CPU) == _automatic("sliced_conv2d")
+    x = torch.randn(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    with use_backend("loop"):
+        y = sliced_conv2d(x, torch.randn(8, 6, 3, 3), None, ["2x0.5", "1x1.0"], padding=1)
+        with pytest.raises(RuntimeError, match=r"'loop' cannot run switch_batch_norm on cpu: it does not implement"):
+            switch_batch_norm(*_bn_inputs(), ["2x0.5", "1x1.0"], True)
+    assert calls == ["sliced_conv2d"]
+    assert y.is_contiguous(memory_format=torch.channels_last), "a Python backend's y comes back in x's layout"
 
 
 def test_unknown_backend_lists_the_choices():
@@ -92,18 +118,18 @@ def test_environment_variable_forces(monkeypatch):
     monkeypatch.setenv("PARADIS_BACKEND", "reference")
     assert forced_backend() == "reference"
     for op in OPS:
-        assert kernels_for(op, CPU) is reference
+        assert kernels_for(op, CPU) == "reference"
     monkeypatch.setenv("PARADIS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match=r"'cuda' cannot run sliced_conv2d on cpu: it runs on cuda tensors"):
         sliced_conv2d(*_conv_inputs(), ["1x1.0"])
     with use_backend("reference"):  # use_backend wins over the environment
-        assert kernels_for("sliced_conv2d", CPU) is reference
+        assert kernels_for("sliced_conv2d", CPU) == "reference"
     monkeypatch.setenv("PARADIS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match=r"unknown paradis backend 'nonsense'.*choose from"):
         kernels_for("sliced_conv2d", CPU)
     monkeypatch.setenv("PARADIS_BACKEND", "")
     assert forced_backend() is None
-    assert kernels_for("sliced_conv2d", CPU) is _automatic("sliced_conv2d")
+    assert kernels_for("sliced_conv2d", CPU) == _automatic("sliced_conv2d")
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -123,9 +149,9 @@ def test_forced_cpu_backend_runs_or_says_why(op):
     """'cpu' works where the C++ extension serves the op; elsewhere forcing it is an error with the reason."""
     if "cpu" in available_backends(op, "cpu"):
         with use_backend("cpu"):
-            assert kernels_for(op, CPU) is backends.BACKENDS["cpu"]
+            assert kernels_for(op, CPU) == "cpu"
     else:
-        reason = backends.BACKENDS["cpu"].unavailable_reason(op, CPU)
+        reason = backends.backend("cpu").unavailable_reason(op, CPU)
         assert reason and ("not built" in reason or "no CPU kernel" in reason)
         with use_backend("cpu"), pytest.raises(RuntimeError, match=r"'cpu' cannot run " + op):
             kernels_for(op, CPU)
@@ -135,7 +161,7 @@ def test_use_backend_none_restores_automatic_choice():
     with use_backend("cuda"):
         with use_backend(None):
             assert forced_backend() is None
-            assert kernels_for("sliced_conv2d", CPU) is _automatic("sliced_conv2d")
+            assert kernels_for("sliced_conv2d", CPU) == _automatic("sliced_conv2d")
             y = sliced_conv2d(*_conv_inputs(), ["2x0.5"], padding=1)
             assert y.shape == (4, 8, 5, 5)
         assert forced_backend() == "cuda"

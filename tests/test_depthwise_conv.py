@@ -1,5 +1,5 @@
 """paradis_fast.ops.depthwise_conv2d and nn.DepthwiseConv2d against F.conv2d in float64: the
-paradis_C weight gradient (float32 3x3, channels a multiple of 16 and innermost, AVX-512 CPUs),
+CPU weight-gradient kernel (float32 3x3, channels a multiple of 16 and innermost, AVX-512 CPUs),
 every other case, which runs ATen's convolution, and the routing (the op on small images only)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from test_cpu_sliced_conv import _has_avx512
 from paradis_fast.nn import DepthwiseConv2d
 from paradis_fast.ops import available_backends, depthwise_conv2d, use_backend
-from paradis_fast.ops.depthwise_conv import SMALL_IMAGE_PIXELS, _depthwise_conv2d
+from paradis_fast.ops.depthwise_conv import SMALL_IMAGE_PIXELS
 
 NATIVE = "cpu" in available_backends("depthwise_conv2d")
 needs_native = pytest.mark.skipif(not NATIVE, reason="paradis_fast._C has no CPU depthwise_conv2d kernel (not built)")
@@ -57,8 +57,8 @@ def oracle(x, weight, bias, geometry):
 
 
 def through_op(x, weight, bias=None, stride=1, padding=0, dilation=1):
-    """The custom op itself, whatever the image size (the public function routes large ones away)."""
-    return _depthwise_conv2d(x, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2)
+    """The paradis op itself, whatever the image size (the public function routes large ones away)."""
+    return torch.ops.paradis.depthwise_conv2d(x, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2)
 
 
 ENTRIES = {"public": depthwise_conv2d,
@@ -88,10 +88,10 @@ def test_weight_gradient_bit_identical_across_runs_and_threads(threads):
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        first = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
-        again = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
+        first = torch.ops.paradis.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
+        again = torch.ops.paradis.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
         torch.set_num_threads(1 if threads == 2 else 2)
-        other_threads = torch.ops.paradis_C.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
+        other_threads = torch.ops.paradis.depthwise_conv2d_backward(grad_y, x, weight, *args)[1]
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(first, again) and torch.equal(first, other_threads)
@@ -103,7 +103,7 @@ def test_weight_gradient_bit_identical_across_runs_and_threads(threads):
                          ids=["nhwc", "one-pixel-nchw"])
 @pytest.mark.parametrize("isa, dnnl_calls", [("native", 0), ("baseline", 1)])
 def test_weight_gradient_skips_onednn(monkeypatch, isa, dnnl_calls, case, layout):
-    """The weight gradient alone (x needs none) runs paradis_C's kernel, no aten::convolution_backward,
+    """The weight gradient alone (x needs none) runs the CPU kernel, no aten::convolution_backward,
     unless PARADIS_CPU_ISA=baseline; both agree. One-pixel images (oneDNN's slowest case) run it in
     either layout."""
     x, weight, _, geometry = make_case(case, torch.float32, layout)
@@ -113,7 +113,7 @@ def test_weight_gradient_skips_onednn(monkeypatch, isa, dnnl_calls, case, layout
     with torch.profiler.profile() as prof:
         through_op(x, weight, None, **geometry).sum().backward()
     names = [event.name for event in prof.events()]
-    assert names.count("paradis_C::depthwise_conv2d_backward") == 1
+    assert names.count("paradis::depthwise_conv2d_backward") == 1
     assert names.count("aten::convolution_backward") == dnnl_calls
     grad = weight.grad
     weight.grad = None
@@ -128,22 +128,21 @@ def test_opcheck(layout):
     x, weight, bias, _ = make_case("32ch-stride2-bias", torch.float32, layout)
     for t in (x, weight, bias):
         t.requires_grad_()
-    torch.library.opcheck(_depthwise_conv2d, (x, weight, bias, [2, 2], [1, 1], [1, 1]))
-    torch.library.opcheck(_depthwise_conv2d, (x, weight, None, [1, 1], [0, 0], [1, 1]))
+    torch.library.opcheck(torch.ops.paradis.depthwise_conv2d.default, (x, weight, bias, [2, 2], [1, 1], [1, 1]))
+    torch.library.opcheck(torch.ops.paradis.depthwise_conv2d.default, (x, weight, None, [1, 1], [0, 0], [1, 1]))
 
 
 @pytest.mark.parametrize("case, backend, through_op", [
     ("64ch-2x2-image", None, NATIVE), ("32ch-1x1-image", "cpu", NATIVE), ("64ch-2x2-image", "reference", False),
     ("16ch", None, False)], ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image"])
 def test_routing(case, backend, through_op):
-    """Small images on the cpu backend go through the op (eagerly its C++ twin, paradis_C's);
+    """Small images on the cpu backend go through the paradis op;
     larger images and backends with no depthwise kernel (reference) are F.conv2d itself."""
     x, weight, _, geometry = make_case(case, torch.float32, torch.channels_last)
     with use_backend(backend), torch.profiler.profile() as prof:
         y = depthwise_conv2d(x, weight, None, **geometry)
     assert y.shape[2] * y.shape[3] <= SMALL_IMAGE_PIXELS or not through_op
-    ops = {"paradis::depthwise_conv2d", "paradis_C::depthwise_conv2d"}
-    assert any(event.name in ops for event in prof.events()) == through_op
+    assert any(event.name == "paradis::depthwise_conv2d" for event in prof.events()) == through_op
     torch.testing.assert_close(y, F.conv2d(x, weight, None, **geometry, groups=x.shape[1]))
 
 
@@ -175,9 +174,9 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, message):
 
 
 @needs_native
-def test_compiled_under_another_backend_runs_atens_backward():
-    """torch.compile routes small CPU images through the op without reading the backend setting;
-    the op's backward then reads it and, for a backend other than cpu, runs ATen's convolution_backward."""
+def test_compiled_calls_run_the_op_whatever_backend_is_forced():
+    """torch.compile records the paradis op for small CPU images without reading the backend
+    setting (forced backends are eager); forward and backward then run the CPU kernels."""
     x, weight, _, geometry = make_case("64ch-2x2-image", torch.float32, torch.channels_last)
     compiled = torch.compile(lambda x, w: depthwise_conv2d(x, w, None, **geometry), backend="aot_eager",
                              fullgraph=True)
@@ -185,7 +184,7 @@ def test_compiled_under_another_backend_runs_atens_backward():
     with use_backend("reference"), torch.profiler.profile() as prof:
         compiled(x, leaf).square().sum().backward()
     names = [event.name for event in prof.events()]
-    assert "paradis::depthwise_conv2d" in names and "paradis_C::depthwise_conv2d_backward" not in names
+    assert "paradis::depthwise_conv2d" in names and "paradis::depthwise_conv2d_backward" in names
     expected = weight.clone().requires_grad_()
     F.conv2d(x, expected, None, **geometry, groups=x.shape[1]).square().sum().backward()
     torch.testing.assert_close(leaf.grad, expected.grad, rtol=1e-4, atol=1e-4)

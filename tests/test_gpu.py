@@ -1,4 +1,5 @@
-"""The GPU backends (triton, cuda) on CUDA tensors against the float64 oracles, fp32 and bf16.
+"""The paradis ops' CUDA kernels (Triton's, and the CUDA C++ switch_batch_norm where built) on CUDA
+tensors against the float64 oracles, fp32 and bf16.
 
 Skipped, with the reason, where torch sees no CUDA device (CI; the kernels are checked there by
 test_triton_kernels.py and test_cuda_sources.py). bench/gpu_check.sh runs this file on a GPU.
@@ -8,7 +9,7 @@ fp32 means fp32 here.
 """
 from __future__ import annotations
 
-import warnings
+import contextlib
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import test_switch_batch_norm as bn_tests
 from conftest import BN_CASES, CONV_CASES, _bn_id, _conv_id
 from paradis_fast import SwitchSet
 from paradis_fast.models import mobilenet_v1
-from paradis_fast.ops import available_backends, sliced_conv2d, switch_batch_norm, use_backend
+from paradis_fast.ops import library, sliced_conv2d, switch_batch_norm, triton_kernels, use_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU backends cannot run here")
 
@@ -50,12 +51,23 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _forced(backend: str, op: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if backend not in available_backends(op, CUDA):
-            pytest.skip(f"the {backend} backend has no {op} kernel for CUDA tensors in this build")
-    return use_backend(backend)
+@contextlib.contextmanager
+def _kernels(source: str, op: str):
+    """The CUDA kernels as this build registers them ("registered"), or Triton's over the CUDA C++
+    ones ("triton": skipped where Triton's are the registered ones already)."""
+    native = torch._C._dispatch_has_kernel_for_dispatch_key(f"paradis::{op}", "CUDA")
+    if not native:
+        pytest.skip(f"no CUDA kernel for {op} in this build (is triton installed?)")
+    if source == "registered":
+        with use_backend("cuda"):
+            yield
+        return
+    if op in library.TRITON_CUDA_OPS:
+        pytest.skip(f"Triton's {op} kernels are the registered ones in this build")
+    with torch.library._scoped_library("paradis", "IMPL") as lib:
+        triton_kernels.register(lib, "cuda", [op])
+        with use_backend("cuda"):
+            yield
 
 
 def _rounded(t, dtype):
@@ -74,8 +86,7 @@ def _assert_close(got, want, dtype, what):
 # --------------------------------------------------------------------------------- sliced_conv2d
 @pytest.mark.parametrize("case", CONV_MATRIX, ids=[_conv_id(c) for c in CONV_MATRIX])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_sliced_conv2d_matches_oracle(backend, dtype, case):
+def test_sliced_conv2d_matches_oracle(dtype, case):
     x, weight, bias, g = conv_tests.make_inputs(case, torch.float64)
     grad_seed = torch.Generator().manual_seed(case["seed"] + 1)
     stride, padding, dilation, shared = conv_tests.conv_args(case)
@@ -84,7 +95,7 @@ def test_sliced_conv2d_matches_oracle(backend, dtype, case):
     yr = conv_tests.oracle(xr, wr, br, case["switches"], stride, padding, dilation, shared)
     grad_y, grad_yr = _rounded(torch.randn(yr.shape, generator=grad_seed, dtype=torch.float64), dtype)
     yr.backward(grad_yr)
-    with _forced(backend, "sliced_conv2d"):
+    with _kernels("registered", "sliced_conv2d"):
         xo, wo, bo = (_leaf(None if t is None else t.to(CUDA)) for t in (x, weight, bias))
         y = sliced_conv2d(xo, wo, bo, case["switches"], stride, padding, dilation, shared)
         y.backward(grad_y.to(CUDA))
@@ -97,11 +108,10 @@ def test_sliced_conv2d_matches_oracle(backend, dtype, case):
     conv_tests.assert_uncovered_exact_zeros(case, y.cpu(), xo.grad.cpu(), wo.grad.cpu(), None)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_sliced_conv2d_gradients_are_deterministic(backend):
+def test_sliced_conv2d_gradients_are_deterministic():
     case = BIG_CONV[0]
     x, weight, _, _ = conv_tests.make_inputs(case, torch.float32)
-    with _forced(backend, "sliced_conv2d"):
+    with _kernels("registered", "sliced_conv2d"):
         grads = []
         for _ in range(2):
             xo, wo = _leaf(x.to(CUDA)), _leaf(weight.to(CUDA))
@@ -114,8 +124,8 @@ def test_sliced_conv2d_gradients_are_deterministic(backend):
 # ----------------------------------------------------------------------------- switch_batch_norm
 @pytest.mark.parametrize("case", BN_MATRIX, ids=[_bn_id(c) for c in BN_MATRIX])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_switch_batch_norm_matches_oracle(backend, dtype, case):
+@pytest.mark.parametrize("source", ["registered", "triton"])
+def test_switch_batch_norm_matches_oracle(source, dtype, case):
     """x (and grad_y) in dtype, float32 parameters and running statistics, as a mixed-precision model."""
     (x, weight, bias, running_mean, running_var), g = bn_tests.make_inputs(dict(case, dtype=torch.float64))
     rows = case["rows"] if case["rows"] is not None else list(range(len(case["switches"])))
@@ -126,7 +136,7 @@ def test_switch_batch_norm_matches_oracle(backend, dtype, case):
                                 case["training"], bn_tests.EPS, case["activation"], rows)
     grad_y, grad_yr = _rounded(torch.randn(yr.shape, generator=g, dtype=torch.float64), dtype)
     yr.backward(grad_yr)
-    with _forced(backend, "switch_batch_norm"):
+    with _kernels(source, "switch_batch_norm"):
         xo, wo, bo = _leaf(x.to(CUDA)), _leaf(params[0].to(CUDA)), _leaf(params[1].to(CUDA))
         running = [params[2].to(CUDA, copy=True), params[3].to(CUDA, copy=True)]
         y = switch_batch_norm(xo, wo, bo, *running, case["switches"], case["training"], 0.1, bn_tests.EPS,

@@ -1,7 +1,7 @@
 """The Triton kernels on CPU tensors under Triton's interpreter, against the float64 oracles.
 
 The op-level cases are the bodies of test_sliced_conv.py and test_switch_batch_norm.py, run here
-with the triton backend forced; the launcher-level cases exercise what the tiny shapes of those
+with the Triton kernels registered as the paradis ops' CPU kernels; the launcher-level cases exercise what the tiny shapes of those
 cases do not reach (several chunks per BatchNorm pair, split-K weight gradients, fp16).
 
 tests/test_triton_kernels.py runs this file in a subprocess with TRITON_INTERPRET=1: the variable
@@ -26,14 +26,26 @@ from paradis_fast import SwitchSet  # noqa: E402
 from paradis_fast.kernels import sliced_conv2d as conv_kernels  # noqa: E402
 from paradis_fast.kernels import split_evenly  # noqa: E402
 from paradis_fast.kernels import switch_batch_norm as bn_kernels  # noqa: E402
-from paradis_fast.ops import reference, use_backend  # noqa: E402
+from paradis_fast.ops import reference, triton_kernels, use_backend  # noqa: E402
 from paradis_fast.ops.plan import conv_blocks, covered_channels  # noqa: E402
 
 
 @pytest.fixture
 def triton_backend():
-    with use_backend("triton"):
-        yield "triton"
+    """The Triton kernels as the paradis ops' CPU kernels (over the C++ ones) for the test."""
+    with torch.library._scoped_library("paradis", "IMPL") as lib:
+        triton_kernels.register(lib, "cpu")
+        with use_backend("cpu"):
+            yield "triton"
+
+
+def _reference_grads(fn, inputs, grad_y):
+    """The gradients of fn(*inputs)'s first output towards grad_y, for the inputs that need one."""
+    leaves = [t.detach().requires_grad_() if needed else t for t, needed in inputs]
+    out = fn(*leaves)
+    y = out[0] if isinstance(out, tuple) else out
+    wanted = [t for t, (_, needed) in zip(leaves, inputs) if needed]
+    return out, torch.autograd.grad(y, wanted, grad_y)
 
 
 # ------------------------------------------------------------------------- sliced_conv2d (op)
@@ -103,16 +115,16 @@ def test_launch_bn_chunked_pairs_match_reference(chunks, training):
     assert bn_kernels.chunking(3 * 7, 4 * 6 * 5, chunks)[2] == chunks, "the pairs are not split as asked"
     args = (weight, bias, running_mean, running_var, covered, rows, training, 1e-5, "relu6")
     got = bn_kernels.switch_batch_norm_forward(x.float(), *(t.float() for t in args[:4]), *args[4:], chunks=chunks)
-    want = reference.switch_batch_norm_forward(x, *args)
+    grad_y = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    inputs = [(x, True), (weight, True), (bias, True), *((a, False) for a in args[2:])]
+    want, want_grads = _reference_grads(reference.switch_batch_norm, inputs, grad_y)
     for name, a, b in zip(("y", "mean", "var"), got, want):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    grad_y = torch.randn(x.shape, generator=g, dtype=torch.float64)
     stats = (want[1], want[2])
     got = bn_kernels.switch_batch_norm_backward(grad_y.float(), x.float(), weight.float(), bias.float(),
                                                 *(t.float() for t in stats), covered, rows, training, 1e-5,
                                                 "relu6", chunks=chunks)
-    want = reference.switch_batch_norm_backward(grad_y, x, weight, bias, *stats, covered, rows, training, 1e-5, "relu6")
-    for name, a, b in zip(("grad x", "grad weight", "grad bias"), got, want):
+    for name, a, b in zip(("grad x", "grad weight", "grad bias"), got, want_grads):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
@@ -132,12 +144,13 @@ def test_launch_conv_split_k_weight_gradient(splits, input_shared):
     weight = torch.randn(case["c_out"], case["c_in"], 3, 3, generator=g, dtype=torch.float64)
     blocks = list(conv_blocks(switches, case["c_in"], case["c_out"], input_shared))
     conv = (blocks, len(switches), [2, 2], [1, 1], [1, 1], input_shared)
-    grad_y = torch.randn(reference.sliced_conv2d_forward(x, weight, None, *conv).shape, generator=g, dtype=torch.float64)
+    grad_y = torch.randn(reference.sliced_conv2d(x, weight, None, *conv).shape, generator=g, dtype=torch.float64)
     pixels = case["batch"] * grad_y.shape[2] * grad_y.shape[3]
     assert split_evenly(pixels, splits, 32)[1] == splits, "the pixel reduction is not split as asked"
     _, got, _ = conv_kernels.sliced_conv2d_backward(grad_y.float(), x.float(), weight.float(), *conv,
                                                     [False, True, False], splits=splits)
-    _, want, _ = reference.sliced_conv2d_backward(grad_y, x, weight, *conv, [False, True, False])
+    _, (want,) = _reference_grads(reference.sliced_conv2d, [(x, False), (weight, True), (None, False),
+                                                            *((a, False) for a in conv)], grad_y)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
 
 

@@ -4,7 +4,7 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
-#include "cpu/layout.h"
+#include "layout.h"
 #include "cpu/narrow_group_conv.h"
 
 #include <array>
@@ -43,7 +43,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
   return {grad_x, grad_w, grad_b};
 }
 
-TORCH_LIBRARY_IMPL(paradis_C, CPU, m) {
+TORCH_LIBRARY_IMPL(paradis, CPU, m) {
   m.impl("depthwise_conv2d_backward", TORCH_FN(depthwise_conv2d_backward_cpu));
 }
 

@@ -10,13 +10,8 @@
 
 #include "cpu/isa.h"
 
-// AVX-512 code through GCC's target pragmas: built by GCC for x86-64 only. Elsewhere no unit fits
-// and sliced_conv2d runs every unit on oneDNN.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PARADIS_NARROW_AVX512 1
+#if PARADIS_X86_TARGETS
 #include <immintrin.h>
-#else
-#define PARADIS_NARROW_AVX512 0
 #endif
 
 // Why a kernel of our own: oneDNN runs a grouped 3x3 convolution with 4 or 8 channels per group at
@@ -34,7 +29,7 @@ namespace paradis {
 
 using at::Tensor;
 
-#if PARADIS_NARROW_AVX512
+#if PARADIS_X86_TARGETS
 namespace {
 
 constexpr int kLanes = 16;
@@ -374,6 +369,6 @@ Tensor narrow_group_conv_grad_weight(const Tensor&, const Tensor&, int64_t, cons
   TORCH_CHECK(false, "narrow_group_conv: this build has no AVX-512 kernels (x86-64 GCC builds only)");
 }
 
-#endif // PARADIS_NARROW_AVX512
+#endif // PARADIS_X86_TARGETS
 
 } // namespace paradis

@@ -13,13 +13,8 @@
 
 #include "cpu/isa.h"
 
-// AVX-512 code through GCC's target pragmas: built by GCC for x86-64 only. Elsewhere the kernels
-// are not enabled and sliced_conv2d runs the 1x1 layers on oneDNN and BLAS.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PARADIS_GEMM_AVX512 1
+#if PARADIS_X86_TARGETS
 #include <immintrin.h>
-#else
-#define PARADIS_GEMM_AVX512 0
 #endif
 
 // The register tile of every product here: R rows by V vectors of 16 columns, acc[r][v] +=
@@ -30,7 +25,7 @@ namespace paradis {
 
 using at::Tensor;
 
-#if PARADIS_GEMM_AVX512
+#if PARADIS_X86_TARGETS
 namespace {
 
 constexpr int kLanes = 16;
@@ -410,6 +405,6 @@ void pointwise_gemm_grad_weight(const Tensor&, const Tensor&, const Tensor&, con
   TORCH_CHECK(false, "pointwise_gemm: this build has no AVX-512 kernels (x86-64 GCC builds only)");
 }
 
-#endif // PARADIS_GEMM_AVX512
+#endif // PARADIS_X86_TARGETS
 
 } // namespace paradis

@@ -10,7 +10,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include "cpu/layout.h"
+#include "layout.h"
 #include "cpu/narrow_group_conv.h"
 #include "cpu/pointwise_gemm.h"
 
@@ -488,8 +488,8 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
   return {grad_x, grad_w, grad_b};
 }
 
-TORCH_LIBRARY_IMPL(paradis_C, CPU, m) {
-  m.impl("sliced_conv2d_forward", TORCH_FN(sliced_conv2d_forward_cpu));
+TORCH_LIBRARY_IMPL(paradis, CPU, m) {
+  m.impl("sliced_conv2d", TORCH_FN(sliced_conv2d_forward_cpu));
   m.impl("sliced_conv2d_backward", TORCH_FN(sliced_conv2d_backward_cpu));
 }
 

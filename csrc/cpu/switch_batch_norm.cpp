@@ -12,7 +12,8 @@
 #include <torch/library.h>
 
 #include "activation.h"
-#include "cpu/layout.h"
+#include "cpu/isa.h"
+#include "layout.h"
 
 #include <algorithm>
 #include <cmath>
@@ -185,17 +186,12 @@ struct BackwardData {
 
 // Multiversioning: the extension is built for baseline x86-64 (SSE2), so the kernels are compiled
 // a second time for AVX2 + FMA and chosen at run time where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PARADIS_BN_AVX2 1
-#else
-#define PARADIS_BN_AVX2 0
-#endif
 
 namespace baseline {
 #include "cpu/switch_batch_norm_kernels.inc"
 } // namespace baseline
 
-#if PARADIS_BN_AVX2
+#if PARADIS_X86_TARGETS
 // Everything defined from here to pop_options is compiled for AVX2 + FMA; templates of the
 // headers above keep their baseline code, so nothing outside namespace avx2 needs the ISA.
 #pragma GCC push_options
@@ -210,10 +206,8 @@ namespace avx2 {
 // variable PARADIS_CPU_ISA=baseline forces the baseline ones (to test or measure them).
 template <typename F>
 void with_kernels(const F& f) {
-#if PARADIS_BN_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* forced = std::getenv("PARADIS_CPU_ISA");
-  if (has_avx2 && !(forced && std::string_view(forced) == "baseline")) return f(avx2::Kernels());
+#if PARADIS_X86_TARGETS
+  if (avx2_fma_enabled()) return f(avx2::Kernels());
 #endif
   f(baseline::Kernels());
 }
@@ -322,8 +316,8 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(
   return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
-TORCH_LIBRARY_IMPL(paradis_C, CPU, m) {
-  m.impl("switch_batch_norm_forward", TORCH_FN(switch_batch_norm_forward_cpu));
+TORCH_LIBRARY_IMPL(paradis, CPU, m) {
+  m.impl("switch_batch_norm", TORCH_FN(switch_batch_norm_forward_cpu));
   m.impl("switch_batch_norm_backward", TORCH_FN(switch_batch_norm_backward_cpu));
 }
 

@@ -1,4 +1,4 @@
-// CUDA kernels of paradis_C::switch_batch_norm_{forward,backward}: the contract of
+// CUDA kernels of paradis::switch_batch_norm and its backward: the contract of
 // csrc/cpu/switch_batch_norm.h (per-switch BatchNorm + activation over switch-major stacked
 // activations x = [S*B, C, *]) on the GPU, launched on the current stream.
 //
@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "activation.h"
+#include "layout.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -31,6 +32,13 @@ namespace {
 
 using at::IntArrayRef;
 using at::Tensor;
+
+// y = activation(y) in place, for the residual's separate pass.
+Tensor activate_(Tensor y, Act act) {
+  if (act == Act::Relu) return y.relu_();
+  if (act == Act::Relu6) return y.clamp_(0, 6);
+  return y;
+}
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
@@ -53,21 +61,6 @@ struct Geometry {
     return ((s * B + b) * C + c) * HW + (i - b * HW);
   }
 };
-
-template <Act A, typename T>
-__device__ T activate(T z) {
-  if constexpr (A == Act::Relu) return z > T(0) ? z : T(0);
-  else if constexpr (A == Act::Relu6) return z > T(0) ? (z < T(6) ? z : T(6)) : T(0);
-  else return z;
-}
-
-// g * act'(z): the gradient passes where the activation is the identity (strictly inside).
-template <Act A, typename T>
-__device__ T mask_grad(T g, T z) {
-  if constexpr (A == Act::Relu) return z > T(0) ? g : T(0);
-  else if constexpr (A == Act::Relu6) return (z > T(0) && z < T(6)) ? g : T(0);
-  else return g;
-}
 
 template <typename T>
 struct Moments {
@@ -323,10 +316,12 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cuda(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
     const Tensor& running_var, IntArrayRef covered, IntArrayRef rows, bool training, double eps,
     c10::string_view activation, const std::optional<Tensor>& residual) {
-  // paradis_fast/ops/switch_bn.py adds a residual after this kernel on CUDA (the cuda backend does
-  // not list the op in residual_ops); only the CPU kernel fuses it.
-  TORCH_CHECK(!(residual.has_value() && residual->defined()),
-              "switch_batch_norm: the CUDA kernel does not fuse a residual; call it through paradis_fast.ops");
+  // A residual is added after the normalisation, in a pass of its own (the CPU kernel fuses it).
+  if (residual.has_value() && residual->defined()) {
+    auto [y, mean, var] = switch_batch_norm_forward_cuda(x, weight, bias, running_mean, running_var, covered, rows,
+                                                         training, eps, "none", std::nullopt);
+    return {activate_(y.add_(*residual), parse_activation(activation)), mean, var};
+  }
   const Act act = parse_activation(activation);
   SwitchTable table;
   Geometry g;
@@ -363,7 +358,7 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {y, mean, var};
+  return {y.contiguous(kernel_format(x)), mean, var};
 }
 
 std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cuda(
@@ -412,13 +407,14 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cuda(
       });
     });
   }
-  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
+  return {grad_x.contiguous(kernel_format(x)), grad_weight.to(weight.scalar_type()),
+          grad_bias.to(weight.scalar_type())};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(paradis_C, CUDA, m) {
-  m.impl("switch_batch_norm_forward", TORCH_FN(switch_batch_norm_forward_cuda));
+TORCH_LIBRARY_IMPL(paradis, CUDA, m) {
+  m.impl("switch_batch_norm", TORCH_FN(switch_batch_norm_forward_cuda));
   m.impl("switch_batch_norm_backward", TORCH_FN(switch_batch_norm_backward_cuda));
 }
 

@@ -1,67 +1,26 @@
-"""paradis::sliced_conv2d — every (switch, sub-network) block of a layer in one op (DESIGN §3)."""
+"""sliced_conv2d — every (switch, sub-network) block of a layer in one op (DESIGN §3)."""
 from __future__ import annotations
 
-from typing import List, Optional
-
-import torch
 from torch import Tensor
 
-from . import checks, layout
+from . import checks, layout, library
+from .backends import backend_for
 from .plan import conv_blocks, conv_output_size
 from ..switches import SwitchSetLike
 
 OP = "sliced_conv2d"
 
 
-@torch.library.custom_op("paradis::sliced_conv2d", mutates_args=())
-def _sliced_conv2d(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], blocks: List[int], num_switches: int,
-    stride: List[int], padding: List[int], dilation: List[int], input_shared: bool,
-) -> Tensor:
-    return layout.run(OP, "sliced_conv2d_forward", [x], weight, bias, blocks, num_switches, stride, padding,
-                      dilation, input_shared)
-
-
-@_sliced_conv2d.register_fake
+@library.register_fake(OP)
 def _(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared):
     rows = x.shape[0] * num_switches if input_shared else x.shape[0]
     out_hw = [conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)]
     return layout.empty((rows, weight.shape[0], *out_hw), x)
 
 
-@torch.library.custom_op("paradis::sliced_conv2d_backward", mutates_args=())
-def _sliced_conv2d_backward(
-    grad_y: Tensor, x: Tensor, weight: Tensor, blocks: List[int], num_switches: int, stride: List[int],
-    padding: List[int], dilation: List[int], input_shared: bool, output_mask: List[bool],
-) -> List[Tensor]:
-    grads = layout.run(OP, "sliced_conv2d_backward", [grad_y, x], weight, blocks, num_switches, stride, padding,
-                       dilation, input_shared, output_mask)
-    return [g if g is not None else x.new_empty(0) for g in grads]
-
-
-@_sliced_conv2d_backward.register_fake
+@library.register_fake(f"{OP}_backward")
 def _(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask):
-    grad_x = layout.empty(x.shape if output_mask[0] else (0,), x)
-    shapes = [weight.shape, weight.shape[:1]]  # the weight gradients are contiguous whatever the weight's layout
-    return [grad_x] + [x.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, output_mask[1:])]
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.config = (blocks, num_switches, stride, padding, dilation, input_shared)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = _sliced_conv2d_backward(grad_y, x, weight, *ctx.config, mask)
-    grad_x, grad_w, grad_b = (g if needed else None for g, needed in zip(grads, mask))
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
-
-
-_sliced_conv2d.register_autograd(_backward, setup_context=_setup_context)
+    return library.convolution_grads_like(x, weight, output_mask)
 
 
 def sliced_conv2d(
@@ -91,5 +50,5 @@ def sliced_conv2d(
         if conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) < 1:
             raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
     blocks = conv_blocks(switches, weight.shape[1], weight.shape[0], bool(input_shared))
-    op = layout.eager_autograd_op(OP, x) or _sliced_conv2d
+    op = backend_for(OP, x.device).function(OP)
     return op(x, weight, bias, list(blocks), len(switches), stride, padding, dilation, bool(input_shared))

@@ -1,99 +1,34 @@
-"""paradis::switch_batch_norm — BatchNorm(+activation) with private statistics per switch (DESIGN §3).
+"""switch_batch_norm — BatchNorm(+activation) with private statistics per switch (DESIGN §3).
 
 The op itself is functional (it returns the statistics it used); the running-statistics update
 is a few in-place tensor ops here, shared by every backend.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import checks, layout
-from .backends import kernels_for
+from . import checks, layout, library
+from .backends import backend_for
 from .plan import covered_channels
-from .reference import accumulation_dtype, activate
+from .reference import accumulation_dtype
 from ..switches import SwitchSetLike
 
 OP = "switch_batch_norm"
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
-def _fuses_residual(device: torch.device) -> bool:
-    """Whether the backend serving this op on ``device`` adds the residual inside its own pass."""
-    return OP in getattr(kernels_for(OP, device), "residual_ops", ())
-
-
-@torch.library.custom_op("paradis::switch_batch_norm", mutates_args=())
-def _switch_batch_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-    covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    args = (weight, bias, running_mean, running_var, covered, rows, training, eps)
-    if residual is None:
-        return layout.run(OP, "switch_batch_norm_forward", [x], *args, activation)
-    if _fuses_residual(x.device):
-        residual = residual.contiguous(memory_format=layout.memory_format(x))
-        return layout.run(OP, "switch_batch_norm_forward", [x], *args, activation, residual)
-    y, mean, var = layout.run(OP, "switch_batch_norm_forward", [x], *args, "none")
-    return activate(y.add_(residual), activation), mean, var
-
-
-def _gradient_at_sum(grad_y: Tensor, y: Tensor, activation: str) -> Tensor:
-    """The gradient of y = activation(z) at z, from y (z > 0 exactly where relu's y > 0, and
-    0 < z < 6 where 0 < relu6's y < 6)."""
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad_y, y, 0)
-    if activation == "relu6":
-        return torch.ops.aten.hardtanh_backward(grad_y, y, 0, 6)
-    return grad_y
-
-
-@_switch_batch_norm.register_fake
+@library.register_fake(OP)
 def _(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual=None):
     stats = x.new_empty(len(covered), x.shape[1], dtype=accumulation_dtype(x.dtype))
     return layout.empty(x.shape, x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("paradis::switch_batch_norm_backward", mutates_args=())
-def _switch_batch_norm_backward(
-    grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
-    covered: List[int], rows: List[int], training: bool, eps: float, activation: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    return layout.run(OP, "switch_batch_norm_backward", [grad_y, x], weight, bias, mean, var, covered, rows,
-                      training, eps, activation)
-
-
-@_switch_batch_norm_backward.register_fake
+@library.register_fake(f"{OP}_backward")
 def _(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation):
     return layout.empty(x.shape, x), torch.empty_like(weight), torch.empty_like(bias)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, covered, rows, training, eps, activation, residual = inputs
-    y, mean, var = output
-    # With a residual the activation follows the sum, so its gradient mask comes from y.
-    ctx.with_residual = residual is not None
-    ctx.save_for_backward(x, weight, bias, mean, var, *((y,) if ctx.with_residual else ()))
-    ctx.config = (covered, rows, training, eps, activation)
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _backward(ctx, grad_y, _grad_mean, _grad_var):
-    x, weight, bias, mean, var, *y = ctx.saved_tensors
-    covered, rows, training, eps, activation = ctx.config
-    grad_residual = None
-    if ctx.with_residual:  # the gradient at the sum: the residual's, and the plain BatchNorm's
-        grad_y = grad_residual = _gradient_at_sum(grad_y, y[0], activation)
-        activation = "none"
-    grad_x, grad_w, grad_b = _switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, covered, rows, training,
-                                                         eps, activation)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, grad_residual
-
-
-_switch_batch_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.no_grad()
@@ -163,9 +98,7 @@ def switch_batch_norm(
     if training and count < 2:
         raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
     covered = list(covered_channels(switches, channels))
-    op = layout.eager_autograd_op(OP, x)
-    if op is None or (residual is not None and not _fuses_residual(x.device)):
-        op = _switch_batch_norm
+    op = backend_for(OP, x.device).function(OP)
     y, mean, var = op(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual)
     if training:
         update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum)

@@ -73,7 +73,7 @@ void run(const Case& c, at::ScalarType dtype, at::MemoryFormat format) {
   expect_close(gb, want.grad_b, tol, tag + ": grad bias");
 
   static auto forward_op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("paradis_C::sliced_conv2d_forward", "")
+                               .findSchemaOrThrow("paradis::sliced_conv2d", "")
                                .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                              at::IntArrayRef, int64_t, at::IntArrayRef, at::IntArrayRef,
                                              at::IntArrayRef, bool)>();

@@ -92,7 +92,7 @@ Result call_forward(const Tensor& x, const Tensor& w, const Tensor& b, const Ten
                     const std::string& act) {
   static auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("paradis_C::switch_batch_norm_forward", "")
+          .findSchemaOrThrow("paradis::switch_batch_norm", "")
           .typed<Result(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                         at::IntArrayRef, at::IntArrayRef, bool, double, c10::string_view,
                         const std::optional<Tensor>&)>();
@@ -103,7 +103,7 @@ Result call_backward(const Tensor& gy, const Tensor& x, const Tensor& w, const T
                      const Tensor& m, const Tensor& v, const Case& cs, bool training, double eps,
                      const std::string& act) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("paradis_C::switch_batch_norm_backward", "")
+                       .findSchemaOrThrow("paradis::switch_batch_norm_backward", "")
                        .typed<Result(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                      const Tensor&, const Tensor&, at::IntArrayRef, at::IntArrayRef,
                                      bool, double, c10::string_view)>();

@@ -4,7 +4,7 @@
 
 namespace paradis {
 
-// The layout a CPU kernel runs in, as paradis_fast/ops/layout.py decides it: NHWC for a 4-D x laid
+// The layout a kernel runs in and returns y / grad_x in, as paradis_fast/ops/layout.py decides it: NHWC for a 4-D x laid
 // out channels_last (channels_last-contiguous and either not NCHW-contiguous or, where the two
 // coincide, with channels_last's own strides), else NCHW. x's own layout, so x is never copied.
 inline at::MemoryFormat kernel_format(const at::Tensor& x) {
