@@ -1,6 +1,7 @@
 """Build of paradis_fast: the Python package, the Triton kernels (mapped to paradis_fast.kernels)
 and the C++ extension paradis_fast._C (CPU kernels; CUDA kernels when torch has CUDA or
 FORCE_CUDA=1). Build without isolation: the extension compiles against the installed torch."""
+
 import glob
 import os
 

@@ -18,6 +18,7 @@ image = frame sent to the other ranks + their partials.
 With fewer cores than processes the ranks share cores and the numbers say so; read them as what
 this machine measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ from paradis_fast.deploy.serve import DistributedSplit
 from paradis_fast.models import mobilenet_v1
 
 SWITCHES = ("1x1.0", "2x0.5", "4x0.25")
-CASES = {"224px": dict(num_classes=1000, small_input=False, size=224),
-         "small_input 32px": dict(num_classes=10, small_input=True, size=32)}
+CASES = {
+    "224px": dict(num_classes=1000, small_input=False, size=224),
+    "small_input 32px": dict(num_classes=10, small_input=True, size=32),
+}
 
 
 def build(case: str):
@@ -80,8 +83,9 @@ def _steady(request, sync=lambda: None) -> float:
     return _seconds(request)
 
 
-def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int, iters: int, results,
-          release: bool) -> None:
+def _rank(
+    rank: int, world: int, port: int, case: str, switch: str, warmup: int, iters: int, results, release: bool
+) -> None:
     """One process of a `world`-process run. Rank 0 times, interleaved round by round so all
     meet the same machine load: the dense 1x1.0 alone on rank 0 (the others wait), the request
     with the image broadcast, the request with the image already on every rank, and every rank's
@@ -95,9 +99,12 @@ def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int,
         model, shape = build(case)
         runner, dense = DistributedSplit(split(model, switch), preprocess=decode), split(model, "1x1.0")
         frame = camera_frame(shape)
-        requests = {"dense": lambda: dense(decode(frame)) if rank == 0 else None,
-                    "sent": lambda: runner(frame, broadcast=True), "local": lambda: runner(frame, broadcast=False),
-                    "parts": lambda: runner.part(decode(frame))}
+        requests = {
+            "dense": lambda: dense(decode(frame)) if rank == 0 else None,
+            "sent": lambda: runner(frame, broadcast=True),
+            "local": lambda: runner(frame, broadcast=False),
+            "parts": lambda: runner.part(decode(frame)),
+        }
         samples = {key: [] for key in requests}
         with torch.no_grad():
             for round_ in range(warmup + iters):
@@ -114,13 +121,13 @@ def _rank(rank: int, world: int, port: int, case: str, switch: str, warmup: int,
         dist.destroy_process_group()
 
 
-def distributed_latency(case: str, switch: str, world: int, warmup: int, iters: int,
-                        release: bool) -> dict[str, float]:
+def distributed_latency(case: str, switch: str, world: int, warmup: int, iters: int, release: bool) -> dict[str, float]:
     """Median seconds per request on rank 0 (see `_rank`)."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(_rank, (world, _free_port(), case, switch, warmup, iters, results, release), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        _rank, (world, _free_port(), case, switch, warmup, iters, results, release), nprocs=world, start_method="spawn"
+    )
     return results.get()
 
 
@@ -134,9 +141,11 @@ def single_process_latency(case: str, warmup: int, iters: int) -> dict[str, floa
     samples = {"dense": [], "paradis": [], **{switch: [] for switch in SWITCHES}}
     with torch.no_grad():
         for round_ in range(warmup + iters):
-            times = {"dense": _steady(lambda: parts["1x1.0"](decode(frame))),
-                     "paradis": _steady(lambda: model(decode(frame))),
-                     **{switch: _steady(lambda: part(decode(frame))) for switch, part in parts.items()}}
+            times = {
+                "dense": _steady(lambda: parts["1x1.0"](decode(frame))),
+                "paradis": _steady(lambda: model(decode(frame))),
+                **{switch: _steady(lambda: part(decode(frame))) for switch, part in parts.items()},
+            }
             if round_ >= warmup:
                 for key, value in times.items():
                     samples[key].append(value)
@@ -157,9 +166,22 @@ def main(argv=None) -> int:
         model, shape = build(case)
         image_bytes = camera_frame(shape).numel()
         single = single_process_latency(case, args.warmup, args.iters)
-        rows.append(dict(case=case, switch="1x1.0 (ParaDiS model)", processes=1, dense_ms=single["dense"] * 1e3,
-                         ms=single["paradis"] * 1e3, ratio=single["paradis"] / single["dense"], ms_local="-",
-                         ratio_local="-", part_ratio="-", parts_ratio="-", bytes=0, gflops="-"))
+        rows.append(
+            dict(
+                case=case,
+                switch="1x1.0 (ParaDiS model)",
+                processes=1,
+                dense_ms=single["dense"] * 1e3,
+                ms=single["paradis"] * 1e3,
+                ratio=single["paradis"] / single["dense"],
+                ms_local="-",
+                ratio_local="-",
+                part_ratio="-",
+                parts_ratio="-",
+                bytes=0,
+                gflops="-",
+            )
+        )
         for switch, world in zip(SWITCHES, (1, 2, 4)):
             stats = split(model, switch).stats(shape)
             if world == 1:
@@ -167,22 +189,37 @@ def main(argv=None) -> int:
             else:
                 timed = distributed_latency(case, switch, world, args.warmup, args.iters, args.release_freed_memory)
             exchanged = (world - 1) * image_bytes + sum(s.bytes_sent for s in stats[1:])
-            rows.append(dict(case=case, switch=switch, processes=world, dense_ms=timed["dense"] * 1e3,
-                             ms=timed["sent"] * 1e3, ratio=timed["sent"] / timed["dense"],
-                             ms_local=f"{timed['local'] * 1e3:.2f}",
-                             ratio_local=f"{timed['local'] / timed['dense']:.2f}",
-                             part_ratio=f"{single[switch] / single['dense']:.2f}",
-                             parts_ratio=f"{timed['parts'] / timed['dense']:.2f}",
-                             bytes=exchanged, gflops="/".join(f"{s.flops / 1e9:.3f}" for s in stats)))
-    print(f"MobileNet v1, batch 1, one thread per process, {os.cpu_count()} CPU cores, gloo; median of {args.iters} "
-          "rounds; ratio = latency / latency of 1x1.0 dense on one process, timed in the same run, interleaved\n")
-    print("| input | switch | processes | 1x1.0 dense, ms | ms / image | ratio | ms, image on every rank | ratio | "
-          "part 0 alone, ratio | part 0 beside the others' parts, ratio | bytes exchanged / image | GFLOPs per part |")
+            rows.append(
+                dict(
+                    case=case,
+                    switch=switch,
+                    processes=world,
+                    dense_ms=timed["dense"] * 1e3,
+                    ms=timed["sent"] * 1e3,
+                    ratio=timed["sent"] / timed["dense"],
+                    ms_local=f"{timed['local'] * 1e3:.2f}",
+                    ratio_local=f"{timed['local'] / timed['dense']:.2f}",
+                    part_ratio=f"{single[switch] / single['dense']:.2f}",
+                    parts_ratio=f"{timed['parts'] / timed['dense']:.2f}",
+                    bytes=exchanged,
+                    gflops="/".join(f"{s.flops / 1e9:.3f}" for s in stats),
+                )
+            )
+    print(
+        f"MobileNet v1, batch 1, one thread per process, {os.cpu_count()} CPU cores, gloo; median of {args.iters} "
+        "rounds; ratio = latency / latency of 1x1.0 dense on one process, timed in the same run, interleaved\n"
+    )
+    print(
+        "| input | switch | processes | 1x1.0 dense, ms | ms / image | ratio | ms, image on every rank | ratio | "
+        "part 0 alone, ratio | part 0 beside the others' parts, ratio | bytes exchanged / image | GFLOPs per part |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['switch']} | {r['processes']} | {r['dense_ms']:.2f} | {r['ms']:.2f} | "
-              f"{r['ratio']:.2f} | {r['ms_local']} | {r['ratio_local']} | {r['part_ratio']} | {r['parts_ratio']} | "
-              f"{r['bytes']} | {r['gflops']} |")
+        print(
+            f"| {r['case']} | {r['switch']} | {r['processes']} | {r['dense_ms']:.2f} | {r['ms']:.2f} | "
+            f"{r['ratio']:.2f} | {r['ms_local']} | {r['ratio_local']} | {r['part_ratio']} | {r['parts_ratio']} | "
+            f"{r['bytes']} | {r['gflops']} |"
+        )
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -9,6 +9,7 @@
 - `SlimmableLoop`: the per-switch loops as a paradis backend, so the training-step baseline runs
   the same model code one switch at a time with ATen's own BatchNorm kernels.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -44,7 +45,9 @@ def loop_conv(x, weight, blocks: Sequence[Sequence[Block]], stride, padding):
     outputs = []
     for s, switch_blocks in enumerate(blocks):
         xs = _rows(x, s, batch)
-        parts = [F.conv2d(xs[:, i0:i1], weight[o0:o1, i0:i1], None, stride, padding) for i0, i1, o0, o1 in switch_blocks]
+        parts = [
+            F.conv2d(xs[:, i0:i1], weight[o0:o1, i0:i1], None, stride, padding) for i0, i1, o0, o1 in switch_blocks
+        ]
         outputs.append(_pad_channels(torch.cat(parts, 1), weight.shape[0]))
     return torch.cat(outputs)
 
@@ -79,7 +82,9 @@ def block_masks(weight: torch.Tensor, blocks: Sequence[Sequence[Block]]) -> List
 def masked_conv(x, weight, masks: Sequence[torch.Tensor], stride, padding):
     """(b) per switch one dense convolution with the weight masked to the switch's blocks."""
     batch = x.shape[0] // len(masks)
-    return torch.cat([F.conv2d(_rows(x, s, batch), weight * mask, None, stride, padding) for s, mask in enumerate(masks)])
+    return torch.cat(
+        [F.conv2d(_rows(x, s, batch), weight * mask, None, stride, padding) for s, mask in enumerate(masks)]
+    )
 
 
 def grouped_mm_conv1x1(x, weight, blocks: Sequence[Sequence[Block]]):
@@ -104,8 +109,14 @@ def loop_bn_relu(x, weight, bias, running_mean, running_var, covered: Sequence[i
     batch = x.shape[0] // len(covered)
     outputs = []
     for s, c in enumerate(covered):
-        y = F.batch_norm(_rows(x, s, batch)[:, :c], running_mean[s, :c], running_var[s, :c], weight[s, :c],
-                         bias[s, :c], training=True)
+        y = F.batch_norm(
+            _rows(x, s, batch)[:, :c],
+            running_mean[s, :c],
+            running_var[s, :c],
+            weight[s, :c],
+            bias[s, :c],
+            training=True,
+        )
         outputs.append(_pad_channels(F.relu(y), x.shape[1]))
     return torch.cat(outputs)
 
@@ -116,8 +127,11 @@ def stacked_bn_relu(x, weight, bias, running_mean, running_var):
     num_switches, channels = weight.shape
     batch = x.shape[0] // num_switches
     stacked = x.reshape(num_switches, batch, channels, -1).transpose(0, 1).reshape(batch, num_switches * channels, -1)
-    y = F.relu(F.batch_norm(stacked, running_mean.view(-1), running_var.view(-1), weight.view(-1), bias.view(-1),
-                            training=True))
+    y = F.relu(
+        F.batch_norm(
+            stacked, running_mean.view(-1), running_var.view(-1), weight.view(-1), bias.view(-1), training=True
+        )
+    )
     return y.reshape(batch, num_switches, channels, -1).transpose(0, 1).reshape(x.shape)
 
 
@@ -130,19 +144,22 @@ class SlimmableLoop:
     depthwise_conv2d = staticmethod(reference.depthwise_conv2d)
 
     @staticmethod
-    def switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation,
-                          residual=None):
+    def switch_batch_norm(
+        x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual=None
+    ):
         if not training:
-            return reference.switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training,
-                                               eps, activation, residual)
+            return reference.switch_batch_norm(
+                x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual
+            )
         batch = x.shape[0] // len(covered)
         y = torch.zeros_like(x) if residual is None else reference.activate(residual, activation).clone()
         mean = x.new_zeros(len(covered), x.shape[1], dtype=torch.float32)
         var = torch.zeros_like(mean)
         for s, (c, r) in enumerate(zip(covered, rows)):
             block = slice(s * batch, (s + 1) * batch)
-            out, m, invstd = torch.native_batch_norm(x[block, :c], weight[r, :c], bias[r, :c], None, None, True, 0.0,
-                                                     eps)
+            out, m, invstd = torch.native_batch_norm(
+                x[block, :c], weight[r, :c], bias[r, :c], None, None, True, 0.0, eps
+            )
             if residual is not None:
                 out = out + residual[block, :c]
             y[block, :c] = reference.activate(out, activation)

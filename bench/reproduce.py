@@ -16,6 +16,7 @@ vs the structure trained individually.
 Writes reproduce.md (the tables), reproduce.json (every run's numbers) and reproduce.png to --out.
 Jobs run in parallel worker processes (``--workers``, one thread each).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,14 @@ class Profile:
 
 PROFILES = {
     "full": Profile(),
-    "quick": Profile(seeds=[0, 1], epochs=1, sr_seeds=[0], sr_blocks=1, sr_epochs=1,
-                     sr_data=dict(patch=32, train_patches=128, val_patches=32)),
+    "quick": Profile(
+        seeds=[0, 1],
+        epochs=1,
+        sr_seeds=[0],
+        sr_blocks=1,
+        sr_epochs=1,
+        sr_data=dict(patch=32, train_patches=128, val_patches=32),
+    ),
 }
 
 
@@ -67,11 +74,29 @@ TASKS = ("classification", "super-resolution")
 
 def _jobs(profile: Profile, tasks=TASKS) -> list[dict]:
     """Every training run of the reproduction's ``tasks``, as TrainConfig fields."""
-    classify = dict(model="mobilenet_v1", dataset=profile.dataset, switches=SWITCHES, width_mult=profile.width_mult,
-                    epochs=profile.epochs, batch_size=profile.batch_size, quiet=True, dataset_kwargs=profile.data)
-    resolve = dict(model="wdsr_a", dataset="photos", switches=SWITCHES, width_mult=profile.sr_width_mult,
-                   epochs=profile.sr_epochs, batch_size=16, optimizer="adamw", lr=profile.sr_lr, quiet=True,
-                   model_kwargs=dict(n_blocks=profile.sr_blocks), dataset_kwargs=profile.sr_data)
+    classify = dict(
+        model="mobilenet_v1",
+        dataset=profile.dataset,
+        switches=SWITCHES,
+        width_mult=profile.width_mult,
+        epochs=profile.epochs,
+        batch_size=profile.batch_size,
+        quiet=True,
+        dataset_kwargs=profile.data,
+    )
+    resolve = dict(
+        model="wdsr_a",
+        dataset="photos",
+        switches=SWITCHES,
+        width_mult=profile.sr_width_mult,
+        epochs=profile.sr_epochs,
+        batch_size=16,
+        optimizer="adamw",
+        lr=profile.sr_lr,
+        quiet=True,
+        model_kwargs=dict(n_blocks=profile.sr_blocks),
+        dataset_kwargs=profile.sr_data,
+    )
     jobs = []
     if "classification" in tasks:
         for seed in profile.seeds:
@@ -114,8 +139,11 @@ def _collect(runs: list[dict], model: str) -> dict:
 
 def _stats(values: list[float], scale: float) -> dict:
     values = [v * scale for v in values]
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def _cell(s: dict) -> str:
@@ -137,16 +165,38 @@ def analyse(runs: list[dict]) -> dict:
     for name in SWITCHES if acc else ():
         switch = Switch.parse(name)
         paradis = acc["paradis"][name]
-        claim1.append(dict(switch=name, paradis=paradis, individual=acc["individual"][name],
-                           delta=_delta(paradis, acc["individual"][name])))
+        claim1.append(
+            dict(
+                switch=name,
+                paradis=paradis,
+                individual=acc["individual"][name],
+                delta=_delta(paradis, acc["individual"][name]),
+            )
+        )
         equal = _slim(equal_cost_width(switch))
-        claim2.append(dict(switch=name, flops=float(relative_cost(switch)), slimmable_switch=equal, paradis=paradis,
-                           slimmable=acc["slimmable"][equal], delta=_delta(paradis, acc["slimmable"][equal])))
+        claim2.append(
+            dict(
+                switch=name,
+                flops=float(relative_cost(switch)),
+                slimmable_switch=equal,
+                paradis=paradis,
+                slimmable=acc["slimmable"][equal],
+                delta=_delta(paradis, acc["slimmable"][equal]),
+            )
+        )
         if switch.num_devices > 1:
             one_device = _slim(max(switch.widths))
-            claim3.append(dict(switch=name, devices=switch.num_devices, per_device=float(max(switch.widths)) ** 2,
-                               slimmable_switch=one_device, paradis=paradis, slimmable=acc["slimmable"][one_device],
-                               delta=_delta(paradis, acc["slimmable"][one_device])))
+            claim3.append(
+                dict(
+                    switch=name,
+                    devices=switch.num_devices,
+                    per_device=float(max(switch.widths)) ** 2,
+                    slimmable_switch=one_device,
+                    paradis=paradis,
+                    slimmable=acc["slimmable"][one_device],
+                    delta=_delta(paradis, acc["slimmable"][one_device]),
+                )
+            )
     sr_runs = [r for r in runs if r["config"]["model"] == "wdsr_a"]
     psnr = {m: {s: _stats(v, 1) for s, v in sw.items()} for m, sw in _collect(runs, "wdsr_a").items()}
     super_resolution = []
@@ -154,38 +204,75 @@ def analyse(runs: list[dict]) -> dict:
         bicubic = _stats([r["result"]["bicubic_psnr"] for r in sr_runs if _method(r["config"]) == "paradis"], 1)
         for name in SWITCHES:
             paradis = psnr["paradis"][name]
-            super_resolution.append(dict(switch=name, paradis=paradis, individual=psnr["individual"][name],
-                                         bicubic=bicubic, vs_bicubic=_delta(paradis, bicubic),
-                                         vs_individual=_delta(paradis, psnr["individual"][name])))
+            super_resolution.append(
+                dict(
+                    switch=name,
+                    paradis=paradis,
+                    individual=psnr["individual"][name],
+                    bicubic=bicubic,
+                    vs_bicubic=_delta(paradis, bicubic),
+                    vs_individual=_delta(paradis, psnr["individual"][name]),
+                )
+            )
     return dict(claim1=claim1, claim2=claim2, claim3=claim3, super_resolution=super_resolution)
 
 
 def markdown(tables: dict, profile: Profile, command: str, minutes: float) -> str:
     lines = [f"Command: `{command}` ({minutes:.1f} min)."]
     if tables["claim1"]:
-        lines += [f"MobileNet v1 (small_input, width {profile.width_mult}) on {profile.dataset}, {profile.epochs} "
-                  f"epochs, batch {profile.batch_size}, {len(profile.seeds)} seeds: validation top-1 accuracy in %, "
-                  "mean ± std over seeds.", "",
-                  "Claim 1: each ParaDiS switch vs its structure trained individually", "",
-                  "| switch | ParaDiS | individual | Δ |", "|---|---|---|---|"]
-        lines += [f"| {r['switch']} | {_cell(r['paradis'])} | {_cell(r['individual'])} | {r['delta']:+.2f} |"
-                  for r in tables["claim1"]]
-        lines += ["", "Claim 2: ParaDiS vs universally slimmable at equal FLOPs per image", "",
-                  "| switch | FLOPs (x full) | ParaDiS | slimmable | slimmable width | Δ |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['switch']} | {r['flops']:.3f} | {_cell(r['paradis'])} | {_cell(r['slimmable'])} | "
-                  f"{r['slimmable_switch']} | {r['delta']:+.2f} |" for r in tables["claim2"]]
-        lines += ["", "Claim 3: ParaDiS kxw on k devices vs slimmable 1xw on one device (same cost per device)", "",
-                  "| switch | devices | cost per device (x full) | ParaDiS | slimmable 1xw | Δ |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['switch']} | {r['devices']} | {r['per_device']:.4f} | {_cell(r['paradis'])} | "
-                  f"{_cell(r['slimmable'])} ({r['slimmable_switch']}) | {r['delta']:+.2f} |" for r in tables["claim3"]]
+        lines += [
+            f"MobileNet v1 (small_input, width {profile.width_mult}) on {profile.dataset}, {profile.epochs} "
+            f"epochs, batch {profile.batch_size}, {len(profile.seeds)} seeds: validation top-1 accuracy in %, "
+            "mean ± std over seeds.",
+            "",
+            "Claim 1: each ParaDiS switch vs its structure trained individually",
+            "",
+            "| switch | ParaDiS | individual | Δ |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['switch']} | {_cell(r['paradis'])} | {_cell(r['individual'])} | {r['delta']:+.2f} |"
+            for r in tables["claim1"]
+        ]
+        lines += [
+            "",
+            "Claim 2: ParaDiS vs universally slimmable at equal FLOPs per image",
+            "",
+            "| switch | FLOPs (x full) | ParaDiS | slimmable | slimmable width | Δ |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['switch']} | {r['flops']:.3f} | {_cell(r['paradis'])} | {_cell(r['slimmable'])} | "
+            f"{r['slimmable_switch']} | {r['delta']:+.2f} |"
+            for r in tables["claim2"]
+        ]
+        lines += [
+            "",
+            "Claim 3: ParaDiS kxw on k devices vs slimmable 1xw on one device (same cost per device)",
+            "",
+            "| switch | devices | cost per device (x full) | ParaDiS | slimmable 1xw | Δ |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['switch']} | {r['devices']} | {r['per_device']:.4f} | {_cell(r['paradis'])} | "
+            f"{_cell(r['slimmable'])} ({r['slimmable_switch']}) | {r['delta']:+.2f} |"
+            for r in tables["claim3"]
+        ]
     if tables["super_resolution"]:
-        lines += ["", f"Super-resolution: WDSR-A x2 (n_feats {max(8, int(32 * profile.sr_width_mult))}, "
-                  f"{profile.sr_blocks} blocks) on the bundled photos, {profile.sr_epochs} epochs, "
-                  f"{len(profile.sr_seeds)} seeds: validation PSNR in dB", "",
-                  "| switch | ParaDiS | individual | bicubic | vs bicubic | vs individual |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['switch']} | {_cell(r['paradis'])} | {_cell(r['individual'])} | {r['bicubic']['mean']:.2f} | "
-                  f"{r['vs_bicubic']:+.2f} | {r['vs_individual']:+.2f} |" for r in tables["super_resolution"]]
+        lines += [
+            "",
+            f"Super-resolution: WDSR-A x2 (n_feats {max(8, int(32 * profile.sr_width_mult))}, "
+            f"{profile.sr_blocks} blocks) on the bundled photos, {profile.sr_epochs} epochs, "
+            f"{len(profile.sr_seeds)} seeds: validation PSNR in dB",
+            "",
+            "| switch | ParaDiS | individual | bicubic | vs bicubic | vs individual |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['switch']} | {_cell(r['paradis'])} | {_cell(r['individual'])} | {r['bicubic']['mean']:.2f} | "
+            f"{r['vs_bicubic']:+.2f} | {r['vs_individual']:+.2f} |"
+            for r in tables["super_resolution"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -199,15 +286,21 @@ def plot(tables: dict, path: str) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
     for ax, name in zip(axes[0], panels):
         if name == "claim1":
-            bars = [("ParaDiS", [r["paradis"] for r in tables["claim1"]]),
-                    ("individual", [r["individual"] for r in tables["claim1"]]),
-                    ("slimmable, equal FLOPs", [r["slimmable"] for r in tables["claim2"]])]
+            bars = [
+                ("ParaDiS", [r["paradis"] for r in tables["claim1"]]),
+                ("individual", [r["individual"] for r in tables["claim1"]]),
+                ("slimmable, equal FLOPs", [r["slimmable"] for r in tables["claim2"]]),
+            ]
             _bars(ax, SWITCHES, bars, "validation accuracy (%)", "MobileNet v1 on MNIST (5k)")
         else:
             rows = tables["super_resolution"]
-            _bars(ax, SWITCHES, [("ParaDiS", [r["paradis"] for r in rows]),
-                                 ("individual", [r["individual"] for r in rows])], "validation PSNR (dB)",
-                  "WDSR-A x2 on photos")
+            _bars(
+                ax,
+                SWITCHES,
+                [("ParaDiS", [r["paradis"] for r in rows]), ("individual", [r["individual"] for r in rows])],
+                "validation PSNR (dB)",
+                "WDSR-A x2 on photos",
+            )
             ax.axhline(rows[0]["bicubic"]["mean"], color="gray", linestyle="--", label="bicubic")
             ax.legend(fontsize=7)
     figure.tight_layout()
@@ -238,8 +331,10 @@ def reproduce(profile: Profile, out: str, workers: int, command: str, log=print,
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             for r in pool.map(_train, jobs):
                 runs.append(r)
-                log(f"  done {_method(r['config'])} {r['config']['model']} seed {r['config']['seed']} "
-                    f"({r['seconds']:.0f} s)")
+                log(
+                    f"  done {_method(r['config'])} {r['config']['model']} seed {r['config']['seed']} "
+                    f"({r['seconds']:.0f} s)"
+                )
     else:
         runs = [_train(job) for job in jobs]
     tables = analyse(runs)
@@ -249,8 +344,17 @@ def reproduce(profile: Profile, out: str, workers: int, command: str, log=print,
     with open(os.path.join(out, "reproduce.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "reproduce.json"), "w") as f:
-        json.dump({"profile": dataclasses.asdict(profile), "command": command, "minutes": minutes,
-                   "tables": tables, "runs": runs}, f, indent=2)
+        json.dump(
+            {
+                "profile": dataclasses.asdict(profile),
+                "command": command,
+                "minutes": minutes,
+                "tables": tables,
+                "runs": runs,
+            },
+            f,
+            indent=2,
+        )
     plot(tables, os.path.join(out, "reproduce.png"))
     log(text)
     return tables
@@ -267,8 +371,12 @@ def main(argv=None) -> None:
     profile = PROFILES["quick" if args.quick else "full"]
     if args.seeds is not None:
         profile = dataclasses.replace(profile, seeds=list(range(args.seeds)), sr_seeds=list(range(args.seeds)))
-    command = "python bench/reproduce.py" + (" --quick" if args.quick else "") + \
-        (f" --seeds {args.seeds}" if args.seeds is not None else "") + (f" --only {args.only}" if args.only else "")
+    command = (
+        "python bench/reproduce.py"
+        + (" --quick" if args.quick else "")
+        + (f" --seeds {args.seeds}" if args.seeds is not None else "")
+        + (f" --only {args.only}" if args.only else "")
+    )
     reproduce(profile, args.out, args.workers, command, tasks=(args.only,) if args.only else TASKS)
 
 

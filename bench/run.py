@@ -12,6 +12,7 @@ one run, so the ratios hold under load. The process keeps freed memory for every
 the trainer's does (--release-freed-memory: glibc's default, which page-faults fresh activations).
 Prints the ratio table and writes results.csv, machine.json and results.png to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,6 +73,7 @@ def fwd_and_fwd_bwd(fns, inputs, grad_out):
         def run():
             with torch.no_grad():
                 fn(*args)
+
         return run
 
     def forward_backward(name, fn):
@@ -81,10 +83,13 @@ def fwd_and_fwd_bwd(fns, inputs, grad_out):
             for t in args:
                 t.grad = None
             fn(*args).backward(grad)
+
         return run
 
-    return ({name: forward(name, fn) for name, fn in fns.items()},
-            {name: forward_backward(name, fn) for name, fn in fns.items()})
+    return (
+        {name: forward(name, fn) for name, fn in fns.items()},
+        {name: forward_backward(name, fn) for name, fn in fns.items()},
+    )
 
 
 def model_layout(args) -> str:
@@ -131,7 +136,10 @@ def runnable(fns, inputs, grad_out):
 def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
     covered = plain.bn_covered(switches, layer.channels)
     S, C = len(switches), layer.channels
-    stats = [torch.zeros(S, C, device=args.device, dtype=args.dtype), torch.ones(S, C, device=args.device, dtype=args.dtype)]
+    stats = [
+        torch.zeros(S, C, device=args.device, dtype=args.dtype),
+        torch.ones(S, C, device=args.device, dtype=args.dtype),
+    ]
     loop = lambda x, w, b: plain.loop_bn_relu(x, w, b, *stats, covered)  # noqa: E731
     stacked = lambda x, w, b: plain.stacked_bn_relu(x, w, b, *stats)  # noqa: E731
     fns = {
@@ -139,8 +147,9 @@ def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
         "b:stacked": stacked,
         "b:stacked" + NHWC: stacked,
         "b:loop" + NHWC: loop,
-        "d" + model_layout(args): lambda x, w, b: switch_batch_norm(x, w, b, *stats, switches, training=True,
-                                                                 activation="relu"),
+        "d" + model_layout(args): lambda x, w, b: switch_batch_norm(
+            x, w, b, *stats, switches, training=True, activation="relu"
+        ),
     }
     if args.compile:
         torch._dynamo.reset()
@@ -158,11 +167,22 @@ def time_layer(kind, name, fns, inputs, grad_out, flops, args, extra=None):
         fwd["mm"] = mm
         fwd_bwd["mm"] = lambda: (mm(), mm(), mm())  # backward = 2 GEMMs of the forward's FLOPs
     rows = []
-    for phase, group, work, bound_work in (("fwd", fwd, flops, mm_flops), ("fwd+bwd", fwd_bwd, 3 * flops, 3 * mm_flops)):
+    for phase, group, work, bound_work in (
+        ("fwd", fwd, flops, mm_flops),
+        ("fwd+bwd", fwd_bwd, 3 * flops, 3 * mm_flops),
+    ):
         medians = timing.interleaved_medians(group, args.device, args.reps)
         for method, seconds in medians.items():
-            rows.append(dict(kind=kind, name=name, phase=phase, method=method, median_ms=seconds * 1e3,
-                             flops=bound_work if method == "mm" else work))
+            rows.append(
+                dict(
+                    kind=kind,
+                    name=name,
+                    phase=phase,
+                    method=method,
+                    median_ms=seconds * 1e3,
+                    flops=bound_work if method == "mm" else work,
+                )
+            )
     return rows
 
 
@@ -171,12 +191,29 @@ def run_conv(args, switches):
     layers = suites.QUICK_CONV_LAYERS if args.quick else suites.CONV_LAYERS
     for layer in layers:
         g = torch.Generator(device=args.device).manual_seed(0)
-        x = torch.randn(len(switches) * layer.batch, layer.c_in, layer.size, layer.size, generator=g,
-                        device=args.device, dtype=args.dtype, requires_grad=True)
-        w = torch.randn(layer.c_out, layer.c_in, layer.kernel, layer.kernel, generator=g, device=args.device,
-                        dtype=args.dtype, requires_grad=True)
-        grad_out = torch.randn(x.shape[0], layer.c_out, layer.out_size, layer.out_size, generator=g,
-                               device=args.device, dtype=args.dtype)
+        x = torch.randn(
+            len(switches) * layer.batch,
+            layer.c_in,
+            layer.size,
+            layer.size,
+            generator=g,
+            device=args.device,
+            dtype=args.dtype,
+            requires_grad=True,
+        )
+        w = torch.randn(
+            layer.c_out,
+            layer.c_in,
+            layer.kernel,
+            layer.kernel,
+            generator=g,
+            device=args.device,
+            dtype=args.dtype,
+            requires_grad=True,
+        )
+        grad_out = torch.randn(
+            x.shape[0], layer.c_out, layer.out_size, layer.out_size, generator=g, device=args.device, dtype=args.dtype
+        )
         fns, extra = conv_methods(layer, switches, args)
         extra = runnable(extra, (x, w), grad_out)
         started = time.perf_counter()
@@ -189,14 +226,22 @@ def run_bn(args, switches):
     rows = []
     for layer in suites.QUICK_BN_LAYERS if args.quick else suites.BN_LAYERS:
         S = len(switches)
-        x = torch.randn(S * layer.batch, layer.channels, layer.size, layer.size, device=args.device, dtype=args.dtype,
-                        requires_grad=True)
+        x = torch.randn(
+            S * layer.batch,
+            layer.channels,
+            layer.size,
+            layer.size,
+            device=args.device,
+            dtype=args.dtype,
+            requires_grad=True,
+        )
         w = (1 + 0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
         b = (0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
         grad_out = torch.randn_like(x)
         # memory-bound: no GEMM bound
-        rows += time_layer("switch_batch_norm+relu", layer.name, bn_methods(layer, switches, args), (x, w, b), grad_out,
-                           0, args)
+        rows += time_layer(
+            "switch_batch_norm+relu", layer.name, bn_methods(layer, switches, args), (x, w, b), grad_out, 0, args
+        )
     return rows
 
 
@@ -213,12 +258,16 @@ def paradis_op_calls(model, x, target, criterion) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         criterion(model(x), target).backward()
     names = [event.name for event in prof.events()]
-    report = [f"{op}: {names.count(f'paradis::{op}')} forward, {names.count(f'paradis::{op}_backward')} backward calls"
-              for op in ("sliced_conv2d", "switch_batch_norm")]
+    report = [
+        f"{op}: {names.count(f'paradis::{op}')} forward, {names.count(f'paradis::{op}_backward')} backward calls"
+        for op in ("sliced_conv2d", "switch_batch_norm")
+    ]
     depthwise = sum(isinstance(m, DepthwiseConv2d) for m in model.modules())
     if depthwise:
-        report.append(f"depthwise_conv2d: {names.count('paradis::depthwise_conv2d_backward')}/{depthwise} backward "
-                      "calls through the op (images of <= 16 pixels; larger ones are F.conv2d's)")
+        report.append(
+            f"depthwise_conv2d: {names.count('paradis::depthwise_conv2d_backward')}/{depthwise} backward "
+            "calls through the op (images of <= 16 pixels; larger ones are F.conv2d's)"
+        )
     return "; ".join(report)
 
 
@@ -248,15 +297,27 @@ def run_train(args, switches):
             if backward:
                 loss.backward()
 
-        groups = {phase: {"a": functools.partial(loop_step, backward, False),
-                          "b:loop" + NHWC: functools.partial(loop_step, backward, True),
-                          "d" + model_layout(args): functools.partial(paradis_step, backward)}
-                  for phase, backward in (("fwd", False), ("fwd+bwd", True))}
+        groups = {
+            phase: {
+                "a": functools.partial(loop_step, backward, False),
+                "b:loop" + NHWC: functools.partial(loop_step, backward, True),
+                "d" + model_layout(args): functools.partial(paradis_step, backward),
+            }
+            for phase, backward in (("fwd", False), ("fwd+bwd", True))
+        }
         for phase, group in groups.items():
             model.zero_grad(set_to_none=True)
             for method, seconds in timing.interleaved_medians(group, args.device, args.train_reps, warmup=1).items():
-                rows.append(dict(kind="train step", name=f"{name} b{suites.TRAIN_BATCH}", phase=phase, method=method,
-                                 median_ms=seconds * 1e3, flops=0))
+                rows.append(
+                    dict(
+                        kind="train step",
+                        name=f"{name} b{suites.TRAIN_BATCH}",
+                        phase=phase,
+                        method=method,
+                        median_ms=seconds * 1e3,
+                        flops=0,
+                    )
+                )
         notes.append(f"{name}: {paradis_op_calls(model, x, target, criterion)}")
     return rows, notes
 
@@ -290,14 +351,21 @@ def fmt(value, spec):
 
 
 def print_table(table, out=sys.stdout):
-    header = (f"{'op':<24}{'layer':<30}{'pass':<9}{'a ms':>9}{'b ms':>9}{'c ms':>9}{'d ms':>9}"
-              f"{'d/a':>7}{'d/b':>7}{'d/c':>7}{'GF/s':>7}{'%mm':>6}")
+    header = (
+        f"{'op':<24}{'layer':<30}{'pass':<9}{'a ms':>9}{'b ms':>9}{'c ms':>9}{'d ms':>9}"
+        f"{'d/a':>7}{'d/b':>7}{'d/c':>7}{'GF/s':>7}{'%mm':>6}"
+    )
     print(header, file=out)
     print("-" * len(header), file=out)
     for (kind, name, phase), e in table.items():
-        print(f"{kind:<24}{name:<30}{phase:<9}" + "".join(fmt(e.get(m), "9.2f") for m in ("a", "b", "c", "d"))
-              + "".join(fmt(e.get(f"d_vs_{m}"), "7.2f") for m in ("a", "b", "c"))
-              + fmt(e.get("gflops"), "7.0f") + fmt(100 * e["frac_mm"] if "frac_mm" in e else None, "6.0f"), file=out)
+        print(
+            f"{kind:<24}{name:<30}{phase:<9}"
+            + "".join(fmt(e.get(m), "9.2f") for m in ("a", "b", "c", "d"))
+            + "".join(fmt(e.get(f"d_vs_{m}"), "7.2f") for m in ("a", "b", "c"))
+            + fmt(e.get("gflops"), "7.0f")
+            + fmt(100 * e["frac_mm"] if "frac_mm" in e else None, "6.0f"),
+            file=out,
+        )
 
 
 def summary(table):
@@ -325,16 +393,19 @@ def headroom(table, baseline="a", target=2.0, kind="sliced_conv2d"):
     times as fast."""
     lines = []
     for phase in ("fwd", "fwd+bwd"):
-        entries = {n: e for (k, n, p), e in table.items()
-                   if k == kind and p == phase and baseline in e and "gflops" in e}
+        entries = {
+            n: e for (k, n, p), e in table.items() if k == kind and p == phase and baseline in e and "gflops" in e
+        }
         if not entries:
             continue
         best = max(entries, key=lambda n: entries[n]["gflops"])
         rate = entries[best]["gflops"]
         beyond = sum(target * e["flops"] / e[baseline] / 1e6 > rate for e in entries.values())
-        lines.append(f"{kind} {phase}: {target:g}x over ({baseline}) needs more than (d)'s best rate of the run "
-                     f"({rate:.0f} GF/s, {best.strip()}) on {beyond} of {len(entries)} layers "
-                     f"(a median of {target:g}x needs {len(entries) // 2 + 1} at {target:g}x)")
+        lines.append(
+            f"{kind} {phase}: {target:g}x over ({baseline}) needs more than (d)'s best rate of the run "
+            f"({rate:.0f} GF/s, {best.strip()}) on {beyond} of {len(entries)} layers "
+            f"(a median of {target:g}x needs {len(entries) // 2 + 1} at {target:g}x)"
+        )
     return lines
 
 
@@ -366,12 +437,16 @@ def plot(table, path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a subset of layers, fewer repeats, no torch.compile (< 2 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a subset of layers, fewer repeats, no torch.compile (< 2 min)"
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", default=None, help="force a paradis backend for (d) (default: automatic choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop"
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per method (default 5 quick, 9 full)")
     memory.add_release_argument(parser)  # every method alike; kept by default, as the trainer does
     args = parser.parse_args(argv)
@@ -391,24 +466,32 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     memory.configure(args)
     if SLIMMABLE_LOOP not in backends.available_backends(device=args.device):  # the training-step baseline
-        backends.register_backend(backends.Backend(SLIMMABLE_LOOP, ("cpu", "cuda"), backends.OPS,
-                                                   implementation=plain.SlimmableLoop, automatic=False))
+        backends.register_backend(
+            backends.Backend(
+                SLIMMABLE_LOOP, ("cpu", "cuda"), backends.OPS, implementation=plain.SlimmableLoop, automatic=False
+            )
+        )
     switches = SwitchSet(suites.SWITCHES)
     os.makedirs(args.out, exist_ok=True)
     info = timing.machine(args.device)
     info["command"] = " ".join(["python bench/run.py", *sys.argv[1:]])
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     if not args.compile:
-        print("(c) torch.compile of the loop: skipped" + (" in --quick (compiling every layer takes minutes)" if args.quick else ""))
+        print(
+            "(c) torch.compile of the loop: skipped"
+            + (" in --quick (compiling every layer takes minutes)" if args.quick else "")
+        )
     started = time.perf_counter()
     with use_backend(args.backend):  # (d)'s backend, for its backward passes too (None: automatic choice)
         rows = run_conv(args, switches) + run_bn(args, switches)
         train_rows, notes = run_train(args, switches)
     rows += train_rows
     table = ratio_table(rows)
-    print(f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "
-          f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {args.dtype}; (a) NCHW, (b) best of NCHW "
-          f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run\n")
+    print(
+        f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "
+        f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {args.dtype}; (a) NCHW, (b) best of NCHW "
+        f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run\n"
+    )
     print_table(table)
     lines = summary(table) + headroom(table, "a", 2.0) + headroom(table, "b", 1.5)
     lines += [f"paradis op calls in the training step: {note}" for note in notes]

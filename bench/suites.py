@@ -1,5 +1,6 @@
 """Layer shapes of the benchmark, taken from the models at the sizes the issue fixes (32x32 inputs,
 batch 64 for classification; WDSR body layers on 32x32 patches, batch 16)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,8 +60,10 @@ CONV_LAYERS = (
 )
 
 QUICK_CONV_LAYERS = tuple(
-    layer for layer in CONV_LAYERS
-    if layer.name.split(" ")[0] in ("mbv1.pw2", "mbv1.pw7", "mbv1.pw13", "wdsr_a") and "128-32" not in layer.name
+    layer
+    for layer in CONV_LAYERS
+    if layer.name.split(" ")[0] in ("mbv1.pw2", "mbv1.pw7", "mbv1.pw13", "wdsr_a")
+    and "128-32" not in layer.name
     or layer.name in ("resnet20 3x3 32-32 @16", "resnet50 1x1 256-64 @8")
 )
 

@@ -3,6 +3,7 @@
 Methods are timed round-robin (a, b, c, d, a, b, ...) so that load from other processes on a
 shared machine hits every method alike: the ratios stay meaningful even when absolute times drift.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], device: str, reps: int, warmup: int = 2) -> Dict[str, float]:
+def interleaved_medians(
+    fns: Dict[str, Callable[[], object]], device: str, reps: int, warmup: int = 2
+) -> Dict[str, float]:
     """Median seconds per call of each function, timed round-robin after `warmup` calls each."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -50,8 +53,9 @@ def dense_mm(flops: float, device: str, dtype: torch.dtype):
 def _git_commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
         return commit + ("+uncommitted" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):

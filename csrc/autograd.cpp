@@ -79,8 +79,7 @@ class SlicedConv2d : public torch::autograd::Function<SlicedConv2d> {
     ctx->saved_data["input_shared"] = input_shared;
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = typed_op<SlicedConv2dFn>("paradis::sliced_conv2d");
-    return op
-        .call(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared);
+    return op.call(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -88,10 +87,9 @@ class SlicedConv2d : public torch::autograd::Function<SlicedConv2d> {
     const variable_list saved = ctx->get_saved_variables();
     const c10::List<bool> mask = convolution_grad_mask(ctx);
     static const auto op = typed_op<SlicedConv2dBackwardFn>("paradis::sliced_conv2d_backward");
-    const Grads grads = op
-                            .call(grad_outputs[0], saved[0], saved[1], ints(ctx, "blocks"),
-                                  ctx->saved_data["num_switches"].toInt(), ints(ctx, "stride"), ints(ctx, "padding"),
-                                  ints(ctx, "dilation"), ctx->saved_data["input_shared"].toBool(), mask);
+    const Grads grads = op.call(grad_outputs[0], saved[0], saved[1], ints(ctx, "blocks"),
+                                ctx->saved_data["num_switches"].toInt(), ints(ctx, "stride"), ints(ctx, "padding"),
+                                ints(ctx, "dilation"), ctx->saved_data["input_shared"].toBool(), mask);
     return convolution_grads(mask, grads, 6);
   }
 };
@@ -129,9 +127,8 @@ class SwitchBatchNorm : public torch::autograd::Function<SwitchBatchNorm> {
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       static const auto op = typed_op<SwitchBatchNormFn>("paradis::switch_batch_norm");
-      std::tie(y, mean, var) = op
-                                   .call(x, weight, bias, running_mean, running_var, covered, rows, training, eps,
-                                         activation, residual);
+      std::tie(y, mean, var) =
+          op.call(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual);
     }
     const bool with_residual = residual.has_value() && residual->defined();
     ctx->mark_non_differentiable({mean, var});
@@ -155,13 +152,11 @@ class SwitchBatchNorm : public torch::autograd::Function<SwitchBatchNorm> {
       activation = "none";
     }
     static const auto op = typed_op<SwitchBatchNormBackwardFn>("paradis::switch_batch_norm_backward");
-    auto [grad_x, grad_w, grad_b] = op
-                                        .call(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                              ints(ctx, "covered"), ints(ctx, "rows"),
-                                              ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
-                                              activation);
-    return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            grad_residual};
+    auto [grad_x, grad_w, grad_b] =
+        op.call(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4], ints(ctx, "covered"), ints(ctx, "rows"),
+                ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), activation);
+    return {grad_x,   grad_w,   grad_b,   Tensor(), Tensor(),     Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), grad_residual};
   }
 };
 
@@ -195,9 +190,8 @@ class DepthwiseConv2d : public torch::autograd::Function<DepthwiseConv2d> {
     // grad_y in x's layout, as the kernel reads it (paradis_fast/ops/layout.py's contract)
     const Tensor grad_y = grad_outputs[0].contiguous(kernel_format(saved[0]));
     static const auto op = typed_op<DepthwiseConv2dBackwardFn>("paradis::depthwise_conv2d_backward");
-    const Grads grads = op
-                            .call(grad_y, saved[0], saved[1], ints(ctx, "stride"), ints(ctx, "padding"),
-                                  ints(ctx, "dilation"), mask);
+    const Grads grads =
+        op.call(grad_y, saved[0], saved[1], ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"), mask);
     return convolution_grads(mask, grads, 3);
   }
 };
@@ -207,7 +201,7 @@ Tensor depthwise_conv2d_autograd(const Tensor& x, const Tensor& weight, const st
   return DepthwiseConv2d::apply(x, weight, bias, stride, padding, dilation);
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(paradis, Autograd, m) {
   m.impl("sliced_conv2d", TORCH_FN(sliced_conv2d_autograd));
@@ -215,4 +209,4 @@ TORCH_LIBRARY_IMPL(paradis, Autograd, m) {
   m.impl("depthwise_conv2d", TORCH_FN(depthwise_conv2d_autograd));
 }
 
-} // namespace paradis
+}  // namespace paradis

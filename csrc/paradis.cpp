@@ -32,7 +32,8 @@ TORCH_LIBRARY(paradis, m) {
       "Tensor var, int[] covered, int[] rows, bool training, float eps, str activation) "
       "-> (Tensor, Tensor, Tensor)");
   // F.conv2d(..., groups=C); its own op for the CPU weight gradient of small images.
-  m.def("depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
   m.def(
       "depthwise_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, int[] stride, int[] padding, "
       "int[] dilation, bool[] output_mask) -> (Tensor, Tensor, Tensor)");
@@ -56,11 +57,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(
                                   {0, 0}, channels, {output_mask[0], output_mask[1], output_mask[2]});
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(paradis, CompositeExplicitAutograd, m) {
   m.impl("depthwise_conv2d", TORCH_FN(depthwise_conv2d));
   m.impl("depthwise_conv2d_backward", TORCH_FN(depthwise_conv2d_backward));
 }
 
-} // namespace paradis
+}  // namespace paradis

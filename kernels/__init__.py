@@ -4,6 +4,7 @@ They run on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_
 before this package is imported), which is how CI tests them. This module holds the few host
 helpers both ops share.
 """
+
 from __future__ import annotations
 
 import contextlib

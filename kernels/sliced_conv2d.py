@@ -18,6 +18,7 @@ Rows of activations use int64 offsets; offsets inside one sample stay int32 (che
 accumulate in fp32 (fp64 for fp64 inputs, without tensor cores). fp32 GEMMs use TF32 when
 torch.backends.cudnn.allow_tf32 is set, as PyTorch's own convolutions do.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,10 +54,29 @@ def _forward_kernel(
     y_ptr,  # [S*B, C_out, OH, OW] contiguous out
     tiles_ptr,  # [T, 5] int64: switch of y, first and stop output channel, segment range
     segments_ptr,  # [G, 3] int64: switch of x, first and stop input channel
-    num_m_tiles, B, C_in, H, W, C_out, OH, OW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    num_m_tiles,
+    B,
+    C_in,
+    H,
+    W,
+    C_out,
+    OH,
+    OW,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = tiles_ptr + (pid // num_m_tiles) * 5
@@ -80,16 +100,23 @@ def _forward_kernel(
                 for c0 in range(tl.load(segment + 1), c_stop, BLOCK_K):
                     c = c0 + tl.arange(0, BLOCK_K)  # input channels
                     c_ok = c < c_stop
-                    a = tl.load(x_ptr + x_pix[:, None] + c[None, :] * (H * W),
-                                mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                    w = tl.load(w_ptr + n[None, :] * (C_in * KH * KW) + c[:, None] * (KH * KW) + (kh * KW + kw),
-                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                    a = tl.load(
+                        x_ptr + x_pix[:, None] + c[None, :] * (H * W), mask=pix_ok[:, None] & c_ok[None, :], other=0.0
+                    )
+                    w = tl.load(
+                        w_ptr + n[None, :] * (C_in * KH * KW) + c[:, None] * (KH * KW) + (kh * KW + kw),
+                        mask=c_ok[:, None] & n_ok[None, :],
+                        other=0.0,
+                    )
                     acc = _mma(acc, a, w, USE_DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(ACC)[None, :]
     y_rows = (tl.load(tile) * B + b).to(tl.int64) * (C_out * OH * OW) + r
-    tl.store(y_ptr + y_rows[:, None] + n[None, :] * (OH * OW), acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        y_ptr + y_rows[:, None] + n[None, :] * (OH * OW),
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit
@@ -99,9 +126,28 @@ def _grad_input_kernel(
     grad_x_ptr,  # [S_x*B, C_in, H, W] contiguous out
     tiles_ptr,  # [T, 5] int64: switch of x, first and stop input channel, segment range
     segments_ptr,  # [G, 3] int64: switch of grad_y, first and stop output channel
-    num_m_tiles, B, C_in, H, W, C_out, OH, OW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    num_m_tiles,
+    B,
+    C_in,
+    H,
+    W,
+    C_out,
+    OH,
+    OW,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    ACC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = tiles_ptr + (pid // num_m_tiles) * 5
@@ -128,14 +174,23 @@ def _grad_input_kernel(
                 for c0 in range(tl.load(segment + 1), c_stop, BLOCK_K):
                     c = c0 + tl.arange(0, BLOCK_K)  # output channels
                     c_ok = c < c_stop
-                    a = tl.load(grad_y_ptr + gy_pix[:, None] + c[None, :] * (OH * OW),
-                                mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                    w = tl.load(w_ptr + c[:, None] * (C_in * KH * KW) + n[None, :] * (KH * KW) + (kh * KW + kw),
-                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                    a = tl.load(
+                        grad_y_ptr + gy_pix[:, None] + c[None, :] * (OH * OW),
+                        mask=pix_ok[:, None] & c_ok[None, :],
+                        other=0.0,
+                    )
+                    w = tl.load(
+                        w_ptr + c[:, None] * (C_in * KH * KW) + n[None, :] * (KH * KW) + (kh * KW + kw),
+                        mask=c_ok[:, None] & n_ok[None, :],
+                        other=0.0,
+                    )
                     acc = _mma(acc, a, w, USE_DOT, PRECISION)
     x_rows = (tl.load(tile) * B + b).to(tl.int64) * (C_in * H * W) + r
-    tl.store(grad_x_ptr + x_rows[:, None] + n[None, :] * (H * W), acc.to(grad_x_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        grad_x_ptr + x_rows[:, None] + n[None, :] * (H * W),
+        acc.to(grad_x_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit
@@ -145,9 +200,28 @@ def _grad_weight_kernel(
     out_ptr,  # [SPLITS, C_out, C_in*KH*KW] out: grad_weight itself when SPLITS is 1, else partials
     tiles_ptr,  # [T, 4] int64: first output channel, first column, segment range
     segments_ptr,  # [G, 6] int64: switch of grad_y, switch of x, output channel range, column range
-    pixels_per_split, B, C_in, H, W, C_out, OH, OW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    pixels_per_split,
+    B,
+    C_in,
+    H,
+    W,
+    C_out,
+    OH,
+    OW,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    ACC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     tile = tiles_ptr + tl.program_id(0) * 4
     split = tl.program_id(1)
@@ -169,8 +243,9 @@ def _grad_weight_kernel(
             b, r = p // (OH * OW), p % (OH * OW)
             oh, ow = r // OW, r % OW
             gy_rows = (s_y * B + b).to(tl.int64) * (C_out * OH * OW) + r
-            a = tl.load(grad_y_ptr + gy_rows[None, :] + o[:, None] * (OH * OW),
-                        mask=o_ok[:, None] & p_ok[None, :], other=0.0)
+            a = tl.load(
+                grad_y_ptr + gy_rows[None, :] + o[:, None] * (OH * OW), mask=o_ok[:, None] & p_ok[None, :], other=0.0
+            )
             ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
             iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
             ok = p_ok[:, None] & q_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -186,6 +261,7 @@ def _grad_weight_kernel(
 def _grouped_tiles(problems, block_n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Flat tile and segment tables of (switch, n_start, n_stop, segments) GEMM problems, the
     problems ordered by work (columns x reduction channels) descending, ties in given order."""
+
     def work(problem):
         _, n_start, n_stop, segments = problem
         return (n_stop - n_start) * sum(k_stop - k_start for _, k_start, k_stop in segments)
@@ -218,8 +294,9 @@ def grad_input_schedule(blocks: tuple[int, ...], input_shared: bool, block_n: in
 
 
 @functools.lru_cache(maxsize=1024)
-def grad_weight_schedule(blocks: tuple[int, ...], input_shared: bool, taps: int, c_out: int, c_in: int,
-                         block_m: int, block_n: int):
+def grad_weight_schedule(
+    blocks: tuple[int, ...], input_shared: bool, taps: int, c_out: int, c_in: int, block_m: int, block_n: int
+):
     """Tiles of the weight matrix [C_out, C_in*taps] that some block overlaps, each listing those
     blocks in switch order; tiles with more blocks (more work) first."""
     rects = [(s, 0 if input_shared else s, o0, o1, i0 * taps, i1 * taps) for s, i0, i1, o0, o1 in iter_blocks(blocks)]
@@ -265,11 +342,17 @@ def _geometry(x, weight, num_switches, stride, padding, dilation, input_shared) 
         raise TypeError(f"sliced_conv2d: the triton kernels take float16/bfloat16/float32/float64, got {x.dtype}")
     batch = x.shape[0] if input_shared else x.shape[0] // num_switches
     c_out, c_in, kh, kw = weight.shape
-    oh, ow = (conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2))
+    oh, ow = (
+        conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
+    )
     geometry = _Geometry(batch, c_in, x.shape[2], x.shape[3], c_out, oh, ow, kh, kw)
-    for what, size in (("one input sample", c_in * x.shape[2] * x.shape[3]), ("one output sample", c_out * oh * ow),
-                       ("the weight", weight.numel()), ("one switch's input pixels", batch * x.shape[2] * x.shape[3]),
-                       ("one switch's output pixels", batch * oh * ow)):
+    for what, size in (
+        ("one input sample", c_in * x.shape[2] * x.shape[3]),
+        ("one output sample", c_out * oh * ow),
+        ("the weight", weight.numel()),
+        ("one switch's input pixels", batch * x.shape[2] * x.shape[3]),
+        ("one switch's output pixels", batch * oh * ow),
+    ):
         check_int32_span("sliced_conv2d", what, size)
     conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     return geometry, conv
@@ -302,11 +385,28 @@ def sliced_conv2d_forward(x, weight, bias, blocks, num_switches, stride, padding
     num_m_tiles = triton.cdiv(g.batch * g.oh * g.ow, block_m)
     with on_device(x):
         _forward_kernel[(num_m_tiles * (len(tiles) // TILE_FIELDS),)](
-            x, weight, bias if bias is not None else weight, y,
-            device_table(tiles, x.device), device_table(segments, x.device),
-            num_m_tiles, g.batch, g.c_in, g.h, g.w, g.c_out, g.oh, g.ow, *conv,
-            KH=g.kh, KW=g.kw, HAS_BIAS=bias is not None, **_gemm_options(x),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            x,
+            weight,
+            bias if bias is not None else weight,
+            y,
+            device_table(tiles, x.device),
+            device_table(segments, x.device),
+            num_m_tiles,
+            g.batch,
+            g.c_in,
+            g.h,
+            g.w,
+            g.c_out,
+            g.oh,
+            g.ow,
+            *conv,
+            KH=g.kh,
+            KW=g.kw,
+            HAS_BIAS=bias is not None,
+            **_gemm_options(x),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
         )
     return y
 
@@ -323,9 +423,26 @@ def _grad_input(grad_y, weight, x, g, conv, blocks, input_shared):
     grad_x = torch.empty_like(x) if everything_read else torch.zeros_like(x)
     num_m_tiles = triton.cdiv(g.batch * g.h * g.w, block_m)
     _grad_input_kernel[(num_m_tiles * (len(tiles) // TILE_FIELDS),)](
-        grad_y, weight, grad_x, device_table(tiles, x.device), device_table(segments, x.device),
-        num_m_tiles, g.batch, g.c_in, g.h, g.w, g.c_out, g.oh, g.ow, *conv,
-        KH=g.kh, KW=g.kw, **_gemm_options(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        grad_y,
+        weight,
+        grad_x,
+        device_table(tiles, x.device),
+        device_table(segments, x.device),
+        num_m_tiles,
+        g.batch,
+        g.c_in,
+        g.h,
+        g.w,
+        g.c_out,
+        g.oh,
+        g.ow,
+        *conv,
+        KH=g.kh,
+        KW=g.kw,
+        **_gemm_options(x),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return grad_x
 
@@ -343,9 +460,26 @@ def _grad_weight(grad_y, x, weight, g, conv, blocks, input_shared, splits):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros((splits, *weight.shape), dtype=weight.dtype if splits == 1 else acc, device=x.device)
     _grad_weight_kernel[(num_tiles, splits)](
-        grad_y, x, out, device_table(tiles, x.device), device_table(segments, x.device),
-        pixels_per_split, g.batch, g.c_in, g.h, g.w, g.c_out, g.oh, g.ow, *conv,
-        KH=g.kh, KW=g.kw, **_gemm_options(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        grad_y,
+        x,
+        out,
+        device_table(tiles, x.device),
+        device_table(segments, x.device),
+        pixels_per_split,
+        g.batch,
+        g.c_in,
+        g.h,
+        g.w,
+        g.c_out,
+        g.oh,
+        g.ow,
+        *conv,
+        KH=g.kh,
+        KW=g.kw,
+        **_gemm_options(x),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return out[0] if splits == 1 else out.sum(0).to(weight.dtype)
 
@@ -359,8 +493,9 @@ def _grad_bias(grad_y, blocks, num_switches, c_out, dtype):
     return torch.where(covered, per_switch, 0).sum(0).to(dtype)
 
 
-def sliced_conv2d_backward(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared,
-                           output_mask, splits=None):
+def sliced_conv2d_backward(
+    grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask, splits=None
+):
     """(grad_x, grad_weight, grad_bias) as paradis_fast.ops.reference.sliced_conv2d_backward; a
     launch each. `splits` overrides the split-K of grad_weight (tests use it)."""
     grad_y, x, weight = grad_y.contiguous(), x.contiguous(), weight.contiguous()

@@ -9,6 +9,7 @@ partial sums of g and g*xhat, then grad_x. Uncovered channels come out exactly z
 functions take and return what paradis_fast.ops.reference's do; the running-statistics update is
 done once for every backend by paradis_fast.ops.switch_bn.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,13 @@ def _welford_partials_kernel(
     x_ptr,  # [S*B, C, HW] contiguous
     partials_ptr,  # [S*C, CHUNKS, 2] ACC out: mean and M2 of each chunk
     covered_ptr,  # [S] int64: channels switch s covers
-    B, C, HW, chunk, CHUNKS,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    B,
+    C,
+    HW,
+    chunk,
+    CHUNKS,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pair, k = tl.program_id(0), tl.program_id(1)
     s, c = pair // C, pair % C
@@ -90,13 +96,27 @@ def _welford_partials_kernel(
 
 @triton.jit
 def _normalize_kernel(
-    x_ptr, y_ptr,  # [S*B, C, HW] contiguous
-    weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,  # [S_total, C]
+    x_ptr,
+    y_ptr,  # [S*B, C, HW] contiguous
+    weight_ptr,
+    bias_ptr,
+    running_mean_ptr,
+    running_var_ptr,  # [S_total, C]
     partials_ptr,  # [S*C, CHUNKS, 2] ACC: Welford partials (read when TRAINING)
-    mean_ptr, var_ptr,  # [S, C] ACC out: the statistics used
-    covered_ptr, rows_ptr,  # [S] int64: channels covered, parameter row of switch s
-    B, C, HW, chunk, CHUNKS, eps,
-    TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, CHUNKS_P2: tl.constexpr,
+    mean_ptr,
+    var_ptr,  # [S, C] ACC out: the statistics used
+    covered_ptr,
+    rows_ptr,  # [S] int64: channels covered, parameter row of switch s
+    B,
+    C,
+    HW,
+    chunk,
+    CHUNKS,
+    eps,
+    TRAINING: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    CHUNKS_P2: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pair, k = tl.program_id(0), tl.program_id(1)
@@ -137,13 +157,24 @@ def _normalize_kernel(
 
 @triton.jit
 def _grad_partials_kernel(
-    grad_y_ptr, x_ptr,  # [S*B, C, HW] contiguous
-    weight_ptr, bias_ptr,  # [S_total, C]
-    mean_ptr, var_ptr,  # [S, C] ACC: the statistics of the forward
+    grad_y_ptr,
+    x_ptr,  # [S*B, C, HW] contiguous
+    weight_ptr,
+    bias_ptr,  # [S_total, C]
+    mean_ptr,
+    var_ptr,  # [S, C] ACC: the statistics of the forward
     partials_ptr,  # [S*C, CHUNKS, 2] ACC out: sums of g and g*xhat of each chunk
-    covered_ptr, rows_ptr,  # [S] int64
-    B, C, HW, chunk, CHUNKS, eps,
-    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    covered_ptr,
+    rows_ptr,  # [S] int64
+    B,
+    C,
+    HW,
+    chunk,
+    CHUNKS,
+    eps,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pair, k = tl.program_id(0), tl.program_id(1)
     s, c = pair // C, pair % C
@@ -173,14 +204,28 @@ def _grad_partials_kernel(
 
 @triton.jit
 def _grad_input_kernel(
-    grad_y_ptr, x_ptr, grad_x_ptr,  # [S*B, C, HW] contiguous
-    weight_ptr, bias_ptr,  # [S_total, C]
-    grad_weight_ptr, grad_bias_ptr,  # [S_total, C] out (zero-initialised: rows no switch uses)
-    mean_ptr, var_ptr,  # [S, C] ACC
+    grad_y_ptr,
+    x_ptr,
+    grad_x_ptr,  # [S*B, C, HW] contiguous
+    weight_ptr,
+    bias_ptr,  # [S_total, C]
+    grad_weight_ptr,
+    grad_bias_ptr,  # [S_total, C] out (zero-initialised: rows no switch uses)
+    mean_ptr,
+    var_ptr,  # [S, C] ACC
     partials_ptr,  # [S*C, CHUNKS, 2] ACC: sums of g and g*xhat of each chunk
-    covered_ptr, rows_ptr,  # [S] int64
-    B, C, HW, chunk, CHUNKS, eps,
-    TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, CHUNKS_P2: tl.constexpr,
+    covered_ptr,
+    rows_ptr,  # [S] int64
+    B,
+    C,
+    HW,
+    chunk,
+    CHUNKS,
+    eps,
+    TRAINING: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    CHUNKS_P2: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pair, k = tl.program_id(0), tl.program_id(1)
@@ -236,8 +281,9 @@ def _geometry(x: torch.Tensor, covered, rows, activation: str):
     return num_switches, batch, channels, hw, tables
 
 
-def switch_batch_norm_forward(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation,
-                              chunks=None):
+def switch_batch_norm_forward(
+    x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, chunks=None
+):
     """(y, mean, var) as paradis_fast.ops.reference.switch_batch_norm_forward; `chunks` overrides
     how many programs share one (switch, channel) pair (tests use it to exercise the merge)."""
     x = x.contiguous()
@@ -257,15 +303,32 @@ def switch_batch_norm_forward(x, weight, bias, running_mean, running_var, covere
                 x, partials, covered_t, batch, channels, hw, chunk, chunks, ACC=acc, BLOCK=block
             )
         _normalize_kernel[(pairs, chunks)](
-            x, y, *params, partials, mean, var, covered_t, rows_t, batch, channels, hw, chunk, chunks, eps,
-            TRAINING=bool(training), ACT=ACTIVATIONS[activation], ACC=acc,
-            CHUNKS_P2=triton.next_power_of_2(chunks), BLOCK=block,
+            x,
+            y,
+            *params,
+            partials,
+            mean,
+            var,
+            covered_t,
+            rows_t,
+            batch,
+            channels,
+            hw,
+            chunk,
+            chunks,
+            eps,
+            TRAINING=bool(training),
+            ACT=ACTIVATIONS[activation],
+            ACC=acc,
+            CHUNKS_P2=triton.next_power_of_2(chunks),
+            BLOCK=block,
         )
     return y, mean, var
 
 
-def switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation,
-                               chunks=None):
+def switch_batch_norm_backward(
+    grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation, chunks=None
+):
     """(grad_x, grad_weight, grad_bias) as paradis_fast.ops.reference.switch_batch_norm_backward."""
     x, grad_y = x.contiguous(), grad_y.contiguous()
     num_switches, batch, channels, hw, (covered_t, rows_t) = _geometry(x, covered, rows, activation)
@@ -279,12 +342,34 @@ def switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, covered, rows
     common = (covered_t, rows_t, batch, channels, hw, chunk, chunks, eps)
     with on_device(x):
         _grad_partials_kernel[(pairs, chunks)](
-            grad_y, x, weight, bias, mean, var, partials, *common,
-            ACT=ACTIVATIONS[activation], ACC=acc, BLOCK=block,
+            grad_y,
+            x,
+            weight,
+            bias,
+            mean,
+            var,
+            partials,
+            *common,
+            ACT=ACTIVATIONS[activation],
+            ACC=acc,
+            BLOCK=block,
         )
         _grad_input_kernel[(pairs, chunks)](
-            grad_y, x, grad_x, weight, bias, grad_weight, grad_bias, mean, var, partials, *common,
-            TRAINING=bool(training), ACT=ACTIVATIONS[activation], ACC=acc,
-            CHUNKS_P2=triton.next_power_of_2(chunks), BLOCK=block,
+            grad_y,
+            x,
+            grad_x,
+            weight,
+            bias,
+            grad_weight,
+            grad_bias,
+            mean,
+            var,
+            partials,
+            *common,
+            TRAINING=bool(training),
+            ACT=ACTIVATIONS[activation],
+            ACC=acc,
+            CHUNKS_P2=triton.next_power_of_2(chunks),
+            BLOCK=block,
         )
     return grad_x, grad_weight, grad_bias

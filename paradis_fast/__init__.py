@@ -1,4 +1,5 @@
 """paradis_fast: fast training and deployment of ParaDiS (parallelly distributable slimmable) networks."""
+
 from .switches import Switch, SwitchSet
 from . import models, nn, ops, train
 

@@ -1,4 +1,5 @@
 """Loads the compiled extension (paradis_fast._C) once; without it the reference backend serves."""
+
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ import torch  # noqa: F401  (torch must be imported before the extension)
 def load_error() -> str | None:
     """None when the C++ extension is loaded, else why not (warned about once)."""
     try:
-        from paradis_fast import _C  # noqa: F401  (registers the paradis_C ops)
+        from paradis_fast import _C  # noqa: F401  (registers the paradis ops)
     except ImportError as error:
         reason = f"the C++ extension paradis_fast._C is not built ({error})"
         warnings.warn(

@@ -1,4 +1,5 @@
 """Command line: `python -m paradis_fast COMMAND`; each part of the package registers its commands."""
+
 from __future__ import annotations
 
 import argparse

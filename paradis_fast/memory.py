@@ -8,6 +8,7 @@ of bench/README.md went from ~550 to ~440 ms, a 2x0.5 part serving one 224 px im
 ~6 ms, for some more peak resident memory, which the process keeps. Process-wide, so only the
 package's own processes (the trainer's and the server's CLI) turn it on; library code never does.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,9 +35,12 @@ def cache_freed_memory() -> bool:
 
 def add_release_argument(parser) -> None:
     """The command-line opt-out of `cache_freed_memory`, shared by the package's CLIs."""
-    parser.add_argument("--release-freed-memory", action="store_true",
-                        help="let malloc return freed memory to the system (default: keep it for reuse, ~20%% "
-                             "faster CPU steps and requests for more resident memory; see paradis_fast/memory.py)")
+    parser.add_argument(
+        "--release-freed-memory",
+        action="store_true",
+        help="let malloc return freed memory to the system (default: keep it for reuse, ~20%% "
+        "faster CPU steps and requests for more resident memory; see paradis_fast/memory.py)",
+    )
 
 
 def configure(args) -> None:

@@ -3,6 +3,7 @@
 Widths are exact fractions, so slice boundaries are exact and two layers with the same channel
 count always slice identically (residual additions line up).
 """
+
 from __future__ import annotations
 
 import re

@@ -9,6 +9,7 @@
   in `available_backends(op)` (today 'reference'; 'cpu' and others appear once they are built),
   with that backend forced through `use_backend` for the whole test.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,14 +92,28 @@ def _conv_cases(count: int = 24, seed: int = 1234) -> list[dict]:
         case = dict(
             seed=seed + i,
             switches=draw_switch_set(rng, sliced, first=ALL_SWITCHES[i % len(ALL_SWITCHES)]),
-            c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-            batch=rng.choice((1, 3)), input_shared=input_shared, bias=rng.random() < 0.6,
+            c_in=c_in,
+            c_out=c_out,
+            kernel=kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            batch=rng.choice((1, 3)),
+            input_shared=input_shared,
+            bias=rng.random() < 0.6,
             hw=(max(smallest, rng.randint(4, 8)), max(smallest, rng.randint(4, 8))),
         )
         cases.append(case)
     # the matrix must exercise every option (a fixed seed makes this a one-time check)
-    for key, values in dict(kernel=(1, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 2), batch=(1, 3),
-                            input_shared=(False, True), bias=(False, True)).items():
+    for key, values in dict(
+        kernel=(1, 3),
+        stride=(1, 2),
+        padding=(0, 1),
+        dilation=(1, 2),
+        batch=(1, 3),
+        input_shared=(False, True),
+        bias=(False, True),
+    ).items():
         assert {c[key] for c in cases} == set(values), f"conv case matrix misses a value of {key}"
     assert {s for c in cases for s in c["switches"]} == set(ALL_SWITCHES)
     return cases
@@ -106,8 +121,10 @@ def _conv_cases(count: int = 24, seed: int = 1234) -> list[dict]:
 
 def _conv_id(case: dict) -> str:
     flags = ("shared" if case["input_shared"] else "") + ("bias" if case["bias"] else "")
-    return (f"{'|'.join(case['switches'])}-{case['c_in']}to{case['c_out']}-k{case['kernel']}s{case['stride']}"
-            f"p{case['padding']}d{case['dilation']}-b{case['batch']}-{flags or 'plain'}")
+    return (
+        f"{'|'.join(case['switches'])}-{case['c_in']}to{case['c_out']}-k{case['kernel']}s{case['stride']}"
+        f"p{case['padding']}d{case['dilation']}-b{case['batch']}-{flags or 'plain'}"
+    )
 
 
 def _bn_cases(seed: int = 4321) -> list[dict]:
@@ -120,13 +137,24 @@ def _bn_cases(seed: int = 4321) -> list[dict]:
                     channels = rng.choice(CHANNELS)
                     switches = draw_switch_set(rng, [channels], first=ALL_SWITCHES[i % len(ALL_SWITCHES)])
                     extra = rng.choice((0, 0, 1, 2))  # parameter rows of switches that do not run
-                    rows = rng.sample(range(len(switches) + extra), len(switches)) if extra or rng.random() < 0.5 else None
+                    rows = (
+                        rng.sample(range(len(switches) + extra), len(switches)) if extra or rng.random() < 0.5 else None
+                    )
                     spatial = rng.choice(((3, 3), (2, 3), (4, 1), (1, 1), (5,), ()))
-                    cases.append(dict(
-                        seed=seed + i, dtype=dtype, training=training, activation=activation,
-                        channels=channels, switches=switches, batch=rng.choice((2, 3)), spatial=spatial,
-                        num_rows=len(switches) + extra, rows=rows,
-                    ))
+                    cases.append(
+                        dict(
+                            seed=seed + i,
+                            dtype=dtype,
+                            training=training,
+                            activation=activation,
+                            channels=channels,
+                            switches=switches,
+                            batch=rng.choice((2, 3)),
+                            spatial=spatial,
+                            num_rows=len(switches) + extra,
+                            rows=rows,
+                        )
+                    )
                     i += 1
     assert {s for c in cases for s in c["switches"]} == set(ALL_SWITCHES)
     return cases
@@ -137,8 +165,10 @@ def _bn_id(case: dict) -> str:
     mode = "train" if case["training"] else "eval"
     rows = "" if case["rows"] is None else "-rows" + "".join(map(str, case["rows"])) + f"of{case['num_rows']}"
     shape = "x".join(map(str, case["spatial"])) or "flat"
-    return (f"{'|'.join(case['switches'])}-c{case['channels']}-b{case['batch']}-{shape}-{mode}-"
-            f"{case['activation']}-{dtype}{rows}")
+    return (
+        f"{'|'.join(case['switches'])}-c{case['channels']}-b{case['batch']}-{shape}-{mode}-"
+        f"{case['activation']}-{dtype}{rows}"
+    )
 
 
 CONV_CASES = _conv_cases()

@@ -1,12 +1,23 @@
 """Backend choice (DESIGN §4): automatic, forced by use_backend(name) or PARADIS_BACKEND, and the
 errors of a forced backend that cannot run."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from paradis_fast.ops import (Backend, available_backends, backend_for, backends, forced_backend, reference,
-                              register_backend, sliced_conv2d, switch_batch_norm, use_backend)
+from paradis_fast.ops import (
+    Backend,
+    available_backends,
+    backend_for,
+    backends,
+    forced_backend,
+    reference,
+    register_backend,
+    sliced_conv2d,
+    switch_batch_norm,
+    use_backend,
+)
 
 CPU = torch.device("cpu")
 OPS = ("sliced_conv2d", "switch_batch_norm")
@@ -135,7 +146,9 @@ def test_environment_variable_forces(monkeypatch):
 @pytest.mark.parametrize("op", OPS)
 def test_forced_backend_that_cannot_run_says_why(op):
     with use_backend("cuda"):
-        with pytest.raises(RuntimeError, match=rf"paradis backend 'cuda' cannot run {op} on cpu: it runs on cuda tensors, not cpu"):
+        with pytest.raises(
+            RuntimeError, match=rf"paradis backend 'cuda' cannot run {op} on cpu: it runs on cuda tensors, not cpu"
+        ):
             kernels_for(op, CPU)
         with pytest.raises(RuntimeError, match=r"'cuda' cannot run .* on cpu"):
             if op == "sliced_conv2d":

@@ -1,5 +1,6 @@
 """bench/run.py's methods on tiny layers: every baseline computes what paradis_fast computes (in
 each memory format), and the ratio table is built from the rows. No timing is asserted."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -83,10 +84,12 @@ def test_headroom_counts_layers_beyond_the_best_rate(run):
     def entry(a_ms, b_ms, d_ms):
         return {"a": a_ms, "b": b_ms, "d": d_ms, "flops": 10**9, "gflops": 10**9 / d_ms / 1e6}
 
-    table = {("sliced_conv2d", "fast", "fwd+bwd"): entry(15.0, 12.0, 10.0),
-             ("sliced_conv2d", "slow", "fwd+bwd"): entry(40.0, 15.0, 12.0),
-             ("sliced_conv2d", "edge", "fwd+bwd"): entry(20.0, 30.0, 11.0),
-             ("bn", "other", "fwd+bwd"): entry(1.0, 1.0, 10.0)}
+    table = {
+        ("sliced_conv2d", "fast", "fwd+bwd"): entry(15.0, 12.0, 10.0),
+        ("sliced_conv2d", "slow", "fwd+bwd"): entry(40.0, 15.0, 12.0),
+        ("sliced_conv2d", "edge", "fwd+bwd"): entry(20.0, 30.0, 11.0),
+        ("bn", "other", "fwd+bwd"): entry(1.0, 1.0, 10.0),
+    }
     (line,) = run.headroom(table)
     assert "2x over (a)" in line and "100 GF/s, fast" in line and "on 1 of 3 layers" in line and "needs 2 at 2x" in line
     (line,) = run.headroom(table, "b", 1.5)

@@ -2,6 +2,7 @@
 larger images and the grouping of equal-width blocks into one convolution, the narrow-group
 kernels, reproducibility with several threads, reduced precision and the kernel's own input
 validation."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,16 +13,43 @@ from paradis_fast import SwitchSet
 from paradis_fast.ops import available_backends, use_backend
 from paradis_fast.ops.plan import conv_blocks
 
-pytestmark = pytest.mark.skipif("cpu" not in available_backends("sliced_conv2d"),
-                                reason="paradis_fast._C has no CPU sliced_conv2d kernel (extension not built)")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in available_backends("sliced_conv2d"),
+    reason="paradis_fast._C has no CPU sliced_conv2d kernel (extension not built)",
+)
 
 KERNEL = torch.ops.paradis
 
 
-def case(switches, c_in, c_out, kernel, hw, stride=1, padding=None, dilation=1, batch=1, input_shared=False, bias=True, seed=0):
+def case(
+    switches,
+    c_in,
+    c_out,
+    kernel,
+    hw,
+    stride=1,
+    padding=None,
+    dilation=1,
+    batch=1,
+    input_shared=False,
+    bias=True,
+    seed=0,
+):
     padding = kernel // 2 if padding is None else padding
-    return dict(seed=seed, switches=switches, c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, padding=padding,
-                dilation=dilation, batch=batch, input_shared=input_shared, bias=bias, hw=hw)
+    return dict(
+        seed=seed,
+        switches=switches,
+        c_in=c_in,
+        c_out=c_out,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        batch=batch,
+        input_shared=input_shared,
+        bias=bias,
+        hw=hw,
+    )
 
 
 # Larger images, in both layouts: equal-width switches (2x0.5, 4x0.25, 3x1/3) run as one grouped
@@ -73,7 +101,9 @@ def test_large_image_paths_match_oracle(name, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("name", ["shared-stem", "pointwise", "pointwise-stride2", "3x3-narrow-groups", "3x3-split-image"])
+@pytest.mark.parametrize(
+    "name", ["shared-stem", "pointwise", "pointwise-stride2", "3x3-narrow-groups", "3x3-split-image"]
+)
 def test_kernels_return_the_layouts_the_fake_kernels_promise(name, layout):
     """y and grad_x in x's layout, the weight and bias gradients contiguous: compiled graphs trust the
     fake kernels' strides (a channels_last weight gradient broke a weight-normed stem's gradients)."""
@@ -81,7 +111,12 @@ def test_kernels_return_the_layouts_the_fake_kernels_promise(name, layout):
     x, weight, bias, g = conv_tests.make_inputs(conv_case, torch.float32)
     x = x.contiguous(memory_format=layout)
     switches = SwitchSet(conv_case["switches"])
-    geometry = ([conv_case["stride"]] * 2, [conv_case["padding"]] * 2, [conv_case["dilation"]] * 2, conv_case["input_shared"])
+    geometry = (
+        [conv_case["stride"]] * 2,
+        [conv_case["padding"]] * 2,
+        [conv_case["dilation"]] * 2,
+        conv_case["input_shared"],
+    )
     blocks = list(conv_blocks(switches, conv_case["c_in"], conv_case["c_out"], conv_case["input_shared"]))
     y = KERNEL.sliced_conv2d(x, weight, bias, blocks, len(switches), *geometry)
     grad_y = torch.randn(y.shape, generator=g).contiguous(memory_format=layout)
@@ -99,9 +134,11 @@ def two_threads():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("kernel, hw, c_in, c_out", [(1, (16, 16), 48, 64), (1, (3, 3), 48, 64), (3, (16, 16), 48, 64),
-                                                   (3, (12, 12), 16, 16)],
-                         ids=["1x1-large", "1x1-small", "3x3", "3x3-narrow-groups"])
+@pytest.mark.parametrize(
+    "kernel, hw, c_in, c_out",
+    [(1, (16, 16), 48, 64), (1, (3, 3), 48, 64), (3, (16, 16), 48, 64), (3, (12, 12), 16, 16)],
+    ids=["1x1-large", "1x1-small", "3x3", "3x3-narrow-groups"],
+)
 def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kernel, hw, c_in, c_out, layout):
     g = torch.Generator().manual_seed(7)
     switches = SwitchSet(["1x1.0", "2x0.5", "0.3+0.7", "4x0.25"])
@@ -110,8 +147,10 @@ def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kerne
     blocks = list(conv_blocks(switches, c_in, c_out, False))
     geometry = ([1, 1], [kernel // 2] * 2, [1, 1], False)
     grad_y = torch.randn(KERNEL.sliced_conv2d(x, weight, None, blocks, len(switches), *geometry).shape, generator=g)
-    runs = [KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, len(switches), *geometry, [True, True, True])
-            for _ in range(3)]
+    runs = [
+        KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, len(switches), *geometry, [True, True, True])
+        for _ in range(3)
+    ]
     for other in runs[1:]:
         for first, again, what in zip(runs[0], other, ("grad x", "grad weight", "grad bias")):
             assert torch.equal(first, again), f"{what} differs between identical runs"
@@ -165,8 +204,11 @@ def _pointwise_problem(specs, batch, c_in, c_out, hw, seed):
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
-@pytest.mark.parametrize("batch, hw, ours", [(2, (6, 5), True), (64, (4, 4), True), (8, (4, 4), False)],
-                         ids=["30px", "16px-1024-rows", "16px-128-rows"])
+@pytest.mark.parametrize(
+    "batch, hw, ours",
+    [(2, (6, 5), True), (64, (4, 4), True), (8, (4, 4), False)],
+    ids=["30px", "16px-1024-rows", "16px-128-rows"],
+)
 def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypatch, batch, hw, ours):
     """A channels_last float32 1x1 layer runs on the pointwise GEMM kernels, with no ATen
     convolution or GEMM, on images of more than 16 pixels or with at least 1024 pixel rows per
@@ -178,8 +220,7 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
     def run():
         with torch.profiler.profile() as prof:
             y = KERNEL.sliced_conv2d(x, weight, bias, blocks, 3, *POINTWISE_GEOMETRY)
-            grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *POINTWISE_GEOMETRY,
-                                                  [True, True, True])
+            grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *POINTWISE_GEOMETRY, [True, True, True])
         names = {event.name for event in prof.events()}
         return (y, *grads), names & {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm"}
 
@@ -193,8 +234,11 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
-@pytest.mark.parametrize("hw, stride, dnnl_in_baseline", [((13, 12), (2, 3), True), ((9, 8), (3, 3), False)],
-                         ids=["stride2x3-28px", "stride3-9px"])
+@pytest.mark.parametrize(
+    "hw, stride, dnnl_in_baseline",
+    [((13, 12), (2, 3), True), ((9, 8), (3, 3), False)],
+    ids=["stride2x3-28px", "stride3-9px"],
+)
 def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch, hw, stride, dnnl_in_baseline):
     """A channels_last 1x1 layer of stride > 1 gathers its stride grid and runs as a stride-1 layer:
     no ATen convolution; its input gradient is exactly zero off the grid; the same results as
@@ -209,14 +253,17 @@ def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch,
         with torch.profiler.profile() as prof:
             y = KERNEL.sliced_conv2d(x, weight, bias, blocks, 3, *geometry)
             grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, True])
-        return (y, *grads), {event.name for event in prof.events()} & {"aten::convolution", "aten::convolution_backward"}
+        return (y, *grads), {event.name for event in prof.events()} & {
+            "aten::convolution",
+            "aten::convolution_backward",
+        }
 
     native, dnnl_calls = run()
     assert not dnnl_calls
     assert native[0].is_contiguous(memory_format=torch.channels_last)
     assert native[1].is_contiguous(memory_format=torch.channels_last)
     off_grid = torch.ones(hw, dtype=torch.bool)
-    off_grid[::stride[0], ::stride[1]] = False
+    off_grid[:: stride[0], :: stride[1]] = False
     assert native[1][:, :, off_grid].eq(0).all() and native[1][:, :, ~off_grid].ne(0).any()
     monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
     baseline, dnnl_calls = run()
@@ -245,7 +292,10 @@ def test_pointwise_outputs_larger_than_16_mib_are_streamed_correctly(monkeypatch
         torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="the pointwise kernels need AVX-512F; this CPU runs BLAS, whose sums follow the thread count")
+@pytest.mark.skipif(
+    not _has_avx512(),
+    reason="the pointwise kernels need AVX-512F; this CPU runs BLAS, whose sums follow the thread count",
+)
 def test_pointwise_weight_gradient_same_for_any_thread_count():
     """The weight gradient sums each block's rows over a fixed partition (several chunks here), so
     one thread and two give the same bits."""
@@ -267,7 +317,9 @@ def test_backward_returns_only_requested_gradients():
     x, weight = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
     grad_y = torch.randn(2, 6, 5, 5)
     blocks = list(conv_blocks(switches, 4, 6, False))
-    grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 1, [1, 1], [1, 1], [1, 1], False, [False, True, False])
+    grads = KERNEL.sliced_conv2d_backward(
+        grad_y, x, weight, blocks, 1, [1, 1], [1, 1], [1, 1], False, [False, True, False]
+    )
     assert grads[0] is None and grads[2] is None and grads[1].shape == weight.shape
 
 
@@ -286,7 +338,11 @@ def test_reduced_precision_computes_in_float32(dtype):
 # ------------------------------------------------------------------------- kernel validation
 def _call(blocks=(0, 0, 4, 0, 6), num_switches=1, x_shape=(2, 4, 5, 5), shared=False, **geometry):
     x, weight = torch.randn(*x_shape), torch.randn(6, 4, 3, 3)
-    stride, padding, dilation = geometry.get("stride", [1, 1]), geometry.get("padding", [1, 1]), geometry.get("dilation", [1, 1])
+    stride, padding, dilation = (
+        geometry.get("stride", [1, 1]),
+        geometry.get("padding", [1, 1]),
+        geometry.get("dilation", [1, 1]),
+    )
     return KERNEL.sliced_conv2d(x, weight, None, list(blocks), num_switches, stride, padding, dilation, shared)
 
 
@@ -317,8 +373,21 @@ def test_kernel_rejects_integer_and_mismatched_dtypes():
     with pytest.raises(RuntimeError, match=r"x is Float but weight is Double"):
         KERNEL.sliced_conv2d(torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3).double(), None, blocks, 1, *geometry)
     with pytest.raises(RuntimeError, match=r"supports floating dtypes, got Int"):
-        KERNEL.sliced_conv2d(torch.ones(2, 4, 5, 5, dtype=torch.int32), torch.ones(6, 4, 3, 3, dtype=torch.int32),
-                                     None, blocks, 1, *geometry)
+        KERNEL.sliced_conv2d(
+            torch.ones(2, 4, 5, 5, dtype=torch.int32),
+            torch.ones(6, 4, 3, 3, dtype=torch.int32),
+            None,
+            blocks,
+            1,
+            *geometry,
+        )
     with pytest.raises(RuntimeError, match=r"grad_y must be \[2, 6, 5, 5\]"):
-        KERNEL.sliced_conv2d_backward(torch.randn(2, 6, 4, 5), torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), blocks,
-                                      1, *geometry, [True, True, True])
+        KERNEL.sliced_conv2d_backward(
+            torch.randn(2, 6, 4, 5),
+            torch.randn(2, 4, 5, 5),
+            torch.randn(6, 4, 3, 3),
+            blocks,
+            1,
+            *geometry,
+            [True, True, True],
+        )

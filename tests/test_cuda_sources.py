@@ -6,6 +6,7 @@ the c10/cuda and ATen/cuda headers but not c10/cuda/impl/cuda_cmake_macros.h, a 
 generates whose only content is C10_CUDA_BUILD_SHARED_LIBS (Windows export macros); without it
 the build defines C10_CUDA_NO_CMAKE_CONFIGURE_FILE, the switch torch provides for that case.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,8 +26,18 @@ SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 def nvcc_command(source: str, output: str) -> list[str]:
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    command = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", "-Xcompiler", "-fPIC", *cpp_extension.COMMON_NVCC_FLAGS,
-               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C", *(f"-I{path}" for path in includes)]
+    command = [
+        "nvcc",
+        "-c",
+        "-std=c++17",
+        "-arch=sm_90",
+        "-Xcompiler",
+        "-fPIC",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-DTORCH_EXTENSION_NAME=_C",
+        *(f"-I{path}" for path in includes),
+    ]
     generated = os.path.join(cpp_extension.include_paths()[0], "c10", "cuda", "impl", "cuda_cmake_macros.h")
     if not os.path.exists(generated):
         command.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")

@@ -1,4 +1,5 @@
 """The dataset registry: bundled data, users' folders and CIFAR batches made here in tmp_path."""
+
 import pickle
 
 import numpy as np
@@ -24,7 +25,9 @@ def test_bundled_classification_splits_are_deterministic_and_disjoint(name, size
     assert abs(a.train.tensors[0].mean().item()) < 1e-4 and abs(a.train.tensors[0].std().item() - 1) < 1e-3
     # no validation image is also a training image
     train = {row.numpy().tobytes() for row in a.train.tensors[0]}
-    assert sum(row.numpy().tobytes() in train for row in a.val.tensors[0]) < len(a.val) // 50  # MNIST has a few duplicates
+    assert (
+        sum(row.numpy().tobytes() in train for row in a.val.tensors[0]) < len(a.val) // 50
+    )  # MNIST has a few duplicates
 
 
 def test_photos_are_lr_hr_pairs_from_held_out_photos():
@@ -87,8 +90,10 @@ def test_imagefolder_errors(tmp_path):
 def _write_cifar(root, count=4, seed=0):
     rng = np.random.default_rng(seed)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, count).tolist()}
+        batch = {
+            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, count).tolist(),
+        }
         with open(root / name, "wb") as f:
             pickle.dump(batch, f)
 

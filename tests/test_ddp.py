@@ -7,6 +7,7 @@ reference therefore runs the same per-rank split (the DistributedSampler's indic
 the gradient DDP's all-reduce averages. Only parameters are compared: running statistics do not
 enter a training-mode forward (DDP keeps rank 0's).
 """
+
 import json
 import os
 import signal
@@ -20,8 +21,16 @@ from torch.utils.data import DistributedSampler
 from paradis_fast.train import TrainConfig
 from paradis_fast.train.experiment import build
 
-CONFIG = dict(model="mobilenet_v1", dataset="digits", switches=["1x1.0", "0.5+0.25+0.25"], width_mult=0.25,
-              batch_size=64, epochs=1, seed=3, quiet=True)
+CONFIG = dict(
+    model="mobilenet_v1",
+    dataset="digits",
+    switches=["1x1.0", "0.5+0.25+0.25"],
+    width_mult=0.25,
+    batch_size=64,
+    epochs=1,
+    seed=3,
+    quiet=True,
+)
 WORKER = textwrap.dedent("""
     import json, os, sys
     import torch
@@ -43,8 +52,9 @@ def _torchrun(args, cwd, timeout=240):
     """Run torchrun with 2 processes; on a hang, kill its whole process group so the test fails, not hangs."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -70,7 +80,7 @@ def _single_process_reference(config: TrainConfig, steps: int) -> dict:
     for step in range(steps):
         losses = []
         for rank in range(2):
-            images, labels = split.train[indices[rank][step * per_rank:(step + 1) * per_rank]]
+            images, labels = split.train[indices[rank][step * per_rank : (step + 1) * per_rank]]
             losses.append(criterion(model(images), labels))
         optimizer.zero_grad()
         (sum(losses) / 2).backward()
@@ -88,7 +98,7 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     assert steps == 1438 // 64
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): reductions split over threads round
-    try:                      # differently, and 22 steps of training amplify the last bits
+    try:  # differently, and 22 steps of training amplify the last bits
         reference = _single_process_reference(TrainConfig(**CONFIG), steps)
     finally:
         torch.set_num_threads(threads)
@@ -101,8 +111,23 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
 
 
 def test_cli_trains_under_torchrun(tmp_path):
-    output = _torchrun(["-m", "paradis_fast", "train", "--epochs", "1", "--width-mult", "0.25", "--switches",
-                        "1x1.0,2x0.5", "--quiet", "--out", str(tmp_path)], cwd=os.getcwd())
+    output = _torchrun(
+        [
+            "-m",
+            "paradis_fast",
+            "train",
+            "--epochs",
+            "1",
+            "--width-mult",
+            "0.25",
+            "--switches",
+            "1x1.0,2x0.5",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=os.getcwd(),
+    )
     assert "2 processes" in output and output.count("final validation accuracy") == 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["switches"]) == {"1x1.0", "2x0.5"}

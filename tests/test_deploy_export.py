@@ -1,4 +1,5 @@
 """export: one file per part + the fusion + a manifest; the exported files reproduce the model."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ SHAPES = {"mobilenet_v1": (3, 16, 16), "wdsr_b": (3, 5, 6)}
 def write_checkpoint(tmp_path, name: str, switches):
     """A float32 checkpoint of a trained tiny model (non-trivial BatchNorm rows and statistics)."""
     model, shape = trained_model(name, switches)
-    builder_kwargs = {"mobilenet_v1": dict(num_classes=7, width_mult=0.25, small_input=True),
-                      "wdsr_b": dict(scale=3, n_feats=8, block_feats=16, n_blocks=2)}[name]
+    builder_kwargs = {
+        "mobilenet_v1": dict(num_classes=7, width_mult=0.25, small_input=True),
+        "wdsr_b": dict(scale=3, n_feats=8, block_feats=16, n_blocks=2),
+    }[name]
     model = model.float()
     path = tmp_path / f"{name}.pt"
     save_checkpoint(path, model, name, builder_kwargs, input_shape=shape)
@@ -83,9 +86,31 @@ def test_bad_requests_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit, match="records no input shape"):
         main(["export", "--checkpoint", str(tmp_path / "c.pt"), "--switch", "1x1.0", "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="switch 2x0.5 is not in the switch set"):
-        main(["export", "--checkpoint", str(tmp_path / "c.pt"), "--switch", "2x0.5", "--input-shape", "3,8,8",
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "c.pt"),
+                "--switch",
+                "2x0.5",
+                "--input-shape",
+                "3,8,8",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     with pytest.raises(SystemExit):
-        main(["export", "--checkpoint", str(tmp_path / "c.pt"), "--switch", "1x1.0", "--format", "tflite",
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "c.pt"),
+                "--switch",
+                "1x1.0",
+                "--format",
+                "tflite",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert "invalid choice: 'tflite'" in capsys.readouterr().err

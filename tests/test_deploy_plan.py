@@ -1,4 +1,5 @@
 """plan(): the switch whose slowest device finishes first; the checkpoint format; the plan CLI."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,8 +15,10 @@ SWITCHES = ["1x1.0", "2x0.5", "4x0.25", "0.5+0.25+0.25", "3x1/3", "0.3+0.7"]
 
 def brute_force_time(flops, capacities):
     """Slowest device's time of the best injective placement of parts on devices, by enumeration."""
-    return min(max(f / capacities[d] for f, d in zip(flops, devices))
-               for devices in itertools.permutations(range(len(capacities)), len(flops)))
+    return min(
+        max(f / capacities[d] for f, d in zip(flops, devices))
+        for devices in itertools.permutations(range(len(capacities)), len(flops))
+    )
 
 
 @pytest.mark.parametrize("capacities", [[1], [2, 1, 1], [1, 3], [1, 1, 1, 1], [1, 2, 4, 8, 0.5], [5, 1, 1, 1]])
@@ -37,7 +40,7 @@ def test_larger_parts_go_to_faster_devices():
     choice = result.choice
     assert str(choice.switch) == "0.5+0.25+0.25"
     assert choice.devices[0] == 1  # the 0.5 part on the capacity-4 device
-    assert choice.time == pytest.approx(0.25 ** 2 / 1)  # a 0.25 part on the capacity-1 device is slowest
+    assert choice.time == pytest.approx(0.25**2 / 1)  # a 0.25 part on the capacity-1 device is slowest
 
 
 def test_ties_are_broken_by_accuracy():
@@ -73,8 +76,14 @@ def _checkpoint(tmp_path, accuracy=None):
             if buffer.is_floating_point():
                 buffer.uniform_(0.5, 1.5)
     path = tmp_path / "model.pt"
-    save_checkpoint(path, model, "mobilenet_v1", dict(num_classes=10, width_mult=0.25, small_input=True),
-                    input_shape=(3, 16, 16), accuracy=accuracy)
+    save_checkpoint(
+        path,
+        model,
+        "mobilenet_v1",
+        dict(num_classes=10, width_mult=0.25, small_input=True),
+        input_shape=(3, 16, 16),
+        accuracy=accuracy,
+    )
     return model, path
 
 

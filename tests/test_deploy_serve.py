@@ -1,6 +1,7 @@
 """Serving over torch.distributed: torchrun with 2 and 4 gloo processes, and the fault-tolerant
 coordinator surviving a killed and a hung worker. Every output is checked against the
 single-process model for the switch that served it."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 def checkpoint(tmp_path_factory):
     model, shape = trained_model("mobilenet_v1", SWITCHES)
     path = tmp_path_factory.mktemp("serve") / "model.pt"
-    save_checkpoint(path, model.float(), "mobilenet_v1", dict(num_classes=7, width_mult=0.25, small_input=True),
-                    input_shape=shape)
+    save_checkpoint(
+        path, model.float(), "mobilenet_v1", dict(num_classes=7, width_mult=0.25, small_input=True), input_shape=shape
+    )
     return path
 
 
@@ -40,16 +42,34 @@ def assert_served_correctly(model, image, output, switch):
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("processes, options, switch", [
-    (2, ["--switch", "2x0.5"], "2x0.5"),
-    (4, ["--switch", "4x0.25"], "4x0.25"),
-    (3, ["--fault-tolerant"], "3x1/3"),  # through the store; the switch planned for 3 equal devices
-])
+@pytest.mark.parametrize(
+    "processes, options, switch",
+    [
+        (2, ["--switch", "2x0.5"], "2x0.5"),
+        (4, ["--switch", "4x0.25"], "4x0.25"),
+        (3, ["--fault-tolerant"], "3x1/3"),  # through the store; the switch planned for 3 equal devices
+    ],
+)
 def test_torchrun_processes_equal_the_single_process_model(checkpoint, tmp_path, processes, options, switch):
     out = tmp_path / "served.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "paradis_fast.deploy.serve", "--checkpoint", str(checkpoint), *options,
-               "--batches", "3", "--batch-size", "2", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "paradis_fast.deploy.serve",
+        "--checkpoint",
+        str(checkpoint),
+        *options,
+        "--batches",
+        "3",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "served 3 batches of 2 images" in result.stdout
@@ -86,8 +106,10 @@ def test_distributed_split_decodes_broadcast_frames_on_every_rank(checkpoint):
     part) ones are checked."""
     generator = torch.Generator().manual_seed(2)
     model, info = load_checkpoint(checkpoint)
-    frames = [torch.randint(0, 256, (batch, *info["input_shape"]), dtype=torch.uint8, generator=generator)
-              for batch in (1, 3, 1, 3, 1)]
+    frames = [
+        torch.randint(0, 256, (batch, *info["input_shape"]), dtype=torch.uint8, generator=generator)
+        for batch in (1, 3, 1, 3, 1)
+    ]
     results = mp.get_context("spawn").SimpleQueue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,8 +122,19 @@ def test_distributed_split_decodes_broadcast_frames_on_every_rank(checkpoint):
 
 
 def test_torchrun_rejects_a_switch_with_another_device_count(checkpoint):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "paradis_fast.deploy.serve", "--checkpoint", str(checkpoint), "--switch", "4x0.25"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "paradis_fast.deploy.serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--switch",
+        "4x0.25",
+    ]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "switch 4x0.25 has 4 parts but the process group has 2 ranks" in result.stderr
@@ -113,14 +146,31 @@ def test_coordinator_survives_a_killed_and_a_hung_worker(checkpoint):
     The 8 s timeout leaves live workers ample time on a loaded 2-core machine."""
     model, info = load_checkpoint(checkpoint)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
-    workers = {rank: subprocess.Popen(
-        [sys.executable, "-m", "paradis_fast.deploy.serve", "--checkpoint", str(checkpoint), "--fault-tolerant",
-         "--rank", str(rank), "--world-size", "4", "--store-port", str(store.port)], env=ENV)
-        for rank in (1, 2, 3)}
+    workers = {
+        rank: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "paradis_fast.deploy.serve",
+                "--checkpoint",
+                str(checkpoint),
+                "--fault-tolerant",
+                "--rank",
+                str(rank),
+                "--world-size",
+                "4",
+                "--store-port",
+                str(store.port),
+            ],
+            env=ENV,
+        )
+        for rank in (1, 2, 3)
+    }
     log = []
     try:
-        coordinator = Coordinator(store, model, workers, info["input_shape"], timeout=8.0, startup=120.0,
-                                  log=log.append)
+        coordinator = Coordinator(
+            store, model, workers, info["input_shape"], timeout=8.0, startup=120.0, log=log.append
+        )
         generator = torch.Generator().manual_seed(1)
         answers = []
         for i in range(12):

@@ -1,5 +1,6 @@
 """split(model, switch): standalone per-device parts of stock layers whose fused partial outputs
 equal the model's output for that switch (eval mode, float64, trained BatchNorm statistics)."""
+
 from __future__ import annotations
 
 import pytest

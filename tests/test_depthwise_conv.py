@@ -1,6 +1,7 @@
 """paradis_fast.ops.depthwise_conv2d and nn.DepthwiseConv2d against F.conv2d in float64: the
 CPU weight-gradient kernel (float32 3x3, channels a multiple of 16 and innermost, AVX-512 CPUs),
 every other case, which runs ATen's convolution, and the routing (the op on small images only)."""
+
 from __future__ import annotations
 
 import pytest
@@ -61,8 +62,7 @@ def through_op(x, weight, bias=None, stride=1, padding=0, dilation=1):
     return torch.ops.paradis.depthwise_conv2d(x, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2)
 
 
-ENTRIES = {"public": depthwise_conv2d,
-           "op": pytest.param(through_op, marks=needs_native)}
+ENTRIES = {"public": depthwise_conv2d, "op": pytest.param(through_op, marks=needs_native)}
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -82,8 +82,12 @@ def test_matches_float64_oracle(name, entry, dtype, layout):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_weight_gradient_bit_identical_across_runs_and_threads(threads):
     x, weight, _, geometry = make_case("32ch-stride2-bias", torch.float32, torch.channels_last)
-    x = torch.randn(24, 32, 15, 13, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=torch.channels_last)
-    grad_y = torch.randn(24, 32, 8, 7, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(24, 32, 15, 13, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last
+    )
+    grad_y = torch.randn(24, 32, 8, 7, generator=torch.Generator().manual_seed(3)).contiguous(
+        memory_format=torch.channels_last
+    )
     args = ([2, 2], [1, 1], [1, 1], [False, True, False])
     previous = torch.get_num_threads()
     try:
@@ -99,8 +103,11 @@ def test_weight_gradient_bit_identical_across_runs_and_threads(threads):
 
 @needs_native
 @pytest.mark.skipif(not _has_avx512(), reason="the depthwise weight-gradient kernel needs AVX-512F")
-@pytest.mark.parametrize("case, layout", [("16ch", torch.channels_last), ("32ch-1x1-image", torch.contiguous_format)],
-                         ids=["nhwc", "one-pixel-nchw"])
+@pytest.mark.parametrize(
+    "case, layout",
+    [("16ch", torch.channels_last), ("32ch-1x1-image", torch.contiguous_format)],
+    ids=["nhwc", "one-pixel-nchw"],
+)
 @pytest.mark.parametrize("isa, dnnl_calls", [("native", 0), ("baseline", 1)])
 def test_weight_gradient_skips_onednn(monkeypatch, isa, dnnl_calls, case, layout):
     """The weight gradient alone (x needs none) runs the CPU kernel, no aten::convolution_backward,
@@ -132,9 +139,16 @@ def test_opcheck(layout):
     torch.library.opcheck(torch.ops.paradis.depthwise_conv2d.default, (x, weight, None, [1, 1], [0, 0], [1, 1]))
 
 
-@pytest.mark.parametrize("case, backend, through_op", [
-    ("64ch-2x2-image", None, NATIVE), ("32ch-1x1-image", "cpu", NATIVE), ("64ch-2x2-image", "reference", False),
-    ("16ch", None, False)], ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image"])
+@pytest.mark.parametrize(
+    "case, backend, through_op",
+    [
+        ("64ch-2x2-image", None, NATIVE),
+        ("32ch-1x1-image", "cpu", NATIVE),
+        ("64ch-2x2-image", "reference", False),
+        ("16ch", None, False),
+    ],
+    ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image"],
+)
 def test_routing(case, backend, through_op):
     """Small images on the cpu backend go through the paradis op;
     larger images and backends with no depthwise kernel (reference) are F.conv2d itself."""
@@ -156,16 +170,19 @@ def test_module_is_a_grouped_conv2d():
     torch.testing.assert_close(module(x), stock(x))
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(x=torch.randn(2, 16, 5)), ValueError, "x must be 4-D"),
-    (dict(weight=torch.randn(16, 2, 3, 3)), ValueError, r"weight must be \[C, 1, kh, kw\] with C = 16"),
-    (dict(weight=torch.randn(8, 1, 3, 3)), ValueError, "C = 16"),
-    (dict(weight=torch.randn(16, 1, 3, 3, dtype=torch.float64)), TypeError, "mixed dtypes"),
-    (dict(bias=torch.randn(15)), ValueError, r"bias must have shape \(16,\)"),
-    (dict(x=torch.randn(2, 16, 2, 2), padding=0), ValueError, "smaller than the kernel"),
-    (dict(stride=0), ValueError, "stride must be an int >= 1"),
-    (dict(x=torch.randint(0, 3, (2, 16, 5, 5))), TypeError, "x must be a floating tensor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(x=torch.randn(2, 16, 5)), ValueError, "x must be 4-D"),
+        (dict(weight=torch.randn(16, 2, 3, 3)), ValueError, r"weight must be \[C, 1, kh, kw\] with C = 16"),
+        (dict(weight=torch.randn(8, 1, 3, 3)), ValueError, "C = 16"),
+        (dict(weight=torch.randn(16, 1, 3, 3, dtype=torch.float64)), TypeError, "mixed dtypes"),
+        (dict(bias=torch.randn(15)), ValueError, r"bias must have shape \(16,\)"),
+        (dict(x=torch.randn(2, 16, 2, 2), padding=0), ValueError, "smaller than the kernel"),
+        (dict(stride=0), ValueError, "stride must be an int >= 1"),
+        (dict(x=torch.randint(0, 3, (2, 16, 5, 5))), TypeError, "x must be a floating tensor"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(kwargs, error, message):
     args = dict(x=torch.randn(2, 16, 5, 5), weight=torch.randn(16, 1, 3, 3), bias=None, stride=1, padding=1)
     args.update(kwargs)
@@ -178,8 +195,7 @@ def test_compiled_calls_run_the_op_whatever_backend_is_forced():
     """torch.compile records the paradis op for small CPU images without reading the backend
     setting (forced backends are eager); forward and backward then run the CPU kernels."""
     x, weight, _, geometry = make_case("64ch-2x2-image", torch.float32, torch.channels_last)
-    compiled = torch.compile(lambda x, w: depthwise_conv2d(x, w, None, **geometry), backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(lambda x, w: depthwise_conv2d(x, w, None, **geometry), backend="aot_eager", fullgraph=True)
     leaf = weight.clone().requires_grad_()
     with use_backend("reference"), torch.profiler.profile() as prof:
         compiled(x, leaf).square().sum().backward()

@@ -7,6 +7,7 @@ Inputs are rounded to the tested dtype first and the oracle runs in float64 on t
 so the tolerances measure the kernels' accumulation and output rounding only. TF32 is turned off:
 fp32 means fp32 here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,9 @@ from paradis_fast import SwitchSet
 from paradis_fast.models import mobilenet_v1
 from paradis_fast.ops import library, sliced_conv2d, switch_batch_norm, triton_kernels, use_backend
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU backends cannot run here")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the GPU backends cannot run here"
+)
 
 CUDA = torch.device("cuda")
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
@@ -29,17 +32,65 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rto
 
 # the op matrix of the CPU tests (every option), plus layer sizes of real networks
 BIG_CONV = [
-    dict(seed=101, switches=["1x1.0", "2x0.5", "4x0.25"], c_in=64, c_out=128, kernel=3, stride=1, padding=1,
-         dilation=1, batch=8, input_shared=False, bias=False, hw=(16, 16)),
-    dict(seed=102, switches=["1x1.0", "0.5+0.25+0.25", "3x1/3"], c_in=3, c_out=32, kernel=3, stride=2, padding=1,
-         dilation=1, batch=8, input_shared=True, bias=False, hw=(32, 32)),
-    dict(seed=103, switches=["1x1.0", "2x0.5", "1x0.5"], c_in=96, c_out=80, kernel=1, stride=1, padding=0,
-         dilation=1, batch=16, input_shared=False, bias=True, hw=(8, 8)),
+    dict(
+        seed=101,
+        switches=["1x1.0", "2x0.5", "4x0.25"],
+        c_in=64,
+        c_out=128,
+        kernel=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+        batch=8,
+        input_shared=False,
+        bias=False,
+        hw=(16, 16),
+    ),
+    dict(
+        seed=102,
+        switches=["1x1.0", "0.5+0.25+0.25", "3x1/3"],
+        c_in=3,
+        c_out=32,
+        kernel=3,
+        stride=2,
+        padding=1,
+        dilation=1,
+        batch=8,
+        input_shared=True,
+        bias=False,
+        hw=(32, 32),
+    ),
+    dict(
+        seed=103,
+        switches=["1x1.0", "2x0.5", "1x0.5"],
+        c_in=96,
+        c_out=80,
+        kernel=1,
+        stride=1,
+        padding=0,
+        dilation=1,
+        batch=16,
+        input_shared=False,
+        bias=True,
+        hw=(8, 8),
+    ),
 ]
 CONV_MATRIX = CONV_CASES[::6] + BIG_CONV
-BIG_BN = [dict(seed=201, dtype=torch.float32, training=training, activation="relu", channels=96,
-               switches=["1x1.0", "2x0.5", "0.3+0.7"], batch=16, spatial=(16, 16), num_rows=4, rows=[3, 0, 1])
-          for training in (True, False)]
+BIG_BN = [
+    dict(
+        seed=201,
+        dtype=torch.float32,
+        training=training,
+        activation="relu",
+        channels=96,
+        switches=["1x1.0", "2x0.5", "0.3+0.7"],
+        batch=16,
+        spatial=(16, 16),
+        num_rows=4,
+        rows=[3, 0, 1],
+    )
+    for training in (True, False)
+]
 BN_MATRIX = [c for c in BN_CASES if c["dtype"] == torch.float32][::2] + BIG_BN
 
 
@@ -132,49 +183,78 @@ def test_switch_batch_norm_matches_oracle(source, dtype, case):
     x, xr = _rounded(x, dtype)
     params = [t.float() for t in (weight, bias, running_mean, running_var)]
     xr, wr, br = _leaf(xr), _leaf(params[0].double()), _leaf(params[1].double())
-    yr, stats = bn_tests.oracle(xr, wr, br, params[2].double(), params[3].double(), case["switches"],
-                                case["training"], bn_tests.EPS, case["activation"], rows)
+    yr, stats = bn_tests.oracle(
+        xr,
+        wr,
+        br,
+        params[2].double(),
+        params[3].double(),
+        case["switches"],
+        case["training"],
+        bn_tests.EPS,
+        case["activation"],
+        rows,
+    )
     grad_y, grad_yr = _rounded(torch.randn(yr.shape, generator=g, dtype=torch.float64), dtype)
     yr.backward(grad_yr)
     with _kernels(source, "switch_batch_norm"):
         xo, wo, bo = _leaf(x.to(CUDA)), _leaf(params[0].to(CUDA)), _leaf(params[1].to(CUDA))
         running = [params[2].to(CUDA, copy=True), params[3].to(CUDA, copy=True)]
-        y = switch_batch_norm(xo, wo, bo, *running, case["switches"], case["training"], 0.1, bn_tests.EPS,
-                              case["activation"], rows=case["rows"])
+        y = switch_batch_norm(
+            xo,
+            wo,
+            bo,
+            *running,
+            case["switches"],
+            case["training"],
+            0.1,
+            bn_tests.EPS,
+            case["activation"],
+            rows=case["rows"],
+        )
         y.backward(grad_y.to(CUDA))
     assert y.dtype == dtype and y.device.type == CUDA.type
     _assert_close(y, yr.detach(), dtype, "forward")
     _assert_close(xo.grad, xr.grad, dtype, "grad x")
     _assert_close(wo.grad, wr.grad, torch.float32, "grad weight")  # float32 parameters: no output rounding
     _assert_close(bo.grad, br.grad, torch.float32, "grad bias")
-    bn_tests.check_zeros_outside(case["switches"], rows, case["num_rows"], case["channels"], y.cpu(),
-                                 xo.grad.cpu(), wo.grad.cpu(), bo.grad.cpu())
+    bn_tests.check_zeros_outside(
+        case["switches"], rows, case["num_rows"], case["channels"], y.cpu(), xo.grad.cpu(), wo.grad.cpu(), bo.grad.cpu()
+    )
     if case["training"]:  # the running statistics moved towards the batch ones, covered channels only
         for c, r, mean, var, count in stats:
             expected = 0.9 * params[2][r, :c].double() + 0.1 * mean
             _assert_close(running[0][r, :c], expected, torch.float32, "running mean")
             unbiased = var * count / max(count - 1, 1)
-            _assert_close(running[1][r, :c], 0.9 * params[3][r, :c].double() + 0.1 * unbiased, torch.float32,
-                          "running var")
+            _assert_close(
+                running[1][r, :c], 0.9 * params[3][r, :c].double() + 0.1 * unbiased, torch.float32, "running var"
+            )
 
 
 # ----------------------------------------------------------------------------------- end to end
 def test_training_step_matches_the_reference_backend():
     """A MobileNet training step with the automatic GPU backends equals the reference backend's."""
     torch.manual_seed(0)
-    model = mobilenet_v1(num_classes=10, switches=["1x1.0", "2x0.5", "0.5+0.25+0.25"], width_mult=0.25,
-                         small_input=True).to(CUDA)
+    model = mobilenet_v1(
+        num_classes=10, switches=["1x1.0", "2x0.5", "0.5+0.25+0.25"], width_mult=0.25, small_input=True
+    ).to(CUDA)
     images = torch.randn(8, 3, 32, 32, device=CUDA)
     results = []
     for backend in (None, "reference"):
-        replica = mobilenet_v1(num_classes=10, switches=["1x1.0", "2x0.5", "0.5+0.25+0.25"], width_mult=0.25,
-                               small_input=True).to(CUDA)
+        replica = mobilenet_v1(
+            num_classes=10, switches=["1x1.0", "2x0.5", "0.5+0.25+0.25"], width_mult=0.25, small_input=True
+        ).to(CUDA)
         replica.load_state_dict(model.state_dict())
         with use_backend(backend):
             logits = replica(images)
             logits.square().mean().backward()
-        results.append((logits.detach(), {n: p.grad for n, p in replica.named_parameters()},
-                        {n: b.clone() for n, b in replica.named_buffers()}))
+        results.append(
+            (
+                logits.detach(),
+                {n: p.grad for n, p in replica.named_parameters()},
+                {n: b.clone() for n, b in replica.named_buffers()},
+            )
+        )
     (logits, grads, buffers), (logits_ref, grads_ref, buffers_ref) = results
     torch.testing.assert_close(logits, logits_ref, rtol=1e-3, atol=1e-3)
     for name, grad in grads.items():
@@ -189,13 +269,17 @@ def test_torch_compile_fullgraph_on_gpu():
     switches = SwitchSet(["2x0.5", "0.3+0.7"])
     x = torch.randn(8, 16, 8, 8, device=CUDA)
     weight, bn_weight = torch.randn(24, 16, 3, 3, device=CUDA), torch.rand(2, 24, device=CUDA) + 0.5
-    bn_bias, running_mean, running_var = (torch.zeros(2, 24, device=CUDA), torch.zeros(2, 24, device=CUDA),
-                                          torch.ones(2, 24, device=CUDA))
+    bn_bias, running_mean, running_var = (
+        torch.zeros(2, 24, device=CUDA),
+        torch.zeros(2, 24, device=CUDA),
+        torch.ones(2, 24, device=CUDA),
+    )
 
     def f(x, weight):
         y = sliced_conv2d(x, weight, None, switches, padding=1)
-        return switch_batch_norm(y, bn_weight, bn_bias, running_mean.clone(), running_var.clone(), switches, True,
-                                 activation="relu")
+        return switch_batch_norm(
+            y, bn_weight, bn_bias, running_mean.clone(), running_var.clone(), switches, True, activation="relu"
+        )
 
     compiled = torch.compile(f, fullgraph=True)
     xs, ws = _leaf(x), _leaf(weight)

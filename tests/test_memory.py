@@ -1,5 +1,6 @@
 """memory.cache_freed_memory: freed tensors' pages are reused instead of faulted in afresh.
 Run in subprocesses: the setting is process-wide."""
+
 from __future__ import annotations
 
 import subprocess

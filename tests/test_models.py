@@ -1,5 +1,6 @@
 """paradis_fast.models: shapes, switch subsets, isolation of inactive switches, the zero invariant of
 uncovered channels, and equivalence of the 1x1.0 switch with a dense twin built from stock layers."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,18 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from paradis_fast import Switch
-from paradis_fast.models import (BasicBlock, Bottleneck, ResNet, WDSRBlockA, WDSRBlockB, mobilenet_v1, resnet20,
-                                 resnet50, wdsr_a, wdsr_b)
+from paradis_fast.models import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    WDSRBlockA,
+    WDSRBlockB,
+    mobilenet_v1,
+    resnet20,
+    resnet50,
+    wdsr_a,
+    wdsr_b,
+)
 from paradis_fast.nn import SlicedConv2d, SwitchBatchNorm2d
 
 SWITCHES = ("1x1.0", "2x0.5", "4x0.25", "0.5+0.25+0.25", "3x1/3", "1x0.5")
@@ -27,8 +38,11 @@ BUILDERS = {
     "wdsr_b": lambda sw: wdsr_b(3, sw, n_feats=8, block_feats=16, n_blocks=2),
 }
 OUTPUT = {
-    "mobilenet_v1": (CLASSES,), "resnet20": (CLASSES,), "resnet50": (CLASSES,),
-    "wdsr_a": (3, 2 * SIZE, 2 * SIZE), "wdsr_b": (3, 3 * SIZE, 3 * SIZE),
+    "mobilenet_v1": (CLASSES,),
+    "resnet20": (CLASSES,),
+    "resnet50": (CLASSES,),
+    "wdsr_a": (3, 2 * SIZE, 2 * SIZE),
+    "wdsr_b": (3, 3 * SIZE, 3 * SIZE),
 }
 WITH_BN = ("mobilenet_v1", "resnet20", "resnet50")
 SUBSETS = {
@@ -66,8 +80,10 @@ def randomize_bn(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 # dense twins: the same module trees made of stock layers, so state dicts match by name
 def dense_conv_bn(in_channels, out_channels, kernel_size, stride=1, relu=True, groups=1) -> nn.Sequential:
-    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
-              nn.BatchNorm2d(out_channels)]
+    layers = [
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels),
+    ]
     return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
 
 
@@ -79,8 +95,12 @@ class DenseMobileNetV1(nn.Module):
         layers = [dense_conv_bn(3, channels, 3, 1 if small_input else 2)]
         table = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
         for out, stride in table:
-            layers.append(nn.Sequential(dense_conv_bn(channels, channels, 3, stride, groups=channels),
-                                        dense_conv_bn(channels, width(out), 1)))
+            layers.append(
+                nn.Sequential(
+                    dense_conv_bn(channels, channels, 3, stride, groups=channels),
+                    dense_conv_bn(channels, width(out), 1),
+                )
+            )
             channels = width(out)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, CLASSES)
@@ -99,8 +119,9 @@ class DenseBlock(nn.Module):
         for n, (i, o, k, s) in enumerate(convs, 1):
             self.add_module(f"conv{n}", dense_conv_bn(i, o, k, s, relu=n < len(convs)))
         self.num_convs, out = len(convs), convs[-1][1]
-        self.shortcut = (dense_conv_bn(in_planes, out, 1, stride, relu=False)
-                         if stride != 1 or in_planes != out else nn.Identity())
+        self.shortcut = (
+            dense_conv_bn(in_planes, out, 1, stride, relu=False) if stride != 1 or in_planes != out else nn.Identity()
+        )
 
     def forward(self, x):
         y = x
@@ -156,10 +177,12 @@ DENSE = {
     "mobilenet_v1": lambda: DenseMobileNetV1(0.25, small_input=True),
     "resnet20": lambda: DenseResNet((3, 3, 3), (8, 16, 32), bottleneck=False),
     "resnet50": lambda: DenseResNet((3, 4, 6, 3), (16, 32, 64, 128), bottleneck=True),
-    "wdsr_a": lambda: DenseWDSR(2, 8, [DenseResidual(wn_conv(8, 16, 3), nn.ReLU(), wn_conv(16, 8, 3), res_scale=0.5)
-                                       for _ in range(2)]),
-    "wdsr_b": lambda: DenseWDSR(3, 8, [DenseResidual(wn_conv(8, 16, 1), nn.ReLU(), wn_conv(16, 6, 1), wn_conv(6, 8, 3))
-                                       for _ in range(2)]),
+    "wdsr_a": lambda: DenseWDSR(
+        2, 8, [DenseResidual(wn_conv(8, 16, 3), nn.ReLU(), wn_conv(16, 8, 3), res_scale=0.5) for _ in range(2)]
+    ),
+    "wdsr_b": lambda: DenseWDSR(
+        3, 8, [DenseResidual(wn_conv(8, 16, 1), nn.ReLU(), wn_conv(16, 6, 1), wn_conv(6, 8, 3)) for _ in range(2)]
+    ),
 }
 
 
@@ -186,8 +209,9 @@ def test_forward_backward(name, subset):
     y.square().sum().backward()
     for param_name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
-        assert param.grad.abs().sum() > 0 or isinstance(model.get_submodule(param_name.rpartition(".")[0]),
-                                                       SwitchBatchNorm2d), f"{param_name} got no gradient"
+        assert param.grad.abs().sum() > 0 or isinstance(
+            model.get_submodule(param_name.rpartition(".")[0]), SwitchBatchNorm2d
+        ), f"{param_name} got no gradient"
 
 
 @pytest.mark.parametrize("name", BUILDERS)
@@ -258,11 +282,15 @@ def test_state_dict_round_trip(name):
         assert torch.equal(fresh(x), model(x))
 
 
-@pytest.mark.parametrize("build", [
-    lambda: wdsr_a(switches=["4x0.25"], n_feats=2),
-    lambda: wdsr_b(switches=["1x1.0", "4x0.25"], n_feats=8, low_rank_feats=2),
-    lambda: ResNet(BasicBlock, (1,), (2,), 2, False, CLASSES, ["4x0.25"]),
-], ids=["wdsr_a", "wdsr_b-low-rank", "resnet"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: wdsr_a(switches=["4x0.25"], n_feats=2),
+        lambda: wdsr_b(switches=["1x1.0", "4x0.25"], n_feats=8, low_rank_feats=2),
+        lambda: ResNet(BasicBlock, (1,), (2,), 2, False, CLASSES, ["4x0.25"]),
+    ],
+    ids=["wdsr_a", "wdsr_b-low-rank", "resnet"],
+)
 def test_too_few_channels_for_a_switch_is_an_error(build):
     with pytest.raises(ValueError, match=r"4x0\.25 .*empty slice .*\b2 channels"):
         build()
@@ -292,10 +320,14 @@ def test_uncovered_channels_stay_zero(name):
     assert any(not isinstance(m, (SlicedConv2d, SwitchBatchNorm2d)) for m in seen)  # blocks or depthwise convs
 
 
-@pytest.mark.parametrize("build", [
-    lambda: mobilenet_v1(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.25, in_channels=1),
-    lambda: resnet50(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.125, in_channels=1),
-], ids=["mobilenet_v1", "resnet50"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: mobilenet_v1(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.25, in_channels=1),
+        lambda: resnet50(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.125, in_channels=1),
+    ],
+    ids=["mobilenet_v1", "resnet50"],
+)
 def test_imagenet_stem(build):
     """The stride-2 stems (and ResNet's max pool) on single-channel 32 px images."""
     model = build()
@@ -313,8 +345,9 @@ def test_wdsr_skip_starts_as_bicubic(build, scale):
         x = torch.rand(2, channels, 13, 11)
         border = 2 * scale
         got = model.skip(x)[..., border:-border, border:-border]
-        expected = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)[..., border:-border,
-                                                                                              border:-border]
+        expected = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)[
+            ..., border:-border, border:-border
+        ]
         torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
 
 
@@ -337,15 +370,20 @@ def test_channels_last_and_nchw_runs_agree(name):
     (y_cl, grads_cl), (y_nchw, grads_nchw) = results
     torch.testing.assert_close(y_cl, y_nchw, rtol=1e-9, atol=1e-9)
     for param_name in grads_cl:
-        torch.testing.assert_close(grads_cl[param_name], grads_nchw[param_name], rtol=1e-8, atol=1e-9,
-                                   msg=lambda m: f"{param_name}: {m}")
+        torch.testing.assert_close(
+            grads_cl[param_name], grads_nchw[param_name], rtol=1e-8, atol=1e-9, msg=lambda m: f"{param_name}: {m}"
+        )
 
 
-@pytest.mark.parametrize("builder", [
-    lambda: mobilenet_v1(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.25, small_input=True, in_channels=1),
-    lambda: resnet20(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.5, in_channels=1),
-    lambda: wdsr_a(2, ["1x1.0", "2x0.5"], n_feats=8, block_feats=16, n_blocks=1, in_channels=1)],
-    ids=["mobilenet_v1", "resnet20", "wdsr_a"])
+@pytest.mark.parametrize(
+    "builder",
+    [
+        lambda: mobilenet_v1(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.25, small_input=True, in_channels=1),
+        lambda: resnet20(CLASSES, ["1x1.0", "2x0.5"], width_mult=0.5, in_channels=1),
+        lambda: wdsr_a(2, ["1x1.0", "2x0.5"], n_feats=8, block_feats=16, n_blocks=1, in_channels=1),
+    ],
+    ids=["mobilenet_v1", "resnet20", "wdsr_a"],
+)
 def test_one_channel_images_run_channels_last(builder):
     """A grayscale image is NCHW and channels_last at once (the same memory); input_layout marks it
     channels_last in its strides, so every layer after the stem runs channels_last on CPU too."""

@@ -1,4 +1,5 @@
 """The installed package: imports from anywhere, falls back without the extension, CLI, README/CI."""
+
 import json
 import pathlib
 import subprocess
@@ -51,9 +52,23 @@ def test_without_extension_reference_backend_serves_and_says_so_once(tmp_path):
 
 def test_cli_trains_and_writes_metrics(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "paradis_fast", "train", "--epochs", "1", "--width-mult", "0.25",
-         "--switches", "1x1.0,2x0.5", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "paradis_fast",
+            "train",
+            "--epochs",
+            "1",
+            "--width-mult",
+            "0.25",
+            "--switches",
+            "1x1.0,2x0.5",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -63,10 +78,13 @@ def test_cli_trains_and_writes_metrics(tmp_path):
 
 
 def test_cli_help_and_bad_switch():
-    assert "train" in subprocess.run([sys.executable, "-m", "paradis_fast", "--help"],
-                                     capture_output=True, text=True).stdout
-    done = subprocess.run([sys.executable, "-m", "paradis_fast", "train", "--switches", "2x0.75"],
-                          capture_output=True, text=True)
+    assert (
+        "train"
+        in subprocess.run([sys.executable, "-m", "paradis_fast", "--help"], capture_output=True, text=True).stdout
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "paradis_fast", "train", "--switches", "2x0.75"], capture_output=True, text=True
+    )
     assert done.returncode != 0 and "sum to 3/2 > 1" in done.stderr
 
 

@@ -5,6 +5,7 @@ the blocks (out_j x in_j) (on the rows out_j for every input with input_shared),
 y_s = conv2d(x_s, weight * M_s, bias * outmask_s). Its gradients come from autograd, so weight
 gradients of overlapping blocks of different switches add up as they must.
 """
+
 from __future__ import annotations
 
 import math
@@ -144,8 +145,20 @@ def test_channels_last_matches_oracle(conv_case, conv_backend):
     assert_uncovered_exact_zeros(conv_case, y, gx, gw, gb)
 
 
-NARROW_CASE = dict(seed=5, switches=["1x0.5", "2x0.25", "0.3+0.7"], c_in=13, c_out=7, kernel=3, stride=1, padding=1,
-                   dilation=1, batch=2, input_shared=False, bias=True, hw=(5, 4))
+NARROW_CASE = dict(
+    seed=5,
+    switches=["1x0.5", "2x0.25", "0.3+0.7"],
+    c_in=13,
+    c_out=7,
+    kernel=3,
+    stride=1,
+    padding=1,
+    dilation=1,
+    batch=2,
+    input_shared=False,
+    bias=True,
+    hw=(5, 4),
+)
 
 
 @pytest.mark.parametrize("input_shared", [False, True])
@@ -192,12 +205,48 @@ def test_full_width_switch_is_a_dense_convolution(conv_backend):
 
 # -------------------------------------------------------------------------- autograd machinery
 OPCHECK_CASES = [
-    dict(seed=11, switches=["2x0.5", "1x1.0"], c_in=5, c_out=7, kernel=3, stride=1, padding=1, dilation=1,
-         batch=2, input_shared=False, bias=True, hw=(5, 5)),
-    dict(seed=12, switches=["0.3+0.7", "1x0.5"], c_in=3, c_out=7, kernel=3, stride=2, padding=0, dilation=1,
-         batch=2, input_shared=True, bias=False, hw=(6, 5)),
-    dict(seed=13, switches=["3x1/3", "2x0.25"], c_in=13, c_out=5, kernel=1, stride=2, padding=1, dilation=2,
-         batch=1, input_shared=False, bias=False, hw=(4, 4)),
+    dict(
+        seed=11,
+        switches=["2x0.5", "1x1.0"],
+        c_in=5,
+        c_out=7,
+        kernel=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+        batch=2,
+        input_shared=False,
+        bias=True,
+        hw=(5, 5),
+    ),
+    dict(
+        seed=12,
+        switches=["0.3+0.7", "1x0.5"],
+        c_in=3,
+        c_out=7,
+        kernel=3,
+        stride=2,
+        padding=0,
+        dilation=1,
+        batch=2,
+        input_shared=True,
+        bias=False,
+        hw=(6, 5),
+    ),
+    dict(
+        seed=13,
+        switches=["3x1/3", "2x0.25"],
+        c_in=13,
+        c_out=5,
+        kernel=1,
+        stride=2,
+        padding=1,
+        dilation=2,
+        batch=1,
+        input_shared=False,
+        bias=False,
+        hw=(4, 4),
+    ),
 ]
 
 
@@ -209,7 +258,17 @@ def test_opcheck(case, conv_backend, layout):
     switches = SwitchSet(case["switches"])
     blocks = list(conv_blocks(switches, case["c_in"], case["c_out"], case["input_shared"]))
     stride, padding, dilation, shared = conv_args(case)
-    args = (leaf(x), leaf(weight), leaf(bias), blocks, len(switches), [stride] * 2, [padding] * 2, [dilation] * 2, shared)
+    args = (
+        leaf(x),
+        leaf(weight),
+        leaf(bias),
+        blocks,
+        len(switches),
+        [stride] * 2,
+        [padding] * 2,
+        [dilation] * 2,
+        shared,
+    )
     torch.library.opcheck(torch.ops.paradis.sliced_conv2d.default, args)
 
 
@@ -223,7 +282,8 @@ def test_gradcheck(conv_backend, input_shared):
     inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
     # fast mode (a random projection of the Jacobian) keeps the python-loop reference backend quick
     assert torch.autograd.gradcheck(
-        lambda x, w, b: sliced_conv2d(x, w, b, switches, stride=2, padding=1, input_shared=input_shared), inputs,
+        lambda x, w, b: sliced_conv2d(x, w, b, switches, stride=2, padding=1, input_shared=input_shared),
+        inputs,
         fast_mode=True,
     )
 
@@ -285,9 +345,28 @@ def _good():
         (lambda x, w, b, s: (x.to("meta"), w, b, s), ValueError, r"mixed devices"),
         (lambda x, w, b, s: (x, w, b.to("meta"), s), ValueError, r"mixed devices"),
     ],
-    ids=["x-3d", "x-5d", "weight-3d", "channels", "rows", "dtype-x", "dtype-bias", "x-list", "weight-numpy",
-         "int", "empty-set", "none-set", "spelling", "sum", "duplicate", "bias-short", "bias-2d", "meta-weight",
-         "meta-x", "meta-bias"],
+    ids=[
+        "x-3d",
+        "x-5d",
+        "weight-3d",
+        "channels",
+        "rows",
+        "dtype-x",
+        "dtype-bias",
+        "x-list",
+        "weight-numpy",
+        "int",
+        "empty-set",
+        "none-set",
+        "spelling",
+        "sum",
+        "duplicate",
+        "bias-short",
+        "bias-2d",
+        "meta-weight",
+        "meta-x",
+        "meta-bias",
+    ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, error, message):
     x, w, b, s = mutate(*_good(), ["2x0.5", "1x1.0"])
@@ -350,7 +429,9 @@ def test_sliced_conv2d_module(conv_backend):
     assert "switches=[2x0.5, 1x1.0, 1x0.5]" in text and "kernel_size=(3, 3)" in text
     x = torch.randn(6, 7, 5, 5)
     y = module(x)
-    expected = oracle(x.double(), module.weight.double(), module.bias.double(), ["2x0.5", "1x1.0", "1x0.5"], 1, 1, 1, False)
+    expected = oracle(
+        x.double(), module.weight.double(), module.bias.double(), ["2x0.5", "1x1.0", "1x0.5"], 1, 1, 1, False
+    )
     torch.testing.assert_close(y, expected.float(), rtol=1e-4, atol=1e-4)
     module.set_active(["1x0.5", "2x0.5"])
     assert "switches=[1x0.5, 2x0.5]" in repr(module)

@@ -5,6 +5,7 @@ Oracle: per switch s and covered channel c, mean and biased variance over (batch
 computed directly, normalised, affine with parameter row rows[s], then the activation; eval mode
 uses the running statistics of row rows[s]. Gradients come from autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,9 @@ def oracle(x, weight, bias, running_mean, running_var, switches, training, eps, 
             var = ((xs - mean.view(shape)) ** 2).sum(dims) / count
         else:
             mean, var = running_mean[r, :c], running_var[r, :c]
-        z = (xs - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * weight[r, :c].view(shape) + bias[r, :c].view(shape)
+        z = (xs - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * weight[r, :c].view(shape) + bias[r, :c].view(
+            shape
+        )
         y[s * batch : (s + 1) * batch, :c] = z
         stats.append((c, r, mean.detach(), var.detach(), xs.numel() // c))
     if residual is not None:  # a residual block's tail: the activation follows the sum
@@ -147,8 +150,20 @@ def check_against_oracle(case, layout, with_residual=False):
 
     xo, wo, bo = leaf(x), leaf(weight), leaf(bias)
     ro = leaf(residual) if with_residual else None
-    y = switch_batch_norm(xo, wo, bo, running_mean, running_var, switches, training, momentum, EPS, activation,
-                          rows=case["rows"], residual=ro)
+    y = switch_batch_norm(
+        xo,
+        wo,
+        bo,
+        running_mean,
+        running_var,
+        switches,
+        training,
+        momentum,
+        EPS,
+        activation,
+        rows=case["rows"],
+        residual=ro,
+    )
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
     # grad_y may arrive in either layout; the op's grad_x follows x's
     grad_y_fmt = rng.choice((torch.contiguous_format, torch.channels_last)) if layout == "channels_last" else fmt
@@ -160,8 +175,9 @@ def check_against_oracle(case, layout, with_residual=False):
     f64 = torch.float64
     xr, wr, br = leaf(x, f64), leaf(weight, f64), leaf(bias, f64)
     rr = leaf(residual, f64) if with_residual else None
-    yr, stats = oracle(xr, wr, br, before_mean.to(f64), before_var.to(f64), switches, training, EPS, activation, rows,
-                       rr)
+    yr, stats = oracle(
+        xr, wr, br, before_mean.to(f64), before_var.to(f64), switches, training, EPS, activation, rows, rr
+    )
     yr.backward(grad_y)
 
     tol = TOLERANCE[dtype]
@@ -172,8 +188,9 @@ def check_against_oracle(case, layout, with_residual=False):
     torch.testing.assert_close(bo.grad, br.grad.to(dtype), **tol, msg=lambda m: f"grad bias: {m}")
     if with_residual:
         torch.testing.assert_close(grads[3], rr.grad.to(dtype), **tol, msg=lambda m: f"grad residual: {m}")
-    check_zeros_outside(switches, rows, case["num_rows"], case["channels"], None if with_residual else y, xo.grad,
-                        wo.grad, bo.grad)
+    check_zeros_outside(
+        switches, rows, case["num_rows"], case["channels"], None if with_residual else y, xo.grad, wo.grad, bo.grad
+    )
 
     # running statistics
     if not training:
@@ -184,7 +201,9 @@ def check_against_oracle(case, layout, with_residual=False):
         touched[r, :c] = True
         expected_mean = (1 - momentum) * before_mean[r, :c].to(f64) + momentum * mean
         expected_var = (1 - momentum) * before_var[r, :c].to(f64) + momentum * var * count / (count - 1)
-        torch.testing.assert_close(running_mean[r, :c], expected_mean.to(dtype), **tol, msg=lambda m: f"running_mean: {m}")
+        torch.testing.assert_close(
+            running_mean[r, :c], expected_mean.to(dtype), **tol, msg=lambda m: f"running_mean: {m}"
+        )
         torch.testing.assert_close(running_var[r, :c], expected_var.to(dtype), **tol, msg=lambda m: f"running_var: {m}")
     assert torch.equal(running_mean[~touched], before_mean[~touched]), "uncovered/unused running_mean changed"
     assert torch.equal(running_var[~touched], before_var[~touched]), "uncovered/unused running_var changed"
@@ -310,8 +329,19 @@ def test_opcheck_with_residual(bn_backend, training, activation):
     weight = (torch.randn(3, 7, generator=g) * 3).requires_grad_()
     bias = torch.randn(3, 7, generator=g).requires_grad_()
     rm, rv = torch.randn(3, 7, generator=g), torch.rand(3, 7, generator=g) + 0.5
-    args = (x, weight, bias, rm, rv, list(covered_channels(switches, 7)), [2, 0], training, EPS, activation or "none",
-            residual)
+    args = (
+        x,
+        weight,
+        bias,
+        rm,
+        rv,
+        list(covered_channels(switches, 7)),
+        [2, 0],
+        training,
+        EPS,
+        activation or "none",
+        residual,
+    )
     torch.library.opcheck(torch.ops.paradis.switch_batch_norm.default, args)
 
 
@@ -370,8 +400,9 @@ def test_gradcheck(bn_backend, training, activation):
     rm, rv = torch.randn(3, 5, generator=g, dtype=f64), torch.rand(3, 5, generator=g, dtype=f64) + 0.5
 
     def f(x, weight, bias):
-        return switch_batch_norm(x, weight, bias, rm, rv, ["2x0.5", "1x0.5"], training, activation=activation,
-                                 rows=[1, 2])
+        return switch_batch_norm(
+            x, weight, bias, rm, rv, ["2x0.5", "1x0.5"], training, activation=activation, rows=[1, 2]
+        )
 
     assert torch.autograd.gradcheck(f, (x, weight, bias))
 
@@ -389,6 +420,7 @@ def _swap(index, value):
         args = list(args)
         args[index] = value(args[index]) if callable(value) else value
         return args
+
     return mutate
 
 
@@ -411,21 +443,46 @@ BAD = [
     ("empty-set", lambda a: a, dict(switches=[]), ValueError, r"empty switch set"),
     ("none-set", lambda a: a, dict(switches=None), ValueError, r"empty switch set"),
     ("spelling", lambda a: a, dict(switches=["2x0.5", "abc"]), ValueError, r"bad switch spec 'abc'"),
-    ("empty-slice", lambda a: [a[0][:, :3]] + [t[:, :3] for t in a[1:]], dict(switches=["4x0.25", "1x1.0"]),
-     ValueError, r"4x0\.25.*empty slice.* 3 channels"),
+    (
+        "empty-slice",
+        lambda a: [a[0][:, :3]] + [t[:, :3] for t in a[1:]],
+        dict(switches=["4x0.25", "1x1.0"]),
+        ValueError,
+        r"4x0\.25.*empty slice.* 3 channels",
+    ),
     ("activation", lambda a: a, dict(activation="gelu"), ValueError, r"unknown activation 'gelu'"),
     ("rows-duplicate", lambda a: a, dict(rows=[0, 0]), ValueError, r"rows \[0, 0\]"),
     ("rows-out-of-range", lambda a: a, dict(rows=[0, 2]), ValueError, r"rows \[0, 2\]"),
     ("rows-count", lambda a: a, dict(rows=[0]), ValueError, r"rows \[0\]"),
-    ("one-value", _swap(0, lambda x: x[:, :, :1, :1].reshape(4, 7)[:2]), {}, ValueError,
-     r"more than 1 value per channel"),
-    ("residual-shape", lambda a: a, dict(residual=torch.randn(4, 7, 3, 2)), ValueError,
-     r"residual must have x's shape and dtype \(4, 7, 3, 3\)"),
-    ("residual-dtype", lambda a: a, dict(residual=torch.randn(4, 7, 3, 3, dtype=torch.float64)), ValueError,
-     r"residual must have x's shape and dtype .* got \(4, 7, 3, 3\) torch.float64"),
+    (
+        "one-value",
+        _swap(0, lambda x: x[:, :, :1, :1].reshape(4, 7)[:2]),
+        {},
+        ValueError,
+        r"more than 1 value per channel",
+    ),
+    (
+        "residual-shape",
+        lambda a: a,
+        dict(residual=torch.randn(4, 7, 3, 2)),
+        ValueError,
+        r"residual must have x's shape and dtype \(4, 7, 3, 3\)",
+    ),
+    (
+        "residual-dtype",
+        lambda a: a,
+        dict(residual=torch.randn(4, 7, 3, 3, dtype=torch.float64)),
+        ValueError,
+        r"residual must have x's shape and dtype .* got \(4, 7, 3, 3\) torch.float64",
+    ),
     ("residual-list", lambda a: a, dict(residual=[1.0]), TypeError, r"residual must be a torch.Tensor"),
-    ("residual-meta", lambda a: a, dict(residual=torch.randn(4, 7, 3, 3, device="meta")), ValueError,
-     r"mixed devices.*residual on meta"),
+    (
+        "residual-meta",
+        lambda a: a,
+        dict(residual=torch.randn(4, 7, 3, 3, device="meta")),
+        ValueError,
+        r"mixed devices.*residual on meta",
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
 """paradis_fast.switches: parsing, canonical spelling, exact slicing (DESIGN §1) and switch sets."""
+
 from __future__ import annotations
 
 import math

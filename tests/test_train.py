@@ -1,4 +1,5 @@
 """The distillation losses against hand-written formulas, and training that learns."""
+
 import math
 
 import pytest
@@ -60,8 +61,9 @@ def test_training_on_digits_lifts_every_switch_far_above_chance():
     split = digits(seed=0)
     switches = ["1x1.0", "2x0.5", "4x0.25", "0.5+0.25+0.25"]
     model = resnet20(num_classes=10, switches=switches, in_channels=1)
-    train = DataLoader(split.train, batch_size=32, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(0))
+    train = DataLoader(
+        split.train, batch_size=32, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+    )
     val = DataLoader(split.val, batch_size=256)
     before = evaluate(model, val)
     after = fit(model, train, val, epochs=2, lr=0.05, log=lambda line: None)

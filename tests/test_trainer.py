@@ -1,4 +1,5 @@
 """The trainer: outputs of a run, exact resume, schedule, super-resolution, baselines and BN calibration."""
+
 import csv
 import io
 import json
@@ -67,7 +68,10 @@ def test_run_writes_metrics_history_plots_and_a_deployable_checkpoint(tmp_path):
     # deployment's loader rebuilds the trained model from the checkpoint
     model, checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
     assert checkpoint["switches"] == ["1x1.0", "2x0.5"] and checkpoint["epoch"] == 1
-    assert checkpoint["input_shape"] == [1, 8, 8] and checkpoint["accuracy"]["2x0.5"] == metrics["switches"]["2x0.5"]["accuracy"]
+    assert (
+        checkpoint["input_shape"] == [1, 8, 8]
+        and checkpoint["accuracy"]["2x0.5"] == metrics["switches"]["2x0.5"]["accuracy"]
+    )
     assert set(checkpoint) >= {"optimizer", "scheduler", "rng", "config"}
 
 
@@ -84,9 +88,20 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_super_resolution_trains_with_psnr(tmp_path):
-    config = TrainConfig(model="wdsr_a", dataset="photos", switches=["1x1.0", "2x0.5"], width_mult=0.25, epochs=3,
-                         batch_size=16, optimizer="adamw", lr=3e-3, quiet=True, out=str(tmp_path),
-                         model_kwargs=dict(n_blocks=1), dataset_kwargs=dict(patch=24, train_patches=64, val_patches=16))
+    config = TrainConfig(
+        model="wdsr_a",
+        dataset="photos",
+        switches=["1x1.0", "2x0.5"],
+        width_mult=0.25,
+        epochs=3,
+        batch_size=16,
+        optimizer="adamw",
+        lr=3e-3,
+        quiet=True,
+        out=str(tmp_path),
+        model_kwargs=dict(n_blocks=1),
+        dataset_kwargs=dict(patch=24, train_patches=64, val_patches=16),
+    )
     lines = []
     result = run(config, log=lines.append)
     assert set(result["switches"]) == {"1x1.0", "2x0.5"} and "bicubic_psnr" in result
@@ -127,15 +142,18 @@ def test_baselines_share_the_trainer(tmp_path):
     assert set(individual["switches"]) == {"1x1.0", "2x0.5"} and individual["baseline"] == "individual"
     alone = torch.load(tmp_path / "ind" / "individual" / "2x0.5" / "checkpoint.pt", weights_only=True)
     assert alone["switches"] == ["2x0.5"]
-    slim = run(TrainConfig(**config, baseline="slimmable", slimmable_widths=["1.0", "0.75", "0.5", "0.25"]),
-               log=lambda line: None)
+    slim = run(
+        TrainConfig(**config, baseline="slimmable", slimmable_widths=["1.0", "0.75", "0.5", "0.25"]),
+        log=lambda line: None,
+    )
     assert list(slim["switches"]) == ["1x1.0", "1x0.75", "1x0.5", "1x0.25"]
 
 
 def test_calibration_gives_the_exact_average_of_batch_statistics():
     torch.manual_seed(0)
-    model = mobilenet_v1(num_classes=10, switches=["1x1.0", "0.3+0.7", "1x0.5"], width_mult=0.25, small_input=True,
-                         in_channels=1)
+    model = mobilenet_v1(
+        num_classes=10, switches=["1x1.0", "0.3+0.7", "1x0.5"], width_mult=0.25, small_input=True, in_channels=1
+    )
     batches = [(torch.randn(6, 1, 8, 8) + 0.5, torch.zeros(6, dtype=torch.long)) for _ in range(3)]
     stem_conv = next(m for m in model.modules() if isinstance(m, SlicedConv2d))
     stem_norm = next(m for m in model.modules() if isinstance(m, SwitchBatchNorm2d))

@@ -7,6 +7,7 @@
   ptxas), which catches what the lenient interpreter lets through (types, tl.dot shapes, bf16).
 - The tile schedules and the backend's registration, in plain Python.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_kernels_under_the_interpreter(selection):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("PARADIS_BACKEND", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
-               os.path.join(HERE, "triton_interpreter_cases.py")]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        selection,
+        os.path.join(HERE, "triton_interpreter_cases.py"),
+    ]
     run = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"interpreter tests failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
@@ -45,6 +55,7 @@ DATA = {"x_ptr", "y_ptr", "grad_y_ptr", "grad_x_ptr", "w_ptr", "bias_ptr", "out_
 
 def _signature(fn, data: str, constexprs: dict) -> dict:
     """Triton signature: int64 tables, `data` activations, fp32 statistics and BN parameters."""
+
     def kind(name):
         if name in constexprs:
             return "constexpr"
@@ -84,7 +95,9 @@ def _compile_cases():
 COMPILE_CASES = _compile_cases()
 
 
-@pytest.mark.parametrize("module, kernel, data, constexprs", COMPILE_CASES, ids=["-".join(c[:3]) for c in COMPILE_CASES])
+@pytest.mark.parametrize(
+    "module, kernel, data, constexprs", COMPILE_CASES, ids=["-".join(c[:3]) for c in COMPILE_CASES]
+)
 def test_kernel_compiles_for_sm90(module, kernel, data, constexprs):
     import importlib
 
@@ -97,8 +110,9 @@ def test_kernel_compiles_for_sm90(module, kernel, data, constexprs):
         pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted, not compiled")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Triton 3.9's notice about TRITON_DEFAULT_FP_FUSION
-        compiled = triton.compile(ASTSource(fn, _signature(fn, data, constexprs), constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(
+            ASTSource(fn, _signature(fn, data, constexprs), constexprs), target=GPUTarget("cuda", 90, 32)
+        )
     assert len(compiled.asm["cubin"]) > 0
 
 
@@ -137,8 +151,10 @@ def test_gemm_schedule_writes_every_element_once_largest_problem_first(input_sha
             assert (switch, column) not in computed, "an output element is written by two programs"
             computed[(switch, column)] = tuple(segments[first:stop])
     assert computed == _expected_reads(blocks, input_shared, grad_input)
-    work = [(n_stop - n_start) * sum(k1 - k0 for _, k0, k1 in segments[first:stop])
-            for (_, n_stop, first, stop), n_start in problems.items()]
+    work = [
+        (n_stop - n_start) * sum(k1 - k0 for _, k0, k1 in segments[first:stop])
+        for (_, n_stop, first, stop), n_start in problems.items()
+    ]
     assert work == sorted(work, reverse=True), "problems are not ordered by work"
 
 

@@ -8,6 +8,7 @@ tests/test_triton_kernels.py runs this file in a subprocess with TRITON_INTERPRE
 must be set before the kernels are imported, and must not leak into the other test files. The
 name does not start with test_, so a plain `pytest` run does not collect it.
 """
+
 from __future__ import annotations
 
 import os
@@ -121,15 +122,35 @@ def test_launch_bn_chunked_pairs_match_reference(chunks, training):
     for name, a, b in zip(("y", "mean", "var"), got, want):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     stats = (want[1], want[2])
-    got = bn_kernels.switch_batch_norm_backward(grad_y.float(), x.float(), weight.float(), bias.float(),
-                                                *(t.float() for t in stats), covered, rows, training, 1e-5,
-                                                "relu6", chunks=chunks)
+    got = bn_kernels.switch_batch_norm_backward(
+        grad_y.float(),
+        x.float(),
+        weight.float(),
+        bias.float(),
+        *(t.float() for t in stats),
+        covered,
+        rows,
+        training,
+        1e-5,
+        "relu6",
+        chunks=chunks,
+    )
     for name, a, b in zip(("grad x", "grad weight", "grad bias"), got, want_grads):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-CONV_LAUNCH = dict(switches=["0.3+0.7", "2x0.5", "1x1.0"], c_in=13, c_out=7, kernel=3, stride=2, padding=1,
-                   dilation=1, batch=2, input_shared=False, hw=(9, 7))
+CONV_LAUNCH = dict(
+    switches=["0.3+0.7", "2x0.5", "1x1.0"],
+    c_in=13,
+    c_out=7,
+    kernel=3,
+    stride=2,
+    padding=1,
+    dilation=1,
+    batch=2,
+    input_shared=False,
+    hw=(9, 7),
+)
 
 
 @pytest.mark.parametrize("splits", [2, 3])
@@ -147,10 +168,12 @@ def test_launch_conv_split_k_weight_gradient(splits, input_shared):
     grad_y = torch.randn(reference.sliced_conv2d(x, weight, None, *conv).shape, generator=g, dtype=torch.float64)
     pixels = case["batch"] * grad_y.shape[2] * grad_y.shape[3]
     assert split_evenly(pixels, splits, 32)[1] == splits, "the pixel reduction is not split as asked"
-    _, got, _ = conv_kernels.sliced_conv2d_backward(grad_y.float(), x.float(), weight.float(), *conv,
-                                                    [False, True, False], splits=splits)
-    _, (want,) = _reference_grads(reference.sliced_conv2d, [(x, False), (weight, True), (None, False),
-                                                            *((a, False) for a in conv)], grad_y)
+    _, got, _ = conv_kernels.sliced_conv2d_backward(
+        grad_y.float(), x.float(), weight.float(), *conv, [False, True, False], splits=splits
+    )
+    _, (want,) = _reference_grads(
+        reference.sliced_conv2d, [(x, False), (weight, True), (None, False), *((a, False) for a in conv)], grad_y
+    )
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
 
 

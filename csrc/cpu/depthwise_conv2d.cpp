@@ -43,8 +43,6 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
   return {grad_x, grad_w, grad_b};
 }
 
-TORCH_LIBRARY_IMPL(paradis, CPU, m) {
-  m.impl("depthwise_conv2d_backward", TORCH_FN(depthwise_conv2d_backward_cpu));
-}
+TORCH_LIBRARY_IMPL(paradis, CPU, m) { m.impl("depthwise_conv2d_backward", TORCH_FN(depthwise_conv2d_backward_cpu)); }
 
-} // namespace paradis
+}  // namespace paradis

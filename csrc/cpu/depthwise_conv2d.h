@@ -18,4 +18,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, const c10::List<bool>& output_mask);
 
-} // namespace paradis
+}  // namespace paradis

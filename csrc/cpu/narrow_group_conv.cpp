@@ -160,7 +160,7 @@ template <int S>
 void grad_weight_row(const Image& x, const Image& gy, const float* zero_row, int64_t r, int64_t V,
                      const ConvWindow& win, float* part) {
   constexpr int M = S == 1 ? 1 : 2;
-  alignas(64) int pick[S][kLanes]; // lane l of output m's gradient: output m of l's group
+  alignas(64) int pick[S][kLanes];  // lane l of output m's gradient: output m of l's group
   for (int m = 0; m < S; ++m)
     for (int l = 0; l < kLanes; ++l) pick[m][l] = (l / S) * S + m;
   const int64_t n = r / gy.H, ho = r % gy.H;
@@ -184,7 +184,7 @@ void grad_weight_row(const Image& x, const Image& gy, const float* zero_row, int
       }
       for (int64_t wo = 0; wo < gy.W; ++wo) {
         const __m512 g = _mm512_loadu_ps(gy_row + wo * gy.pixel + c0);
-        __m512 gm[M]; // one group channel per group: identity for S == 1
+        __m512 gm[M];  // one group channel per group: identity for S == 1
 #pragma GCC unroll 2
         for (int q = 0; q < M; ++q) gm[q] = S == 1 ? g : _mm512_permutexvar_ps(picks[q], g);
 #pragma GCC unroll 3
@@ -223,8 +223,8 @@ std::vector<float> pack(const Tensor& weight, int S, bool transpose_flip) {
       for (int m = 0; m < S; ++m)
         for (int l = 0; l < kLanes; ++l) {
           const int64_t g = v * (kLanes / S) + l / S, c = l % S;
-          const int64_t at = transpose_flip ? ((g * S + c) * S + m) * kTaps + (kTaps - 1 - t)
-                                            : ((g * S + m) * S + c) * kTaps + t;
+          const int64_t at =
+              transpose_flip ? ((g * S + c) * S + m) * kTaps + (kTaps - 1 - t) : ((g * S + m) * S + c) * kTaps + t;
           packed[((v * kTaps + t) * S + m) * kLanes + l] = src[at];
         }
   return packed;
@@ -257,8 +257,7 @@ void forward_impl(const Image& x, const std::vector<float>& w, const float* bias
           forward_tile<S, 1, false>(x, img, zr, ho, wo, win, wv, bv, out + wo * y.pixel, y.pixel);
         for (; wo + P <= y.W && (wo + P - 1) * win.sw - win.pw + 2 < x.W; wo += P)
           forward_tile<S, P, true>(x, img, zr, ho, wo, win, wv, bv, out + wo * y.pixel, y.pixel);
-        for (; wo < y.W; ++wo)
-          forward_tile<S, 1, false>(x, img, zr, ho, wo, win, wv, bv, out + wo * y.pixel, y.pixel);
+        for (; wo < y.W; ++wo) forward_tile<S, 1, false>(x, img, zr, ho, wo, win, wv, bv, out + wo * y.pixel, y.pixel);
       }
     }
   });
@@ -277,7 +276,7 @@ Tensor grad_weight_impl(const Image& gy, const Image& x, int64_t B, int64_t C, c
       for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r)
         grad_weight_row<S>(x, gy, zeros.data(), r, V, win, parts.data() + c * span);
   });
-  for (int64_t c = 1; c < chunks; ++c) // into chunk 0, chunk by chunk
+  for (int64_t c = 1; c < chunks; ++c)  // into chunk 0, chunk by chunk
     for (int64_t i = 0; i < span; ++i) parts[i] += parts[c * span + i];
   Tensor grad = at::empty({C, S, 3, 3}, at::TensorOptions().dtype(at::kFloat));
   float* out = grad.data_ptr<float>();
@@ -293,7 +292,8 @@ Tensor grad_weight_impl(const Image& gy, const Image& x, int64_t B, int64_t C, c
 
 int64_t group_width(const Tensor& weight, int64_t groups) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
-                  weight.size(0) == groups * weight.size(1) && narrow_groups_fit(groups, weight.size(0), weight.size(0)),
+                  weight.size(0) == groups * weight.size(1) &&
+                  narrow_groups_fit(groups, weight.size(0), weight.size(0)),
               "narrow_group_conv: weight ", weight.sizes(), " (", weight.scalar_type(), ") is not ", groups,
               " groups of 1, 4 or 8 channels, 3x3, float32");
   return weight.size(1);
@@ -307,7 +307,7 @@ decltype(auto) with_width(int64_t S, F&& f) {
   return f(std::integral_constant<int, 8>{});
 }
 
-} // namespace
+}  // namespace
 
 bool narrow_groups_fit(int64_t groups, int64_t in_width, int64_t out_width) {
   if (groups < 1 || in_width != out_width || in_width % groups != 0 || in_width % kLanes != 0) return false;
@@ -356,8 +356,7 @@ bool narrow_groups_fit(int64_t, int64_t, int64_t) { return false; }
 
 bool narrow_groups_fit_grad_input(int64_t, int64_t, int64_t, const ConvWindow&) { return false; }
 
-void narrow_group_conv_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                               const ConvWindow&) {
+void narrow_group_conv_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const ConvWindow&) {
   TORCH_CHECK(false, "narrow_group_conv: this build has no AVX-512 kernels (x86-64 GCC builds only)");
 }
 
@@ -369,6 +368,6 @@ Tensor narrow_group_conv_grad_weight(const Tensor&, const Tensor&, int64_t, cons
   TORCH_CHECK(false, "narrow_group_conv: this build has no AVX-512 kernels (x86-64 GCC builds only)");
 }
 
-#endif // PARADIS_X86_TARGETS
+#endif  // PARADIS_X86_TARGETS
 
-} // namespace paradis
+}  // namespace paradis

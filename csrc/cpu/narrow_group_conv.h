@@ -36,4 +36,4 @@ void narrow_group_conv_grad_input(const at::Tensor& grad_y, const at::Tensor& we
 at::Tensor narrow_group_conv_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, int64_t groups,
                                          const ConvWindow& win);
 
-} // namespace paradis
+}  // namespace paradis

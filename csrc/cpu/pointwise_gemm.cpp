@@ -29,19 +29,19 @@ using at::Tensor;
 namespace {
 
 constexpr int kLanes = 16;
-constexpr int kMaxVectors = 4;      // columns of a tile: up to 64
+constexpr int kMaxVectors = 4;  // columns of a tile: up to 64
 constexpr int64_t kTile = kMaxVectors * kLanes;
-constexpr int64_t kTaskRows = 96;   // rows of the forward per task (a multiple of the tiles' rows)
-constexpr int64_t kSubRows = 24;    // ... run by every product of a switch in turn (rows read while in L1)
-constexpr int64_t kSoloSubRows = 48; // ... or by a switch's one product (more reuse of each weight panel)
-constexpr int64_t kDepth = 64;      // k per pass over a tile: b's 64 x 64 floats stay in L1
-constexpr int64_t kPackRows = kSoloSubRows; // most rows of a copied side by side per pass
-constexpr int64_t kMaxChunks = 32;  // the weight gradient's fixed partition of the rows
-constexpr int64_t kChunkRows = 512; // ... into chunks of at least this many rows
-constexpr int64_t kMaxPartials = int64_t{1} << 22; // ... and at most this many partial sums
-constexpr int64_t kBand = 48;       // output rows of a weight-gradient task
-constexpr int kAheadTiles = 2;      // a's rows asked for this many tiles of rows before they are used
-constexpr int64_t kFetchStride = 64; // ... where they are at least this many floats apart
+constexpr int64_t kTaskRows = 96;            // rows of the forward per task (a multiple of the tiles' rows)
+constexpr int64_t kSubRows = 24;             // ... run by every product of a switch in turn (rows read while in L1)
+constexpr int64_t kSoloSubRows = 48;         // ... or by a switch's one product (more reuse of each weight panel)
+constexpr int64_t kDepth = 64;               // k per pass over a tile: b's 64 x 64 floats stay in L1
+constexpr int64_t kPackRows = kSoloSubRows;  // most rows of a copied side by side per pass
+constexpr int64_t kMaxChunks = 32;           // the weight gradient's fixed partition of the rows
+constexpr int64_t kChunkRows = 512;          // ... into chunks of at least this many rows
+constexpr int64_t kMaxPartials = int64_t{1} << 22;  // ... and at most this many partial sums
+constexpr int64_t kBand = 48;                       // output rows of a weight-gradient task
+constexpr int kAheadTiles = 2;                      // a's rows asked for this many tiles of rows before they are used
+constexpr int64_t kFetchStride = 64;                // ... where they are at least this many floats apart
 // Outputs larger than this are written with non-temporal stores: they would not stay cached for
 // the next op anyway (half this machine's L3), and a normal store first reads each line it writes
 // (32-64 @32 forward 6.4 -> 3.1 ms, input gradient 7.7 -> 5.0 ms; bench/README.md).
@@ -61,8 +61,8 @@ struct Matrix {
 
 Matrix matrix_of(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && (t.stride(1) == 1 || t.size(1) <= 1),
-              "pointwise_gemm: ", name, " must be a 2-D float32 matrix with unit column stride, got ", t.sizes(),
-              " (", t.scalar_type(), ", strides ", t.strides(), ")");
+              "pointwise_gemm: ", name, " must be a 2-D float32 matrix with unit column stride, got ", t.sizes(), " (",
+              t.scalar_type(), ", strides ", t.strides(), ")");
   return {t.data_ptr<float>(), t.stride(0), t.size(0), t.size(1)};
 }
 
@@ -70,8 +70,8 @@ void check_block(const GemmBlock& b, const Matrix& in, const Matrix& out, int64_
   TORCH_CHECK(b.rows >= 0 && b.in_row0 >= 0 && b.out_row0 >= 0 && b.in_row0 + b.rows <= in.rows &&
                   b.out_row0 + b.rows <= out.rows && 0 <= b.k0 && b.k0 < b.k1 && b.k1 <= K && 0 <= b.n0 &&
                   b.n0 < b.n1 && b.n1 <= N,
-              "pointwise_gemm: block (rows ", b.in_row0, " -> ", b.out_row0, " x ", b.rows, ", k [", b.k0, ", ",
-              b.k1, "), n [", b.n0, ", ", b.n1, ")) is outside in ", in.rows, " x ", K, ", out ", out.rows, " x ", N);
+              "pointwise_gemm: block (rows ", b.in_row0, " -> ", b.out_row0, " x ", b.rows, ", k [", b.k0, ", ", b.k1,
+              "), n [", b.n0, ", ", b.n1, ")) is outside in ", in.rows, " x ", K, ", out ", out.rows, " x ", N);
 }
 
 // Whether two blocks run over the same rows (blocks of one switch).
@@ -92,7 +92,7 @@ __attribute__((always_inline)) inline void fetch_rows(const float* first, int64_
   }
 }
 
-__mmask16 tail_mask(int64_t columns) { // columns in the last vector of a tile, 1..16
+__mmask16 tail_mask(int64_t columns) {  // columns in the last vector of a tile, 1..16
   return static_cast<__mmask16>((1u << columns) - 1u);
 }
 
@@ -104,9 +104,9 @@ __mmask16 tail_mask(int64_t columns) { // columns in the last vector of a tile, 
 // last vector of b, init and c is masked by `last`. stream: whole vectors of c (64-byte aligned) go
 // out through non-temporal stores.
 template <int R, int V>
-__attribute__((always_inline)) inline void tile(const float* a, int64_t a_r, int64_t a_k, const float* b,
-                                                int64_t ldb, int64_t K, __mmask16 last, const float* init,
-                                                bool accumulate, float* c, int64_t ldc, bool stream = false) {
+__attribute__((always_inline)) inline void tile(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb,
+                                                int64_t K, __mmask16 last, const float* init, bool accumulate, float* c,
+                                                int64_t ldc, bool stream = false) {
   const auto load = [last](const float* from, int v) {
     return v == V - 1 ? _mm512_maskz_loadu_ps(last, from + v * kLanes) : _mm512_loadu_ps(from + v * kLanes);
   };
@@ -148,8 +148,7 @@ __attribute__((always_inline)) inline void tile(const float* a, int64_t a_r, int
 // Rows of a up to a_rows (past `rows`: the caller's next ones) are fetched kAheadTiles tiles ahead.
 template <int V>
 void tile_column(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t K, __mmask16 last,
-                 const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t a_rows,
-                 bool stream) {
+                 const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t a_rows, bool stream) {
   constexpr int R = tile_rows<V>();
   constexpr int64_t ahead = kAheadTiles * R;
   stream = stream && reinterpret_cast<std::uintptr_t>(c) % 64 == 0 && ldc % kLanes == 0;
@@ -171,15 +170,15 @@ void tile_column(const float* a, int64_t a_r, int64_t a_k, const float* b, int64
 // pass's rows of both. Only where a's rows are kFetchStride or more floats apart: on narrower
 // layers the hardware keeps up and the prefetches only cost (8-16 @8 weight gradient 83 -> 68 us).
 void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t b_tile, int64_t K,
-             const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t columns,
-             int64_t a_rows, bool stream = false) {
+             const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t columns, int64_t a_rows,
+             bool stream = false) {
   // Where several column tiles read the same rows of a (unit k stride), each pass copies its piece
   // of them side by side: rows of a may be a multiple of 4 KiB apart, all in one L1 set.
   const bool pack_a = columns > kTile && a_k == 1 && rows <= kPackRows;
   alignas(64) float a_pack[kPackRows * kDepth];
   for (int64_t k = 0; k < K; k += kDepth) {
     const int64_t depth = std::min(kDepth, K - k);
-    if (a_k >= kFetchStride && k + kDepth < K) { // the weight gradient of a wide layer
+    if (a_k >= kFetchStride && k + kDepth < K) {  // the weight gradient of a wide layer
       const int64_t next = std::min(kDepth, K - k - kDepth);
       fetch_rows(a + (k + kDepth) * a_k, a_k, next, rows);
       fetch_rows(b + (k + kDepth) * ldb, ldb, next, columns);
@@ -203,10 +202,18 @@ void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t l
       const bool acc = accumulate || k > 0;
       const bool nt = stream && k + kDepth >= K;
       switch (V) {
-        case 1: tile_column<1>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
-        case 2: tile_column<2>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
-        case 3: tile_column<3>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
-        default: tile_column<4>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt); break;
+        case 1:
+          tile_column<1>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt);
+          break;
+        case 2:
+          tile_column<2>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt);
+          break;
+        case 3:
+          tile_column<3>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt);
+          break;
+        default:
+          tile_column<4>(ak, ar, a_k, bj, ldb, depth, last, ij, acc, cj, ldc, rows, ahead, nt);
+          break;
       }
     }
   }
@@ -250,7 +257,7 @@ struct Packed {
 std::vector<Packed> pack(const Tensor& m, const Tensor& bias, const std::vector<GemmBlock>& blocks,
                          const std::vector<Product>& products) {
   std::vector<Packed> packed(products.size());
-  std::vector<std::pair<size_t, int64_t>> panels; // (product, column tile)
+  std::vector<std::pair<size_t, int64_t>> panels;  // (product, column tile)
   for (size_t i = 0; i < products.size(); ++i) {
     const GemmBlock& s = products[i].span;
     const int64_t tiles = (s.n1 - s.n0 + kTile - 1) / kTile;
@@ -275,7 +282,7 @@ std::vector<Packed> pack(const Tensor& m, const Tensor& bias, const std::vector<
         const GemmBlock& b = blocks[j];
         const int64_t n0 = std::max(b.n0, first), n1 = std::min(b.n1, stop);
         const auto put = [&](int64_t k, int64_t n) { panel[(k - s.k0) * kTile + n - first] = src[k * sk + n * sn]; };
-        if (sn == 1) { // along m's rows or columns, whichever are contiguous
+        if (sn == 1) {  // along m's rows or columns, whichever are contiguous
           for (int64_t k = b.k0; k < b.k1; ++k)
             for (int64_t n = n0; n < n1; ++n) put(k, n);
         } else {
@@ -297,7 +304,7 @@ int64_t chunks_of(const GemmBlock& b, int64_t padded_k) {
   return std::min({kMaxChunks, by_rows, by_memory});
 }
 
-} // namespace
+}  // namespace
 
 bool pointwise_gemm_enabled() { return avx512_enabled(); }
 
@@ -306,8 +313,8 @@ void pointwise_gemm(const Tensor& in, const Tensor& m, const Tensor& bias, const
   TORCH_CHECK(pointwise_gemm_enabled(), "pointwise_gemm: needs AVX-512F (and PARADIS_CPU_ISA not baseline)");
   const Matrix x = matrix_of(in, "in"), y = matrix_of(out, "out");
   TORCH_CHECK(m.dim() == 2 && m.scalar_type() == at::kFloat && m.size(0) == x.cols && m.size(1) == y.cols,
-              "pointwise_gemm: m must be float32 [", x.cols, ", ", y.cols, "], got ", m.sizes(), " (",
-              m.scalar_type(), ")");
+              "pointwise_gemm: m must be float32 [", x.cols, ", ", y.cols, "], got ", m.sizes(), " (", m.scalar_type(),
+              ")");
   TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == y.cols && bias.scalar_type() == at::kFloat),
               "pointwise_gemm: bias must be float32 [", y.cols, "]");
   for (const GemmBlock& b : blocks) check_block(b, x, y, x.cols, y.cols);
@@ -316,8 +323,8 @@ void pointwise_gemm(const Tensor& in, const Tensor& m, const Tensor& bias, const
   // Tasks of kTaskRows rows of a run of products over the same rows (a switch's sub-networks): a
   // task runs every product of its run on its rows, so each row of out is written while hot. Each
   // thread takes a contiguous range of tasks of about equal work (a product weighs K * N per row).
-  std::vector<size_t> task_first, task_last; // products of each task's run
-  std::vector<int64_t> task_row, work{0};   // its first row in the run, and the work up to each task
+  std::vector<size_t> task_first, task_last;  // products of each task's run
+  std::vector<int64_t> task_row, work{0};     // its first row in the run, and the work up to each task
   for (size_t i = 0; i < products.size();) {
     const GemmBlock& head = products[i].span;
     size_t j = i;
@@ -349,8 +356,9 @@ void pointwise_gemm(const Tensor& in, const Tensor& m, const Tensor& bias, const
           const Packed& p = packed[i];
           const int64_t r0 = task_row[t] + s;
           product(x.data + (b.in_row0 + r0) * x.ld + b.k0, x.ld, 1, p.m.get(), kTile, (b.k1 - b.k0) * kTile,
-                  b.k1 - b.k0, p.bias.empty() ? nullptr : p.bias.data(), false, y.data + (b.out_row0 + r0) * y.ld + b.n0,
-                  y.ld, std::min(sub_rows, rows - s), b.n1 - b.n0, b.rows - r0, stream);
+                  b.k1 - b.k0, p.bias.empty() ? nullptr : p.bias.data(), false,
+                  y.data + (b.out_row0 + r0) * y.ld + b.n0, y.ld, std::min(sub_rows, rows - s), b.n1 - b.n0,
+                  b.rows - r0, stream);
         }
     }
     _mm_sfence();
@@ -376,8 +384,8 @@ void pointwise_gemm_grad_weight(const Tensor& in, const Tensor& grad_out, const 
         const int64_t c = t / bands, n = t % bands * kBand;
         const int64_t p0 = b.rows * c / chunks, p1 = b.rows * (c + 1) / chunks;
         float* to = chunks > 1 ? partial.data() + (c * N + n) * ld : gw.data + (b.n0 + n) * gw.ld + b.k0;
-        product(gy.data + (b.out_row0 + p0) * gy.ld + b.n0 + n, 1, gy.ld, x.data + (b.in_row0 + p0) * x.ld + b.k0,
-                x.ld, kTile, p1 - p0, nullptr, chunks == 1, to, chunks > 1 ? ld : gw.ld, std::min(kBand, N - n), K, 0);
+        product(gy.data + (b.out_row0 + p0) * gy.ld + b.n0 + n, 1, gy.ld, x.data + (b.in_row0 + p0) * x.ld + b.k0, x.ld,
+                kTile, p1 - p0, nullptr, chunks == 1, to, chunks > 1 ? ld : gw.ld, std::min(kBand, N - n), K, 0);
       }
     });
     if (chunks == 1) continue;
@@ -405,6 +413,6 @@ void pointwise_gemm_grad_weight(const Tensor&, const Tensor&, const Tensor&, con
   TORCH_CHECK(false, "pointwise_gemm: this build has no AVX-512 kernels (x86-64 GCC builds only)");
 }
 
-#endif // PARADIS_X86_TARGETS
+#endif  // PARADIS_X86_TARGETS
 
-} // namespace paradis
+}  // namespace paradis

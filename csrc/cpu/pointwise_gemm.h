@@ -35,4 +35,4 @@ void pointwise_gemm(const at::Tensor& in, const at::Tensor& m, const at::Tensor&
 void pointwise_gemm_grad_weight(const at::Tensor& in, const at::Tensor& grad_out, const at::Tensor& grad_w,
                                 const std::vector<GemmBlock>& blocks);
 
-} // namespace paradis
+}  // namespace paradis

@@ -39,7 +39,7 @@ namespace {
 using at::IntArrayRef;
 using at::Tensor;
 
-constexpr int64_t kFields = 5; // ints per block in the table
+constexpr int64_t kFields = 5;  // ints per block in the table
 
 struct Geometry {
   int64_t S, B, C_in, C_out, H, W, kh, kw, Ho, Wo, sh, sw, ph, pw, dh, dw;
@@ -135,30 +135,41 @@ struct Problem {
 };
 
 // Validates everything but the data (before anything is allocated) and unpacks the block table.
-Problem validate(const Tensor& x, const Tensor& weight, IntArrayRef table,
-                                                 int64_t num_switches, IntArrayRef stride,
-                                                 IntArrayRef padding, IntArrayRef dilation, bool shared) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
-              "sliced_conv2d: cpu kernel got tensors on ", x.device(), " and ", weight.device());
+Problem validate(const Tensor& x, const Tensor& weight, IntArrayRef table, int64_t num_switches, IntArrayRef stride,
+                 IntArrayRef padding, IntArrayRef dilation, bool shared) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "sliced_conv2d: cpu kernel got tensors on ", x.device(),
+              " and ", weight.device());
   TORCH_CHECK(x.dim() == 4, "sliced_conv2d: x must be 4-D [S*B, C_in, H, W], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4, "sliced_conv2d: weight must be 4-D [C_out, C_in, kh, kw], got ",
-              weight.sizes());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "sliced_conv2d: x is ", x.scalar_type(),
-              " but weight is ", weight.scalar_type());
-  TORCH_CHECK(x.size(1) == weight.size(1), "sliced_conv2d: x has ", x.size(1),
-              " channels but weight expects ", weight.size(1));
+  TORCH_CHECK(weight.dim() == 4, "sliced_conv2d: weight must be 4-D [C_out, C_in, kh, kw], got ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "sliced_conv2d: x is ", x.scalar_type(), " but weight is ",
+              weight.scalar_type());
+  TORCH_CHECK(x.size(1) == weight.size(1), "sliced_conv2d: x has ", x.size(1), " channels but weight expects ",
+              weight.size(1));
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "sliced_conv2d: stride, padding and dilation must have 2 entries each");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
-                  padding[0] >= 0 && padding[1] >= 0,
-              "sliced_conv2d: stride ", stride, " and dilation ", dilation, " must be >= 1, padding ",
-              padding, " >= 0");
+  TORCH_CHECK(
+      stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
+      "sliced_conv2d: stride ", stride, " and dilation ", dilation, " must be >= 1, padding ", padding, " >= 0");
   TORCH_CHECK(num_switches >= 1, "sliced_conv2d: num_switches must be >= 1, got ", num_switches);
   TORCH_CHECK(shared || x.size(0) % num_switches == 0, "sliced_conv2d: x has ", x.size(0),
               " rows, not a multiple of the ", num_switches, " switches");
-  Geometry g{num_switches, shared ? x.size(0) : x.size(0) / num_switches, x.size(1), weight.size(0),
-             x.size(2), x.size(3), weight.size(2), weight.size(3), 0, 0, stride[0], stride[1],
-             padding[0], padding[1], dilation[0], dilation[1], shared};
+  Geometry g{num_switches,
+             shared ? x.size(0) : x.size(0) / num_switches,
+             x.size(1),
+             weight.size(0),
+             x.size(2),
+             x.size(3),
+             weight.size(2),
+             weight.size(3),
+             0,
+             0,
+             stride[0],
+             stride[1],
+             padding[0],
+             padding[1],
+             dilation[0],
+             dilation[1],
+             shared};
   g.Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
   TORCH_CHECK(g.H + 2 * g.ph >= g.dh * (g.kh - 1) + 1 && g.W + 2 * g.pw >= g.dw * (g.kw - 1) + 1,
@@ -169,12 +180,13 @@ Problem validate(const Tensor& x, const Tensor& weight, IntArrayRef table,
   std::vector<Block> blocks;
   for (size_t k = 0; k < table.size(); k += kFields) {
     const int64_t s = table[k], i0 = table[k + 1], i1 = table[k + 2], o0 = table[k + 3], o1 = table[k + 4];
-    TORCH_CHECK(s >= 0 && s < num_switches && 0 <= i0 && i0 < i1 && i1 <= g.C_in && 0 <= o0 && o0 < o1 &&
-                    o1 <= g.C_out,
-                "sliced_conv2d: block ", k / kFields, " (", s, ", ", i0, ", ", i1, ", ", o0, ", ", o1,
-                ") is outside ", num_switches, " switches, ", g.C_in, " inputs, ", g.C_out, " outputs");
-    TORCH_CHECK(!shared || (i0 == 0 && i1 == g.C_in), "sliced_conv2d: with input_shared every block reads "
-                "all ", g.C_in, " input channels, block ", k / kFields, " reads [", i0, ", ", i1, ")");
+    TORCH_CHECK(s >= 0 && s < num_switches && 0 <= i0 && i0 < i1 && i1 <= g.C_in && 0 <= o0 && o0 < o1 && o1 <= g.C_out,
+                "sliced_conv2d: block ", k / kFields, " (", s, ", ", i0, ", ", i1, ", ", o0, ", ", o1, ") is outside ",
+                num_switches, " switches, ", g.C_in, " inputs, ", g.C_out, " outputs");
+    TORCH_CHECK(!shared || (i0 == 0 && i1 == g.C_in),
+                "sliced_conv2d: with input_shared every block reads "
+                "all ",
+                g.C_in, " input channels, block ", k / kFields, " reads [", i0, ", ", i1, ")");
     for (const Block& other : blocks) {
       const bool outputs_meet = other.o0 < o1 && o0 < other.o1;
       const bool inputs_meet = !shared && other.i0 < i1 && i0 < other.i1;
@@ -197,7 +209,7 @@ ConvWindow window(const Geometry& g) { return {g.sh, g.sw, g.ph, g.pw}; }
 
 // y (or the input_shared scratch) = every unit's convolution, in place.
 void forward_units(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y, const Geometry& g,
-                  const std::vector<Block>& blocks) {
+                   const std::vector<Block>& blocks) {
   for (const Unit& u : units(blocks)) {
     const UnitView v = view(weight, blocks, u);
     const Tensor xs = x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
@@ -214,22 +226,22 @@ void forward_units(const Tensor& x, const Tensor& weight, const Tensor& bias, co
 // rows and input channels. Weight gradients (which start at zero): the blocks of different
 // switches that share weights add up in a fixed order.
 void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& grad_x,
-                   const Tensor& grad_weight, const Tensor& grad_bias, const Geometry& g,
-                   const std::vector<Block>& blocks) {
+                    const Tensor& grad_weight, const Tensor& grad_bias, const Geometry& g,
+                    const std::vector<Block>& blocks) {
   for (const Unit& u : units(blocks)) {
     const UnitView v = view(weight, blocks, u);
     const Tensor xs = x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
     const Tensor gys = grad_y.narrow(0, v.first.y0, g.B).narrow(1, v.first.o0, v.out_width);
     const bool narrow = runs_narrow(g, v, x);
-    const bool narrow_x = grad_x.defined() && narrow &&
-                          narrow_groups_fit_grad_input(v.count, v.in_width, v.out_width, window(g));
+    const bool narrow_x =
+        grad_x.defined() && narrow && narrow_groups_fit_grad_input(v.count, v.in_width, v.out_width, window(g));
     const bool dnnl_x = grad_x.defined() && !narrow_x, dnnl_w = grad_weight.defined() && !narrow;
     const std::vector<int64_t> bias_sizes{v.out_width};
     Tensor gx, gw, gb;
     if (dnnl_x || dnnl_w || grad_bias.defined())
       std::tie(gx, gw, gb) = at::convolution_backward(
-          gys, xs, v.weight, grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-          {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count, {dnnl_x, dnnl_w, grad_bias.defined()});
+          gys, xs, v.weight, grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw},
+          {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count, {dnnl_x, dnnl_w, grad_bias.defined()});
     if (grad_weight.defined() && narrow) gw = narrow_group_conv_grad_weight(gys, xs, v.count, window(g));
     if (grad_x.defined()) {
       const Tensor target = grad_x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
@@ -386,26 +398,26 @@ void backward_gemms(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
 
 bool reduced_precision(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-
-} // namespace
+}  // namespace
 
 Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                 IntArrayRef table, int64_t num_switches, IntArrayRef stride,
-                                 IntArrayRef padding, IntArrayRef dilation, bool input_shared) {
+                                 IntArrayRef table, int64_t num_switches, IntArrayRef stride, IntArrayRef padding,
+                                 IntArrayRef dilation, bool input_shared) {
   const Problem problem = validate(x, weight, table, num_switches, stride, padding, dilation, input_shared);
   const Geometry& g = problem.g;
   const std::vector<Block>& blocks = problem.blocks;
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.C_out, "sliced_conv2d: bias must be [", g.C_out,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "sliced_conv2d: bias is ", bias->scalar_type(),
-                " but x is ", x.scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.C_out, "sliced_conv2d: bias must be [", g.C_out, "], got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "sliced_conv2d: bias is ", bias->scalar_type(), " but x is ",
+                x.scalar_type());
   }
-  if (reduced_precision(x)) { // accumulate in float32, as the other backends do
+  if (reduced_precision(x)) {  // accumulate in float32, as the other backends do
     const auto b = has_bias ? std::optional<Tensor>(bias->to(at::kFloat)) : std::nullopt;
-    return sliced_conv2d_forward_cpu(x.to(at::kFloat), weight.to(at::kFloat), b, table, num_switches, stride,
-                                     padding, dilation, input_shared).to(x.scalar_type());
+    return sliced_conv2d_forward_cpu(x.to(at::kFloat), weight.to(at::kFloat), b, table, num_switches, stride, padding,
+                                     dilation, input_shared)
+        .to(x.scalar_type());
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
@@ -436,25 +448,25 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, IntArrayRef table, int64_t num_switches,
-    IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, bool input_shared,
-    const c10::List<bool>& output_mask) {
+std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad_y, const Tensor& x,
+                                                              const Tensor& weight, IntArrayRef table,
+                                                              int64_t num_switches, IntArrayRef stride,
+                                                              IntArrayRef padding, IntArrayRef dilation,
+                                                              bool input_shared, const c10::List<bool>& output_mask) {
   const Problem problem = validate(x, weight, table, num_switches, stride, padding, dilation, input_shared);
   const Geometry& g = problem.g;
   const std::vector<Block>& blocks = problem.blocks;
-  TORCH_CHECK(output_mask.size() == 3, "sliced_conv2d: output_mask must have 3 entries, got ",
-              output_mask.size());
+  TORCH_CHECK(output_mask.size() == 3, "sliced_conv2d: output_mask must have 3 entries, got ", output_mask.size());
   const std::vector<int64_t> y_shape{g.S * g.B, g.C_out, g.Ho, g.Wo};
-  TORCH_CHECK(grad_y.sizes() == IntArrayRef(y_shape), "sliced_conv2d: grad_y must be ", IntArrayRef(y_shape),
-              ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "sliced_conv2d: grad_y is ", grad_y.scalar_type(),
-              " but x is ", x.scalar_type());
+  TORCH_CHECK(grad_y.sizes() == IntArrayRef(y_shape), "sliced_conv2d: grad_y must be ", IntArrayRef(y_shape), ", got ",
+              grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "sliced_conv2d: grad_y is ", grad_y.scalar_type(), " but x is ",
+              x.scalar_type());
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  if (reduced_precision(x)) { // accumulate in float32, as the other backends do
-    auto [gx, gw, gb] = sliced_conv2d_backward_cpu(grad_y.to(at::kFloat), x.to(at::kFloat),
-                                                   weight.to(at::kFloat), table, num_switches, stride,
-                                                   padding, dilation, input_shared, output_mask);
+  if (reduced_precision(x)) {  // accumulate in float32, as the other backends do
+    auto [gx, gw, gb] =
+        sliced_conv2d_backward_cpu(grad_y.to(at::kFloat), x.to(at::kFloat), weight.to(at::kFloat), table, num_switches,
+                                   stride, padding, dilation, input_shared, output_mask);
     const auto back = [&](const Tensor& t) { return t.defined() ? t.to(x.scalar_type()) : t; };
     return {back(gx), back(gw), back(gb)};
   }
@@ -465,9 +477,9 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(
   if (input_shared) return shared_backward(gyc, xc, wc, g, blocks, output_mask);
   const std::optional<Geometry> compact = gathered_pointwise(g, xc);
   Tensor grad_x, grad_w, grad_b;
-  if (need_x && compact) { // written on the stride grid only
+  if (need_x && compact) {  // written on the stride grid only
     grad_x = at::empty(xc.sizes(), xc.options().memory_format(format)).zero_();
-  } else if (need_x) { // the units write the covered inputs; the others get zero
+  } else if (need_x) {  // the units write the covered inputs; the others get zero
     grad_x = at::empty(xc.sizes(), xc.options().memory_format(format));
     zero_uncovered(grad_x, g, blocks, true);
   }
@@ -493,4 +505,4 @@ TORCH_LIBRARY_IMPL(paradis, CPU, m) {
   m.impl("sliced_conv2d_backward", TORCH_FN(sliced_conv2d_backward_cpu));
 }
 
-} // namespace paradis
+}  // namespace paradis

@@ -16,17 +16,16 @@ namespace paradis {
 // Returns y = [S*B, C_out, H', W'] in the memory format of x (channels_last or NCHW).
 at::Tensor sliced_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef blocks,
-                                     int64_t num_switches, at::IntArrayRef stride,
-                                     at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     bool input_shared);
+                                     int64_t num_switches, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, bool input_shared);
 
 // Gradients (grad_x in the memory format of x, grad_weight, grad_bias [C_out]) of
 // sliced_conv2d_forward_cpu; a gradient not requested by output_mask comes back undefined. Weight
 // gradients of overlapping blocks of different switches add up in a fixed order: the result is
 // the same on every run.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    at::IntArrayRef blocks, int64_t num_switches, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, bool input_shared, const c10::List<bool>& output_mask);
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef blocks,
+    int64_t num_switches, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool input_shared,
+    const c10::List<bool>& output_mask);
 
-} // namespace paradis
+}  // namespace paradis

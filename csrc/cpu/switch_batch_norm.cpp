@@ -80,14 +80,11 @@ RowChunks row_chunks(const Geometry& g, IntArrayRef covered) {
   return ch;
 }
 
-Geometry check_geometry(const Tensor& x, const Tensor& weight, IntArrayRef covered,
-                        IntArrayRef rows) {
+Geometry check_geometry(const Tensor& x, const Tensor& weight, IntArrayRef covered, IntArrayRef rows) {
   TORCH_CHECK(x.dim() >= 2, "switch_batch_norm: x must be [N, C, *], got ", x.dim(), " dims");
   TORCH_CHECK(x.device().is_cpu(), "switch_batch_norm: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.is_floating_point(), "switch_batch_norm: x must be floating point, got ",
-              x.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, "switch_batch_norm: weight must be [S_total, C], got ",
-              weight.sizes());
+  TORCH_CHECK(x.is_floating_point(), "switch_batch_norm: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, "switch_batch_norm: weight must be [S_total, C], got ", weight.sizes());
   const int64_t S = static_cast<int64_t>(covered.size());
   const int64_t C = x.size(1);
   const int64_t s_total = weight.size(0);
@@ -98,10 +95,10 @@ Geometry check_geometry(const Tensor& x, const Tensor& weight, IntArrayRef cover
               " entries but covered has ", S);
   std::vector<bool> used(s_total, false);
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(covered[s] >= 0 && covered[s] <= C, "switch_batch_norm: covered[", s,
-                "] = ", covered[s], " is outside [0, ", C, "]");
-    TORCH_CHECK(rows[s] >= 0 && rows[s] < s_total, "switch_batch_norm: rows[", s, "] = ", rows[s],
-                " is outside [0, ", s_total, ")");
+    TORCH_CHECK(covered[s] >= 0 && covered[s] <= C, "switch_batch_norm: covered[", s, "] = ", covered[s],
+                " is outside [0, ", C, "]");
+    TORCH_CHECK(rows[s] >= 0 && rows[s] < s_total, "switch_batch_norm: rows[", s, "] = ", rows[s], " is outside [0, ",
+                s_total, ")");
     // Distinct rows keep the per-row gradient writes race-free.
     TORCH_CHECK(!used[rows[s]], "switch_batch_norm: rows must be distinct, ", rows[s], " repeats");
     used[rows[s]] = true;
@@ -112,14 +109,10 @@ Geometry check_geometry(const Tensor& x, const Tensor& weight, IntArrayRef cover
 }
 
 void check_table(const Tensor& t, const char* name, IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu(), "switch_batch_norm: ", name, " must be a CPU tensor, got ",
-              t.device());
-  TORCH_CHECK(t.is_floating_point(), "switch_batch_norm: ", name, " must be floating point, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "switch_batch_norm: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "switch_batch_norm: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_floating_point(), "switch_batch_norm: ", name, " must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "switch_batch_norm: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
-
 
 // Whether the kernels take x as NHWC: channels_last, or one value per sample and channel ([N, C] or
 // [N, C, 1, 1]), where the NCHW and NHWC layouts are the same memory and the NHWC loops are the fast
@@ -138,7 +131,7 @@ void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered) {
 // With a residual, the channels [covered[s], C) of every switch's samples are activation(residual):
 // the normalised x is zero there.
 void activate_uncovered(const Tensor& out, const Tensor& residual, const Geometry& g, IntArrayRef covered, Act act) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd; // out= into views of the op's output
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // out= into views of the op's output
   for (int64_t s = 0; s < g.S; ++s) {
     if (covered[s] == g.C) continue;
     const Tensor r = residual.slice(0, s * g.B, (s + 1) * g.B).slice(1, covered[s]);
@@ -189,7 +182,7 @@ struct BackwardData {
 
 namespace baseline {
 #include "cpu/switch_batch_norm_kernels.inc"
-} // namespace baseline
+}  // namespace baseline
 
 #if PARADIS_X86_TARGETS
 // Everything defined from here to pop_options is compiled for AVX2 + FMA; templates of the
@@ -198,7 +191,7 @@ namespace baseline {
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "cpu/switch_batch_norm_kernels.inc"
-} // namespace avx2
+}  // namespace avx2
 #pragma GCC pop_options
 #endif
 
@@ -212,12 +205,14 @@ void with_kernels(const F& f) {
   f(baseline::Kernels());
 }
 
-} // namespace
+}  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
-    const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-    const Tensor& running_var, IntArrayRef covered, IntArrayRef rows, bool training, double eps,
-    c10::string_view activation, const std::optional<Tensor>& residual) {
+std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(const Tensor& x, const Tensor& weight,
+                                                                 const Tensor& bias, const Tensor& running_mean,
+                                                                 const Tensor& running_var, IntArrayRef covered,
+                                                                 IntArrayRef rows, bool training, double eps,
+                                                                 c10::string_view activation,
+                                                                 const std::optional<Tensor>& residual) {
   const Act act = parse_activation(activation);
   const Geometry g = check_geometry(x, weight, covered, rows);
   const std::vector<int64_t> table_shape{weight.size(0), g.C};
@@ -242,24 +237,22 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
   Tensor y = at::empty_like(xc, format);
   Tensor mean = at::zeros({g.S, g.C}, xc.options().dtype(acc));
   Tensor var = at::zeros({g.S, g.C}, xc.options().dtype(acc));
-  const Tensor w = to_acc(weight), b = to_acc(bias), rm = to_acc(running_mean),
-               rv = to_acc(running_var);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_forward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const ForwardData<scalar_t> d{
-            xc.const_data_ptr<scalar_t>(),
-            has_residual ? rc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-            mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-            w.const_data_ptr<acc_t>(),      b.const_data_ptr<acc_t>(),
-            rm.const_data_ptr<acc_t>(),     rv.const_data_ptr<acc_t>()};
-        dispatch_act(act, [&](auto a) {
-          with_kernels([&](auto k) {
-            decltype(k)::template forward<scalar_t, decltype(a)::value>(
-                d, g, covered, rows, training, eps, channels_innermost(format, g));
-          });
-        });
+  const Tensor w = to_acc(weight), b = to_acc(bias), rm = to_acc(running_mean), rv = to_acc(running_var);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardData<scalar_t> d{
+        xc.const_data_ptr<scalar_t>(),  has_residual ? rc.const_data_ptr<scalar_t>() : nullptr,
+        y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>(),  w.const_data_ptr<acc_t>(),
+        b.const_data_ptr<acc_t>(),      rm.const_data_ptr<acc_t>(),
+        rv.const_data_ptr<acc_t>()};
+    dispatch_act(act, [&](auto a) {
+      with_kernels([&](auto k) {
+        decltype(k)::template forward<scalar_t, decltype(a)::value>(d, g, covered, rows, training, eps,
+                                                                    channels_innermost(format, g));
       });
+    });
+  });
   if (has_residual)
     activate_uncovered(y, rc, g, covered, act);
   else
@@ -267,18 +260,18 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(
   return {y, mean, var};
 }
 
-std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& bias,
-    const Tensor& mean, const Tensor& var, IntArrayRef covered, IntArrayRef rows, bool training,
-    double eps, c10::string_view activation) {
+std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(const Tensor& grad_y, const Tensor& x,
+                                                                  const Tensor& weight, const Tensor& bias,
+                                                                  const Tensor& mean, const Tensor& var,
+                                                                  IntArrayRef covered, IntArrayRef rows, bool training,
+                                                                  double eps, c10::string_view activation) {
   const Act act = parse_activation(activation);
   const Geometry g = check_geometry(x, weight, covered, rows);
-  TORCH_CHECK(grad_y.device().is_cpu(), "switch_batch_norm: grad_y must be a CPU tensor, got ",
-              grad_y.device());
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "switch_batch_norm: grad_y has shape ", grad_y.sizes(),
-              " but x has ", x.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "switch_batch_norm: grad_y has dtype ",
-              grad_y.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK(grad_y.device().is_cpu(), "switch_batch_norm: grad_y must be a CPU tensor, got ", grad_y.device());
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "switch_batch_norm: grad_y has shape ", grad_y.sizes(), " but x has ",
+              x.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "switch_batch_norm: grad_y has dtype ", grad_y.scalar_type(),
+              " but x has ", x.scalar_type());
   const std::vector<int64_t> table_shape{weight.size(0), g.C};
   const std::vector<int64_t> stats_shape{g.S, g.C};
   check_table(weight, "weight", table_shape);
@@ -296,22 +289,24 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(
   Tensor grad_weight = at::zeros(table_shape, xc.options().dtype(acc));
   Tensor grad_bias = at::zeros(table_shape, xc.options().dtype(acc));
   const Tensor w = to_acc(weight), b = to_acc(bias), m = to_acc(mean), v = to_acc(var);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const BackwardData<scalar_t> d{
-            gyc.const_data_ptr<scalar_t>(),        xc.const_data_ptr<scalar_t>(),
-            grad_x.mutable_data_ptr<scalar_t>(),   grad_weight.mutable_data_ptr<acc_t>(),
-            grad_bias.mutable_data_ptr<acc_t>(),   w.const_data_ptr<acc_t>(),
-            b.const_data_ptr<acc_t>(),             m.const_data_ptr<acc_t>(),
-            v.const_data_ptr<acc_t>()};
-        dispatch_act(act, [&](auto a) {
-          with_kernels([&](auto k) {
-            decltype(k)::template backward<scalar_t, decltype(a)::value>(
-                d, g, covered, rows, training, eps, channels_innermost(format, g));
-          });
-        });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardData<scalar_t> d{gyc.const_data_ptr<scalar_t>(),
+                                   xc.const_data_ptr<scalar_t>(),
+                                   grad_x.mutable_data_ptr<scalar_t>(),
+                                   grad_weight.mutable_data_ptr<acc_t>(),
+                                   grad_bias.mutable_data_ptr<acc_t>(),
+                                   w.const_data_ptr<acc_t>(),
+                                   b.const_data_ptr<acc_t>(),
+                                   m.const_data_ptr<acc_t>(),
+                                   v.const_data_ptr<acc_t>()};
+    dispatch_act(act, [&](auto a) {
+      with_kernels([&](auto k) {
+        decltype(k)::template backward<scalar_t, decltype(a)::value>(d, g, covered, rows, training, eps,
+                                                                     channels_innermost(format, g));
       });
+    });
+  });
   zero_uncovered(grad_x, g, covered);
   return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
@@ -321,4 +316,4 @@ TORCH_LIBRARY_IMPL(paradis, CPU, m) {
   m.impl("switch_batch_norm_backward", TORCH_FN(switch_batch_norm_backward_cpu));
 }
 
-} // namespace paradis
+}  // namespace paradis

@@ -15,16 +15,15 @@ namespace paradis {
 // With a residual (x's shape and dtype), y = activation(normalised x + residual) in the same pass,
 // activation(residual) on the channels a switch does not cover.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> switch_batch_norm_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& running_mean, const at::Tensor& running_var, at::IntArrayRef covered,
-    at::IntArrayRef rows, bool training, double eps, c10::string_view activation,
-    const std::optional<at::Tensor>& residual = std::nullopt);
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, at::IntArrayRef covered, at::IntArrayRef rows, bool training, double eps,
+    c10::string_view activation, const std::optional<at::Tensor>& residual = std::nullopt);
 
 // Gradients of switch_batch_norm_forward given mean/var as it returned them:
 // (grad_x like x, grad_weight and grad_bias like weight, zero where no switch reads).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> switch_batch_norm_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef covered, at::IntArrayRef rows,
-    bool training, double eps, c10::string_view activation);
+    const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef covered, at::IntArrayRef rows, bool training,
+    double eps, c10::string_view activation);
 
-} // namespace paradis
+}  // namespace paradis

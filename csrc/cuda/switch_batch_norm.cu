@@ -119,14 +119,18 @@ __device__ void block_sum2(T& a, T& b) {
 struct Work {
   int64_t pair, k, s, c, start, stop;
   __device__ Work(const Geometry& g)
-      : pair(blockIdx.x), k(blockIdx.y), s(pair / g.C), c(pair % g.C), start(k * g.chunk),
+      : pair(blockIdx.x),
+        k(blockIdx.y),
+        s(pair / g.C),
+        c(pair % g.C),
+        start(k * g.chunk),
         stop(start + g.chunk < g.count() ? start + g.chunk : g.count()) {}
 };
 
 // partials[pair, k] = (mean, M2) of chunk k.
 template <typename scalar_t, typename acc_t>
-__global__ void welford_partials_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ partials,
-                                        SwitchTable table, Geometry g) {
+__global__ void welford_partials_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ partials, SwitchTable table,
+                                        Geometry g) {
   const Work w(g);
   Moments<acc_t> m{0, 0, 0};
   if (w.c < table.covered[w.s]) {
@@ -149,11 +153,9 @@ __global__ void welford_partials_kernel(const scalar_t* __restrict__ x, acc_t* _
 template <typename scalar_t, typename acc_t, Act A>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                  const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                 const acc_t* __restrict__ running_mean,
-                                 const acc_t* __restrict__ running_var,
+                                 const acc_t* __restrict__ running_mean, const acc_t* __restrict__ running_var,
                                  const acc_t* __restrict__ partials, acc_t* __restrict__ mean_out,
-                                 acc_t* __restrict__ var_out, SwitchTable table, Geometry g,
-                                 bool training, acc_t eps) {
+                                 acc_t* __restrict__ var_out, SwitchTable table, Geometry g, bool training, acc_t eps) {
   const Work w(g);
   const bool covered = w.c < table.covered[w.s];
   const int64_t p = table.rows[w.s] * g.C + w.c;
@@ -195,8 +197,7 @@ template <typename scalar_t, typename acc_t, Act A>
 __global__ void grad_partials_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
                                      const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
                                      const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                                     acc_t* __restrict__ partials, SwitchTable table, Geometry g,
-                                     acc_t eps) {
+                                     acc_t* __restrict__ partials, SwitchTable table, Geometry g, acc_t eps) {
   const Work w(g);
   const int64_t p = table.rows[w.s] * g.C + w.c;
   const acc_t mu = mean[w.pair], invstd = acc_t(1) / sqrt(var[w.pair] + eps);
@@ -225,8 +226,8 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ grad_y, const sca
                                   scalar_t* __restrict__ grad_x, const acc_t* __restrict__ weight,
                                   const acc_t* __restrict__ bias, const acc_t* __restrict__ mean,
                                   const acc_t* __restrict__ var, const acc_t* __restrict__ partials,
-                                  acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias,
-                                  SwitchTable table, Geometry g, bool training, acc_t eps) {
+                                  acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, SwitchTable table,
+                                  Geometry g, bool training, acc_t eps) {
   const Work w(g);
   const bool covered = w.c < table.covered[w.s];
   const int64_t p = table.rows[w.s] * g.C + w.c;
@@ -264,10 +265,9 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ grad_y, const sca
 }
 
 void check_cuda(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "switch_batch_norm: ", name,
-              " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.is_floating_point(), "switch_batch_norm: ", name, " must be floating point, got ",
-              t.scalar_type());
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "switch_batch_norm: ", name, " must be on x's device ",
+              x.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_floating_point(), "switch_batch_norm: ", name, " must be floating point, got ", t.scalar_type());
 }
 
 void check_table(const Tensor& t, const char* name, const Tensor& x, int64_t rows) {
@@ -277,13 +277,12 @@ void check_table(const Tensor& t, const char* name, const Tensor& x, int64_t row
 }
 
 // Validates the call as the CPU kernel does; returns the switch tables and the geometry.
-std::pair<SwitchTable, Geometry> plan(const Tensor& x, const Tensor& weight, IntArrayRef covered,
-                                      IntArrayRef rows) {
+std::pair<SwitchTable, Geometry> plan(const Tensor& x, const Tensor& weight, IntArrayRef covered, IntArrayRef rows) {
   TORCH_CHECK(x.dim() >= 2, "switch_batch_norm: x must be [N, C, *], got ", x.dim(), " dims");
   check_cuda(x, "x", x);
   const int64_t S = static_cast<int64_t>(covered.size()), C = x.size(1);
-  TORCH_CHECK(S > 0 && S <= kMaxSwitches, "switch_batch_norm: the CUDA kernels take 1 to ",
-              kMaxSwitches, " switches, got ", S);
+  TORCH_CHECK(S > 0 && S <= kMaxSwitches, "switch_batch_norm: the CUDA kernels take 1 to ", kMaxSwitches,
+              " switches, got ", S);
   TORCH_CHECK(x.size(0) % S == 0, "switch_batch_norm: batch ", x.size(0),
               " is not divisible by the number of switches ", S);
   TORCH_CHECK(static_cast<int64_t>(rows.size()) == S, "switch_batch_norm: rows has ", rows.size(),
@@ -292,10 +291,10 @@ std::pair<SwitchTable, Geometry> plan(const Tensor& x, const Tensor& weight, Int
   SwitchTable table{};
   std::vector<bool> used(weight.size(0), false);
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(covered[s] >= 0 && covered[s] <= C, "switch_batch_norm: covered[", s, "] = ",
-                covered[s], " is outside [0, ", C, "]");
-    TORCH_CHECK(rows[s] >= 0 && rows[s] < weight.size(0), "switch_batch_norm: rows[", s, "] = ",
-                rows[s], " is outside [0, ", weight.size(0), ")");
+    TORCH_CHECK(covered[s] >= 0 && covered[s] <= C, "switch_batch_norm: covered[", s, "] = ", covered[s],
+                " is outside [0, ", C, "]");
+    TORCH_CHECK(rows[s] >= 0 && rows[s] < weight.size(0), "switch_batch_norm: rows[", s, "] = ", rows[s],
+                " is outside [0, ", weight.size(0), ")");
     TORCH_CHECK(!used[rows[s]], "switch_batch_norm: rows must be distinct, ", rows[s], " repeats");
     used[rows[s]] = true;
     table.covered[s] = covered[s];
@@ -305,17 +304,19 @@ std::pair<SwitchTable, Geometry> plan(const Tensor& x, const Tensor& weight, Int
   for (int64_t d = 2; d < x.dim(); ++d) HW *= x.size(d);
   Geometry g{S, x.size(0) / S, C, HW, 0, 0};
   const int64_t pairs = std::max<int64_t>(1, S * C), count = std::max<int64_t>(1, g.count());
-  const int64_t chunks = std::clamp<int64_t>(kTargetBlocks / pairs, 1,
-                                            (count + kMinValuesPerBlock - 1) / kMinValuesPerBlock);
+  const int64_t chunks =
+      std::clamp<int64_t>(kTargetBlocks / pairs, 1, (count + kMinValuesPerBlock - 1) / kMinValuesPerBlock);
   g.chunk = (count + chunks - 1) / chunks;
   g.chunks = (count + g.chunk - 1) / g.chunk;
   return {table, g};
 }
 
-std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cuda(
-    const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-    const Tensor& running_var, IntArrayRef covered, IntArrayRef rows, bool training, double eps,
-    c10::string_view activation, const std::optional<Tensor>& residual) {
+std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cuda(const Tensor& x, const Tensor& weight,
+                                                                  const Tensor& bias, const Tensor& running_mean,
+                                                                  const Tensor& running_var, IntArrayRef covered,
+                                                                  IntArrayRef rows, bool training, double eps,
+                                                                  c10::string_view activation,
+                                                                  const std::optional<Tensor>& residual) {
   // A residual is added after the normalisation, in a pass of its own (the CPU kernel fuses it).
   if (residual.has_value() && residual->defined()) {
     auto [y, mean, var] = switch_batch_norm_forward_cuda(x, weight, bias, running_mean, running_var, covered, rows,
@@ -345,26 +346,27 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_batch_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
-      welford_partials_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          xc.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(), table, g);
+      welford_partials_kernel<scalar_t, acc_t>
+          <<<grid, kThreads, 0, stream>>>(xc.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(), table, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     dispatch_act(act, [&](auto a) {
       normalize_kernel<scalar_t, acc_t, decltype(a)::value><<<grid, kThreads, 0, stream>>>(
           xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
           b.const_data_ptr<acc_t>(), rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(),
-          partials.const_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-          table, g, training, static_cast<acc_t>(eps));
+          partials.const_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), table, g,
+          training, static_cast<acc_t>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {y.contiguous(kernel_format(x)), mean, var};
 }
 
-std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cuda(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& bias,
-    const Tensor& mean, const Tensor& var, IntArrayRef covered, IntArrayRef rows, bool training,
-    double eps, c10::string_view activation) {
+std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cuda(const Tensor& grad_y, const Tensor& x,
+                                                                   const Tensor& weight, const Tensor& bias,
+                                                                   const Tensor& mean, const Tensor& var,
+                                                                   IntArrayRef covered, IntArrayRef rows, bool training,
+                                                                   double eps, c10::string_view activation) {
   const Act act = parse_activation(activation);
   SwitchTable table;
   Geometry g;
@@ -374,9 +376,8 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cuda(
   check_table(mean, "mean", x, g.S);
   check_table(var, "var", x, g.S);
   check_cuda(grad_y, "grad_y", x);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
-              "switch_batch_norm: grad_y (", grad_y.sizes(), ", ", grad_y.scalar_type(),
-              ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), "switch_batch_norm: grad_y (",
+              grad_y.sizes(), ", ", grad_y.scalar_type(), ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto to_acc = [&](const Tensor& t) { return t.to(acc).contiguous(); };
@@ -400,8 +401,8 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         grad_input_kernel<scalar_t, acc_t, A><<<grid, kThreads, 0, stream>>>(
             gyc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-            w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(),
-            v.const_data_ptr<acc_t>(), partials.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(),
+            w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
+            partials.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(),
             grad_bias.mutable_data_ptr<acc_t>(), table, g, training, static_cast<acc_t>(eps));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -6,6 +6,7 @@ One ``torch.save``d dict of plain values, so ``torch.load(weights_only=True)`` r
 "accuracy": {switch: validation accuracy} or None}``. The model is rebuilt from its builder, so a
 checkpoint holds no pickled classes.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,13 @@ def build_model(name: str, switches: Sequence[str], kwargs: Mapping[str, Any]) -
     return getattr(models, name)(switches=list(switches), **kwargs)
 
 
-def checkpoint_fields(model: Switchable, name: str, kwargs: Mapping[str, Any], input_shape: Sequence[int] | None = None,
-                      accuracy: Mapping[str, float] | None = None) -> dict:
+def checkpoint_fields(
+    model: Switchable,
+    name: str,
+    kwargs: Mapping[str, Any],
+    input_shape: Sequence[int] | None = None,
+    accuracy: Mapping[str, float] | None = None,
+) -> dict:
     """The checkpoint dict of `model`, built by ``paradis_fast.models.<name>(switches=..., **kwargs)``;
     a trainer adds its own keys (optimizer state, epoch, ...) next to these."""
     if name not in BUILDERS:
@@ -51,8 +57,14 @@ def checkpoint_fields(model: Switchable, name: str, kwargs: Mapping[str, Any], i
     }
 
 
-def save_checkpoint(path: str | os.PathLike, model: Switchable, name: str, kwargs: Mapping[str, Any],
-                    input_shape: Sequence[int] | None = None, accuracy: Mapping[str, float] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Switchable,
+    name: str,
+    kwargs: Mapping[str, Any],
+    input_shape: Sequence[int] | None = None,
+    accuracy: Mapping[str, float] | None = None,
+) -> None:
     """Write `checkpoint_fields` of `model` to `path`."""
     torch.save(checkpoint_fields(model, name, kwargs, input_shape, accuracy), path)
 

@@ -1,4 +1,5 @@
 """`python -m paradis_fast plan | export`: deployment from a checkpoint (serving: `paradis_fast.deploy.serve`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import argparse
 
 def _positive_list(cast, example: str):
     """An argparse type: comma-separated positive numbers, e.g. ``2,1,1``."""
+
     def parse(text: str) -> list:
         try:
             values = [cast(v) for v in text.split(",")]
@@ -14,6 +16,7 @@ def _positive_list(cast, example: str):
         if not all(v > 0 for v in values):
             raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
         return values
+
     return parse
 
 
@@ -27,7 +30,12 @@ def input_shape(args, checkpoint: dict) -> list[int]:
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint written by paradis_fast.deploy.save_checkpoint")
-    p.add_argument("--input-shape", type=_positive_list(int, "3,32,32"), default=None, help="C,H,W of one image (default: the checkpoint's)")
+    p.add_argument(
+        "--input-shape",
+        type=_positive_list(int, "3,32,32"),
+        default=None,
+        help="C,H,W of one image (default: the checkpoint's)",
+    )
 
 
 def run_plan(args) -> None:
@@ -47,8 +55,9 @@ def run_export(args) -> None:
     from .split import split
 
     model, checkpoint = load_checkpoint(args.checkpoint)
-    manifest = export(split(model, args.switch), input_shape(args, checkpoint), args.out, args.format,
-                      model_name=checkpoint["model"])
+    manifest = export(
+        split(model, args.switch), input_shape(args, checkpoint), args.out, args.format, model_name=checkpoint["model"]
+    )
     files = [part["file"] for part in manifest["parts"]] + [manifest["fusion"]["file"]]
     print(f"switch {manifest['switch']} of {checkpoint['model']} -> {args.out}: {', '.join(files)}, manifest.json")
 
@@ -56,7 +65,12 @@ def run_export(args) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose the switch whose slowest device finishes first")
     add_checkpoint_arguments(p)
-    p.add_argument("--capacities", type=_positive_list(float, "2,1,1"), required=True, help="relative speed of each device, e.g. 2,1,1")
+    p.add_argument(
+        "--capacities",
+        type=_positive_list(float, "2,1,1"),
+        required=True,
+        help="relative speed of each device, e.g. 2,1,1",
+    )
     p.set_defaults(run=run_plan)
 
     p = subparsers.add_parser("export", help="write a switch's per-device parts, fusion and manifest")

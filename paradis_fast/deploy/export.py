@@ -5,6 +5,7 @@ Formats: ``torch-export`` (``torch.export.save``, ``.pt2``; load with ``torch.ex
 packages). The batch dimension is dynamic. The manifest says how the files compose:
 ``output = fusion(sum_j part_j(image)[, image])``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,13 +35,27 @@ def _write(module: nn.Module, inputs: tuple, path: str, fmt: str) -> None:
     if fmt == "torch-export":
         torch.export.save(torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes), path)
     else:
-        torch.onnx.export(module, inputs, path, dynamo=True, input_names=names, output_names=["output"],
-                          dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+        torch.onnx.export(
+            module,
+            inputs,
+            path,
+            dynamo=True,
+            input_names=names,
+            output_names=["output"],
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
 
 
 @torch.no_grad()
-def export(split: Split, input_shape: Sequence[int], out_dir: str | os.PathLike, fmt: str = "torch-export",
-           model_name: str | None = None) -> dict:
+def export(
+    split: Split,
+    input_shape: Sequence[int],
+    out_dir: str | os.PathLike,
+    fmt: str = "torch-export",
+    model_name: str | None = None,
+) -> dict:
     """Write ``part{j}`` files, the ``fusion`` file and ``manifest.json`` into `out_dir`; return the manifest."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -53,16 +68,28 @@ def export(split: Split, input_shape: Sequence[int], out_dir: str | os.PathLike,
         partial = part(image)
         _write(part, (image,), os.path.join(out_dir, f"part{j}{suffix}"), fmt)
         partials.append(partial)
-        parts.append(dict(file=f"part{j}{suffix}", inputs=_input_names(part, (image,)),
-                          width=str(split.switch.widths[j]), params=stats.params, flops=stats.flops,
-                          bytes_sent=stats.bytes_sent, output_shape=["batch", *partial.shape[1:]]))
+        parts.append(
+            dict(
+                file=f"part{j}{suffix}",
+                inputs=_input_names(part, (image,)),
+                width=str(split.switch.widths[j]),
+                params=stats.params,
+                flops=stats.flops,
+                bytes_sent=stats.bytes_sent,
+                output_shape=["batch", *partial.shape[1:]],
+            )
+        )
     takes_image = split.fusion.skip is not None
     fusion_inputs = (torch.stack(partials).sum(0),) + ((image,) if takes_image else ())
     rule = "output = fusion(total=sum_j part_j(input=image)" + (", image=image)" if takes_image else ")")
     _write(split.fusion, fusion_inputs, os.path.join(out_dir, f"fusion{suffix}"), fmt)
     manifest = dict(
-        format=fmt, model=model_name, switch=str(split.switch), input_shape=["batch", *input_shape],
-        dtype=str(dtype).removeprefix("torch."), parts=parts,
+        format=fmt,
+        model=model_name,
+        switch=str(split.switch),
+        input_shape=["batch", *input_shape],
+        dtype=str(dtype).removeprefix("torch."),
+        parts=parts,
         fusion=dict(file=f"fusion{suffix}", inputs=_input_names(split.fusion, fusion_inputs), rule=rule),
     )
     with open(os.path.join(out_dir, MANIFEST), "w") as f:

@@ -10,6 +10,7 @@ nothing late is ever mixed in (results carry their job id). Workers leave when t
 (and say so, so the coordinator keeps the store up until then); if the coordinator's store goes
 away they stop with torch.distributed.DistNetworkError.
 """
+
 from __future__ import annotations
 
 import io
@@ -93,9 +94,19 @@ class Coordinator:
     the first drop-out).
     """
 
-    def __init__(self, store: dist.Store, model, workers: Iterable[int], input_shape: Sequence[int],
-                 timeout: float = 5.0, startup: float = 60.0, capacities: Mapping[int, float] | None = None,
-                 accuracy: Mapping[str, float] | None = None, switch: SwitchLike | None = None, log=print):
+    def __init__(
+        self,
+        store: dist.Store,
+        model,
+        workers: Iterable[int],
+        input_shape: Sequence[int],
+        timeout: float = 5.0,
+        startup: float = 60.0,
+        capacities: Mapping[int, float] | None = None,
+        accuracy: Mapping[str, float] | None = None,
+        switch: SwitchLike | None = None,
+        log=print,
+    ):
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
         self.store, self.model, self.timeout, self.log = store, model, timeout, log

@@ -5,6 +5,7 @@ capacity. Within a switch, larger parts go to faster devices (sorting both and p
 minimises the slowest device's time). Only switches with at most as many sub-networks as there
 are devices are considered; ties in time are broken by accuracy when given.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,12 @@ def _place(switch: Switch, flops: Sequence[float], capacities: Sequence[float], 
     return Candidate(switch, tuple(flops), tuple(placement[j] for j in range(len(flops))), time, accuracy)
 
 
-def plan(capacities: Sequence[float], switches: SwitchSetLike, accuracy: Mapping[SwitchLike, float] | None = None,
-         flops: Mapping[SwitchLike, Sequence[float]] | None = None) -> Plan:
+def plan(
+    capacities: Sequence[float],
+    switches: SwitchSetLike,
+    accuracy: Mapping[SwitchLike, float] | None = None,
+    flops: Mapping[SwitchLike, Sequence[float]] | None = None,
+) -> Plan:
     """The `Plan` for devices of relative `capacities` (e.g. ``[2, 1, 1]``).
 
     `flops` gives each switch's FLOPs per part (see `part_flops`); without it a sub-network of

@@ -6,6 +6,7 @@ TCPStore instead (`paradis_fast.deploy.failover`), so a device that dies or hang
 the switch re-planned; launch those processes one by one (torchrun's agent stops every process
 when one fails), giving each ``--rank``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ class DistributedSplit:
     def __init__(self, split: Split, root: int = 0, preprocess: Callable[[Tensor], Tensor] | None = None):
         world = dist.get_world_size()
         if world != len(split.parts):
-            raise ValueError(f"switch {split.switch} has {len(split.parts)} parts but the process group has "
-                             f"{world} ranks; launch one process per part")
+            raise ValueError(
+                f"switch {split.switch} has {len(split.parts)} parts but the process group has "
+                f"{world} ranks; launch one process per part"
+            )
         self.rank, self.root, self.world = dist.get_rank(), root, world
         self.part, self.fusion, self.preprocess = split.parts[self.rank], split.fusion, preprocess
         self._slots: dict[tuple, list[Tensor]] = {}  # root: gather buffers per image shape and dtype
@@ -87,8 +90,12 @@ def _arguments(argv) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     p.add_argument("--store-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    p.add_argument("--store-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)) + 1,
-                   help="TCPStore port for --fault-tolerant (default MASTER_PORT + 1)")
+    p.add_argument(
+        "--store-port",
+        type=int,
+        default=int(os.environ.get("MASTER_PORT", 29500)) + 1,
+        help="TCPStore port for --fault-tolerant (default MASTER_PORT + 1)",
+    )
     memory.add_release_argument(p)
     return p.parse_args(argv)
 
@@ -115,8 +122,10 @@ def _serve_collective(args, model, shape) -> list:
                 served.append((image, output, args.switch))
         if runner.rank == 0:
             per_image = (time.perf_counter() - start) / (args.batches * args.batch_size)
-            print(f"served {args.batches} batches of {args.batch_size} images on switch {args.switch} over "
-                  f"{dist.get_world_size()} processes: {per_image * 1e3:.2f} ms per image")
+            print(
+                f"served {args.batches} batches of {args.batch_size} images on switch {args.switch} over "
+                f"{dist.get_world_size()} processes: {per_image * 1e3:.2f} ms per image"
+            )
         return served
     finally:
         dist.destroy_process_group()
@@ -125,13 +134,25 @@ def _serve_collective(args, model, shape) -> list:
 def _serve_fault_tolerant(args, model, checkpoint, shape) -> list:
     from .failover import Coordinator, run_worker
 
-    store = dist.TCPStore(args.store_addr, args.store_port, is_master=args.rank == 0, wait_for_workers=False,
-                          timeout=timedelta(seconds=max(60.0, args.timeout)))
+    store = dist.TCPStore(
+        args.store_addr,
+        args.store_port,
+        is_master=args.rank == 0,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=max(60.0, args.timeout)),
+    )
     if args.rank != 0:
         run_worker(store, args.rank, model)
         return []
-    coordinator = Coordinator(store, model, range(1, args.world_size), shape, timeout=args.timeout,
-                              accuracy=checkpoint["accuracy"], switch=args.switch)
+    coordinator = Coordinator(
+        store,
+        model,
+        range(1, args.world_size),
+        shape,
+        timeout=args.timeout,
+        accuracy=checkpoint["accuracy"],
+        switch=args.switch,
+    )
     try:
         served = []
         for image in _requests(args, shape):

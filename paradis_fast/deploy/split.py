@@ -10,6 +10,7 @@ classifier, WDSR's tail conv) becomes the column block ``W[:, in_j]`` without bi
 returns its partial output, and `Split.fuse` sums them and adds the bias once (plus, for WDSR,
 PixelShuffle and the skip branch from the image).
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,9 +58,18 @@ def _is_sliceable_conv(module: nn.Module) -> bool:
 def _conv(weight: Tensor, bias: Tensor | None, like: nn.Module, groups: int = 1) -> nn.Conv2d:
     """A stock nn.Conv2d with `like`'s stride/padding/dilation holding the given weight and bias."""
     out_channels, in_per_group = weight.shape[:2]
-    conv = nn.Conv2d(in_per_group * groups, out_channels, tuple(weight.shape[2:]), stride=like.stride,
-                     padding=like.padding, dilation=like.dilation, groups=groups, bias=bias is not None,
-                     dtype=weight.dtype, device=weight.device)
+    conv = nn.Conv2d(
+        in_per_group * groups,
+        out_channels,
+        tuple(weight.shape[2:]),
+        stride=like.stride,
+        padding=like.padding,
+        dilation=like.dilation,
+        groups=groups,
+        bias=bias is not None,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
     conv.weight.copy_(weight)
     if bias is not None:
         conv.bias.copy_(bias)
@@ -118,8 +128,10 @@ class _Slicer:
         if _is_sliceable_conv(module):
             return self.fold(module, None)[0]
         if isinstance(module, (SwitchBatchNorm2d, nn.Linear, nn.Conv2d, Switchable)):
-            raise TypeError(f"split: cannot slice a {type(module).__name__} here ({module}); a switch BatchNorm must "
-                            "follow a conv, dense layers may only be where the sub-networks meet")
+            raise TypeError(
+                f"split: cannot slice a {type(module).__name__} here ({module}); a switch BatchNorm must "
+                "follow a conv, dense layers may only be where the sub-networks meet"
+            )
         if [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             raise TypeError(f"split: {type(module).__name__} holds its own parameters or buffers and cannot be sliced")
         children = dict(module.named_children())
@@ -229,8 +241,9 @@ class Split(nn.Module):
         stats = []
         for part in self.parts:
             flops, output = _count_flops(part, image)
-            stats.append(PartStats(sum(p.numel() for p in part.parameters()), flops,
-                                   output.numel() * output.element_size()))
+            stats.append(
+                PartStats(sum(p.numel() for p in part.parameters()), flops, output.numel() * output.element_size())
+            )
         return stats
 
 

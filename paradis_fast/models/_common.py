@@ -1,4 +1,5 @@
 """Pieces shared by the model families: channel scaling, sliced conv + BN, initialisation."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -14,16 +15,30 @@ def scaled(channels: int, width_mult: float) -> int:
     return max(8, int(channels * width_mult))
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel_size: int, switches: SwitchSet, stride: int = 1,
-            activation: str | None = "relu", input_shared: bool = False) -> nn.Sequential:
+def conv_bn(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    switches: SwitchSet,
+    stride: int = 1,
+    activation: str | None = "relu",
+    input_shared: bool = False,
+) -> nn.Sequential:
     """Sliced conv ('same' padding, no bias: BN follows) + per-switch BN with the activation fused.
 
     A Sequential, like torchvision's Conv2dNormActivation, so the dense twin of a model is the same
     tree of stock layers.
     """
     return nn.Sequential(
-        SlicedConv2d(in_channels, out_channels, kernel_size, switches, stride=stride, padding=kernel_size // 2,
-                     input_shared=input_shared),
+        SlicedConv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            switches,
+            stride=stride,
+            padding=kernel_size // 2,
+            input_shared=input_shared,
+        ),
         SwitchBatchNorm2d(out_channels, switches, activation=activation),
     )
 

@@ -1,4 +1,5 @@
 """MobileNet v1 (Howard et al. 2017) as a ParaDiS network."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -27,8 +28,14 @@ def depthwise_separable(in_channels: int, out_channels: int, switches: SwitchSet
 class MobileNetV1(Switchable):
     """MobileNet v1 for every switch of ``switches`` at once; see `mobilenet_v1`."""
 
-    def __init__(self, num_classes: int = 1000, switches: SwitchSetLike = DEFAULT_SWITCHES, width_mult: float = 1.0,
-                 small_input: bool = False, in_channels: int = 3):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        switches: SwitchSetLike = DEFAULT_SWITCHES,
+        width_mult: float = 1.0,
+        small_input: bool = False,
+        in_channels: int = 3,
+    ):
         super().__init__(switches)
         channels = scaled(32, width_mult)
         layers = [conv_bn(in_channels, channels, 3, self.switches, stride=1 if small_input else 2, input_shared=True)]
@@ -48,8 +55,13 @@ class MobileNetV1(Switchable):
         return self.classifier(features).unflatten(0, (len(self.active), -1))
 
 
-def mobilenet_v1(num_classes: int = 1000, switches: SwitchSetLike = DEFAULT_SWITCHES, width_mult: float = 1.0,
-                 small_input: bool = False, in_channels: int = 3) -> MobileNetV1:
+def mobilenet_v1(
+    num_classes: int = 1000,
+    switches: SwitchSetLike = DEFAULT_SWITCHES,
+    width_mult: float = 1.0,
+    small_input: bool = False,
+    in_channels: int = 3,
+) -> MobileNetV1:
     """MobileNet v1: a 3x3 stride-2 stem and 13 depthwise-separable blocks (64 ... 1024 channels).
 
     Channel counts are ``max(8, int(c * width_mult))``. ``small_input=True`` (28-32 px images such as

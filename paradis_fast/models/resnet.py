@@ -1,4 +1,5 @@
 """ResNets (He et al. 2016) as ParaDiS networks: ResNet-50 and the CIFAR-style ResNet-20."""
+
 from __future__ import annotations
 
 from typing import Sequence, Type, Union
@@ -67,8 +68,17 @@ class ResNet(Switchable):
     the first halves the resolution.
     """
 
-    def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], blocks: Sequence[int], planes: Sequence[int],
-                 stem_channels: int, large_stem: bool, num_classes: int, switches: SwitchSetLike, in_channels: int = 3):
+    def __init__(
+        self,
+        block: Type[Union[BasicBlock, Bottleneck]],
+        blocks: Sequence[int],
+        planes: Sequence[int],
+        stem_channels: int,
+        large_stem: bool,
+        num_classes: int,
+        switches: SwitchSetLike,
+        in_channels: int = 3,
+    ):
         super().__init__(switches)
         if large_stem:
             self.stem = conv_bn(in_channels, stem_channels, 7, self.switches, stride=2, input_shared=True)
@@ -95,19 +105,26 @@ class ResNet(Switchable):
         return self.fc(features).unflatten(0, (len(self.active), -1))
 
 
-def resnet50(num_classes: int = 1000, switches: SwitchSetLike = DEFAULT_SWITCHES, width_mult: float = 1.0,
-             small_input: bool = False, in_channels: int = 3) -> ResNet:
+def resnet50(
+    num_classes: int = 1000,
+    switches: SwitchSetLike = DEFAULT_SWITCHES,
+    width_mult: float = 1.0,
+    small_input: bool = False,
+    in_channels: int = 3,
+) -> ResNet:
     """ResNet-50: Bottleneck blocks [3, 4, 6, 3], planes 64/128/256/512 (times ``width_mult``).
 
     ``small_input=True`` (28-32 px images): 3x3 stride-1 stem and no max pool.
     """
     planes = [scaled(p, width_mult) for p in (64, 128, 256, 512)]
-    return ResNet(Bottleneck, (3, 4, 6, 3), planes, scaled(64, width_mult), not small_input, num_classes,
-                  switches, in_channels)
+    return ResNet(
+        Bottleneck, (3, 4, 6, 3), planes, scaled(64, width_mult), not small_input, num_classes, switches, in_channels
+    )
 
 
-def resnet20(num_classes: int = 10, switches: SwitchSetLike = DEFAULT_SWITCHES, width_mult: float = 1.0,
-             in_channels: int = 3) -> ResNet:
+def resnet20(
+    num_classes: int = 10, switches: SwitchSetLike = DEFAULT_SWITCHES, width_mult: float = 1.0, in_channels: int = 3
+) -> ResNet:
     """CIFAR ResNet-20: 3x3 stem, 3 stages of 3 BasicBlocks with 16/32/64 planes (times ``width_mult``),
     projection (1x1 conv + BN) shortcuts where the shape changes."""
     planes = [scaled(p, width_mult) for p in (16, 32, 64)]

@@ -7,6 +7,7 @@ at the bicubic baseline and the body learns the residual detail; on small traini
 random skip otherwise spends most of the run learning interpolation. Inputs are expected already
 normalised (the paper subtracts the dataset mean outside the body).
 """
+
 from __future__ import annotations
 
 from typing import Type, Union
@@ -21,11 +22,21 @@ from ..switches import SwitchSet, SwitchSetLike
 from ._common import DEFAULT_SWITCHES
 
 
-def _sliced(in_channels: int, out_channels: int, kernel_size: int, switches: SwitchSet,
-            input_shared: bool = False) -> nn.Module:
+def _sliced(
+    in_channels: int, out_channels: int, kernel_size: int, switches: SwitchSet, input_shared: bool = False
+) -> nn.Module:
     """Weight-normalised sliced conv with bias and 'same' padding."""
-    return weight_norm(SlicedConv2d(in_channels, out_channels, kernel_size, switches, padding=kernel_size // 2,
-                                    bias=True, input_shared=input_shared))
+    return weight_norm(
+        SlicedConv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            switches,
+            padding=kernel_size // 2,
+            bias=True,
+            input_shared=input_shared,
+        )
+    )
 
 
 def _plain(in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
@@ -76,32 +87,47 @@ class WDSRBlockA(_Residual):
     """WDSR-A: 3x3 expand to ``block_feats``, ReLU, 3x3 back to ``n_feats``."""
 
     def __init__(self, n_feats: int, switches: SwitchSet, block_feats: int, res_scale: float = 1.0):
-        super().__init__(nn.Sequential(
-            _sliced(n_feats, block_feats, 3, switches),
-            nn.ReLU(inplace=True),
-            _sliced(block_feats, n_feats, 3, switches),
-        ), res_scale)
+        super().__init__(
+            nn.Sequential(
+                _sliced(n_feats, block_feats, 3, switches),
+                nn.ReLU(inplace=True),
+                _sliced(block_feats, n_feats, 3, switches),
+            ),
+            res_scale,
+        )
 
 
 class WDSRBlockB(_Residual):
     """WDSR-B: 1x1 expand, ReLU, 1x1 low-rank projection, 3x3 back to ``n_feats`` (wider ReLU, same cost)."""
 
-    def __init__(self, n_feats: int, switches: SwitchSet, block_feats: int, low_rank_feats: int,
-                 res_scale: float = 1.0):
-        super().__init__(nn.Sequential(
-            _sliced(n_feats, block_feats, 1, switches),
-            nn.ReLU(inplace=True),
-            _sliced(block_feats, low_rank_feats, 1, switches),
-            _sliced(low_rank_feats, n_feats, 3, switches),
-        ), res_scale)
+    def __init__(
+        self, n_feats: int, switches: SwitchSet, block_feats: int, low_rank_feats: int, res_scale: float = 1.0
+    ):
+        super().__init__(
+            nn.Sequential(
+                _sliced(n_feats, block_feats, 1, switches),
+                nn.ReLU(inplace=True),
+                _sliced(block_feats, low_rank_feats, 1, switches),
+                _sliced(low_rank_feats, n_feats, 3, switches),
+            ),
+            res_scale,
+        )
 
 
 class WDSR(Switchable):
     """WDSR for every switch of ``switches`` at once: sliced head and body, then a plain tail conv +
     PixelShuffle, plus a skip branch computed once from the image and shared by every switch."""
 
-    def __init__(self, block: Type[Union[WDSRBlockA, WDSRBlockB]], n_blocks: int, scale: int,
-                 switches: SwitchSetLike, n_feats: int, in_channels: int = 3, **block_args):
+    def __init__(
+        self,
+        block: Type[Union[WDSRBlockA, WDSRBlockB]],
+        n_blocks: int,
+        scale: int,
+        switches: SwitchSetLike,
+        n_feats: int,
+        in_channels: int = 3,
+        **block_args,
+    ):
         super().__init__(switches)
         out_channels = in_channels * scale**2
         self.head = _sliced(in_channels, n_feats, 3, self.switches, input_shared=True)
@@ -116,17 +142,42 @@ class WDSR(Switchable):
         return y.unflatten(0, (len(self.active), -1)) + self.skip(x)
 
 
-def wdsr_a(scale: int = 2, switches: SwitchSetLike = DEFAULT_SWITCHES, n_feats: int = 32, block_feats: int = 128,
-           n_blocks: int = 8, res_scale: float = 1.0, in_channels: int = 3) -> WDSR:
+def wdsr_a(
+    scale: int = 2,
+    switches: SwitchSetLike = DEFAULT_SWITCHES,
+    n_feats: int = 32,
+    block_feats: int = 128,
+    n_blocks: int = 8,
+    res_scale: float = 1.0,
+    in_channels: int = 3,
+) -> WDSR:
     """WDSR-A: ``n_blocks`` wide-activation blocks of 3x3 convs (``n_feats`` -> ``block_feats`` -> ``n_feats``)."""
-    return WDSR(WDSRBlockA, n_blocks, scale, switches, n_feats, in_channels, block_feats=block_feats,
-                res_scale=res_scale)
+    return WDSR(
+        WDSRBlockA, n_blocks, scale, switches, n_feats, in_channels, block_feats=block_feats, res_scale=res_scale
+    )
 
 
-def wdsr_b(scale: int = 2, switches: SwitchSetLike = DEFAULT_SWITCHES, n_feats: int = 32, block_feats: int = 128,
-           n_blocks: int = 8, low_rank_feats: int | None = None, res_scale: float = 1.0, in_channels: int = 3) -> WDSR:
+def wdsr_b(
+    scale: int = 2,
+    switches: SwitchSetLike = DEFAULT_SWITCHES,
+    n_feats: int = 32,
+    block_feats: int = 128,
+    n_blocks: int = 8,
+    low_rank_feats: int | None = None,
+    res_scale: float = 1.0,
+    in_channels: int = 3,
+) -> WDSR:
     """WDSR-B: ``n_blocks`` blocks with a 1x1 expansion to ``block_feats`` and a 1x1 low-rank
     projection to ``low_rank_feats`` (default ``int(n_feats * 0.8)``, the paper's ratio) before the 3x3."""
     low_rank_feats = int(n_feats * 0.8) if low_rank_feats is None else low_rank_feats
-    return WDSR(WDSRBlockB, n_blocks, scale, switches, n_feats, in_channels, block_feats=block_feats,
-                low_rank_feats=low_rank_feats, res_scale=res_scale)
+    return WDSR(
+        WDSRBlockB,
+        n_blocks,
+        scale,
+        switches,
+        n_feats,
+        in_channels,
+        block_feats=block_feats,
+        low_rank_feats=low_rank_feats,
+        res_scale=res_scale,
+    )

@@ -1,4 +1,5 @@
 """SwitchBatchNorm2d: private BatchNorm statistics and affine parameters per switch."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,14 @@ class SwitchBatchNorm2d(Switchable):
     average, per switch, as in PyTorch.
     """
 
-    def __init__(self, num_features: int, switches: SwitchSetLike, eps: float = 1e-5,
-                 momentum: float | None = 0.1, activation: str | None = None):
+    def __init__(
+        self,
+        num_features: int,
+        switches: SwitchSetLike,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        activation: str | None = None,
+    ):
         super().__init__(switches)
         if activation not in (None, "relu", "relu6"):
             raise ValueError(f"unknown activation {activation!r}; choose None, 'relu' or 'relu6'")
@@ -59,9 +66,20 @@ class SwitchBatchNorm2d(Switchable):
                 counts = self.num_batches_tracked[rows]
             if momentum is None:
                 momentum = 1.0 / counts.float()
-        return ops.switch_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.active,
-                                     self.training, momentum, self.eps, activation, rows=self.active_rows,
-                                     residual=residual)
+        return ops.switch_batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.active,
+            self.training,
+            momentum,
+            self.eps,
+            activation,
+            rows=self.active_rows,
+            residual=residual,
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

@@ -1,5 +1,6 @@
 """The convolutions of ParaDiS networks: SlicedConv2d (one full-width weight shared by every
 switch's sub-networks) and DepthwiseConv2d (shared by the stacked switches as it is)."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,18 @@ class SlicedConv2d(Switchable):
     for the stem that sees the image); output ``[S*B, C_out, H', W']``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, switches: SwitchSetLike,
-                 stride=1, padding=0, dilation=1, bias: bool = False, input_shared: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        switches: SwitchSetLike,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = False,
+        input_shared: bool = False,
+    ):
         super().__init__(switches)
         layer = f"SlicedConv2d({in_channels}, {out_channels})"
         self.check_slices(out_channels, f"{layer} output")
@@ -43,12 +54,15 @@ class SlicedConv2d(Switchable):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sliced_conv2d(x, self.weight, self.bias, self.active, self.stride, self.padding,
-                                 self.dilation, self.input_shared)
+        return ops.sliced_conv2d(
+            x, self.weight, self.bias, self.active, self.stride, self.padding, self.dilation, self.input_shared
+        )
 
     def extra_repr(self) -> str:
-        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}"
+        )
         if self.input_shared:
             text += ", input_shared=True"
         return f"{text}, switches=[{self.active}]"

@@ -1,4 +1,5 @@
 """Switchable: a module built for a switch set that runs a chosen subset of it."""
+
 from __future__ import annotations
 
 import torch
@@ -41,6 +42,8 @@ class Switchable(nn.Module):
         for module in self.modules():
             if isinstance(module, Switchable):
                 if module.switches != self.switches:
-                    raise ValueError(f"{type(module).__name__} has switches {module.switches}, its parent {self.switches}")
+                    raise ValueError(
+                        f"{type(module).__name__} has switches {module.switches}, its parent {self.switches}"
+                    )
                 module.active, module.active_rows = active, rows
         return self

@@ -9,6 +9,7 @@ backward kernel through the op's autograd. A *Python* backend is an object whose
 ``<op>`` computes the op in plain differentiable PyTorch, with the op's arguments: autograd
 differentiates it (the `reference` oracle; the benchmark's per-switch loop).
 """
+
 from __future__ import annotations
 
 import contextlib

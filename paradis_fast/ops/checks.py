@@ -1,4 +1,5 @@
 """Input validation shared by the ops: clear errors instead of crashes or silent wrong answers."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -7,6 +7,7 @@ network fed small inputs (8x8 digits: 1x1 and 2x2 feature maps); from 4x4 up one
 (bench/README.md), so there the op is plain F.conv2d and skips the op's overhead. The forward and
 the input gradient are always ATen's.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -23,7 +24,9 @@ SMALL_IMAGE_PIXELS = 16
 
 @library.register_fake(OP)
 def _(x, weight, bias, stride, padding, dilation):
-    out_hw = [conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)]
+    out_hw = [
+        conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
+    ]
     return layout.empty((x.shape[0], x.shape[1], *out_hw), x)
 
 
@@ -32,8 +35,7 @@ def _(grad_y, x, weight, stride, padding, dilation, output_mask):
     return library.convolution_grads_like(x, weight, output_mask)
 
 
-def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-                     dilation=1) -> Tensor:
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for x ``[N, C, H, W]`` and
     weight ``[C, 1, kh, kw]``: on small images through the backend serving the op (on CPU the
     paradis op, whose weight gradient is paradis_fast's kernel); F.conv2d itself otherwise."""
@@ -43,13 +45,16 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     checks.rank(OP, "weight", weight, 4, "4-D [C, 1, kh, kw]")
     channels = x.shape[1]
     if weight.shape[0] != channels or weight.shape[1] != 1:
-        raise ValueError(f"{OP}: weight must be [C, 1, kh, kw] with C = {channels} (x's channels), "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"{OP}: weight must be [C, 1, kh, kw] with C = {channels} (x's channels), got {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (channels,):
         raise ValueError(f"{OP}: bias must have shape ({channels},), got {tuple(bias.shape)}")
     stride, padding = checks.pair(OP, "stride", stride, 1), checks.pair(OP, "padding", padding, 0)
     dilation = checks.pair(OP, "dilation", dilation, 1)
-    out_hw = [conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)]
+    out_hw = [
+        conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
+    ]
     if min(out_hw) < 1:
         raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
     if out_hw[0] * out_hw[1] > SMALL_IMAGE_PIXELS:

@@ -1,10 +1,10 @@
 """The memory-format contract of the ops: y and grad_x come back in the layout of ``x``
 (channels_last in, channels_last out) whichever kernel ran (csrc/layout.h is its C++ twin)."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 
 
 def memory_format(x: Tensor) -> torch.memory_format:

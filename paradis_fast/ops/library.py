@@ -2,6 +2,7 @@
 and what Python registers on it: the Triton kernels as the CUDA kernels the extension lacks
 (paradis_fast/ops/triton_kernels.py), and the helper each op's module registers its fake kernel
 (for torch.compile and torch.export) with."""
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ def missing_kernel(name: str, device_type: str) -> str | None:
 
 def register_fake(name: str):
     """Registers the decorated function as paradis::<name>'s fake kernel (where the library is loaded)."""
+
     def decorate(fn):
         if LOADED:
             torch.library.register_fake(f"paradis::{name}")(fn)
@@ -54,8 +56,11 @@ def _cuda_kernels_from_triton() -> tuple[str, ...]:
     bring switch_batch_norm's), where triton is installed."""
     if not LOADED or importlib.util.find_spec("triton") is None:
         return ()
-    return tuple(name for name in triton_kernels.OPS
-                 if not torch._C._dispatch_has_kernel_for_dispatch_key(f"paradis::{name}", "CUDA"))
+    return tuple(
+        name
+        for name in triton_kernels.OPS
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"paradis::{name}", "CUDA")
+    )
 
 
 TRITON_CUDA_OPS = _cuda_kernels_from_triton()

@@ -3,6 +3,7 @@
 A conv block is five ints (switch, in_start, in_stop, out_start, out_stop); plans travel to the
 custom ops as flat int lists so that torch.compile treats them as constants.
 """
+
 from __future__ import annotations
 
 import functools

@@ -4,6 +4,7 @@ paradis ops' arguments, differentiated by autograd itself.
 Obviously correct rather than fast: the oracle of the tests (forward and, through autograd, every
 gradient) and the `reference` backend.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,9 @@ def _rows(rows_per_switch: int, s: int) -> slice:
 def sliced_conv2d(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared):
     """y[s][:, out] = conv2d(x[s][:, in], weight[out, in]) + bias[out] per block, zero elsewhere."""
     batch = x.shape[0] if input_shared else x.shape[0] // num_switches
-    out_hw = [conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)]
+    out_hw = [
+        conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
+    ]
     y = x.new_zeros(batch * num_switches, weight.shape[0], *out_hw)
     for s, i0, i1, o0, o1 in iter_blocks(blocks):
         xs = x if input_shared else x[_rows(batch, s)]
@@ -44,8 +47,9 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     return z
 
 
-def switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation,
-                      residual=None):
+def switch_batch_norm(
+    x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual=None
+):
     """(y, mean, var): switch s normalises its first covered[s] channels with parameter row rows[s]
     (batch statistics when training, running ones otherwise), y = activation(z + residual) and
     activation(residual) on the channels it does not cover (zero without a residual)."""

@@ -1,4 +1,5 @@
 """sliced_conv2d — every (switch, sub-network) block of a layer in one op (DESIGN §3)."""
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -14,7 +15,9 @@ OP = "sliced_conv2d"
 @library.register_fake(OP)
 def _(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared):
     rows = x.shape[0] * num_switches if input_shared else x.shape[0]
-    out_hw = [conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)]
+    out_hw = [
+        conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
+    ]
     return layout.empty((rows, weight.shape[0], *out_hw), x)
 
 
@@ -24,8 +27,14 @@ def _(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_
 
 
 def sliced_conv2d(
-    x: Tensor, weight: Tensor, bias: Tensor | None, switches: SwitchSetLike,
-    stride=1, padding=0, dilation=1, input_shared: bool = False,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    switches: SwitchSetLike,
+    stride=1,
+    padding=0,
+    dilation=1,
+    input_shared: bool = False,
 ) -> Tensor:
     """Sliced convolution of every switch at once: for switch s and sub-network j,
     ``y[s][:, out_j] = conv2d(x[s][:, in_j], weight[out_j, in_j]) + bias[out_j]``, zero elsewhere.

@@ -3,6 +3,7 @@
 The op itself is functional (it returns the statistics it used); the running-statistics update
 is a few in-place tensor ops here, shared by every backend.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -55,9 +56,18 @@ def update_running_stats(running_mean, running_var, mean, var, covered, rows, co
 
 
 def switch_batch_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-    switches: SwitchSetLike, training: bool, momentum: float | Tensor = 0.1, eps: float = 1e-5,
-    activation: Optional[str] = None, rows: Optional[Sequence[int]] = None, residual: Optional[Tensor] = None,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    switches: SwitchSetLike,
+    training: bool,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    activation: Optional[str] = None,
+    rows: Optional[Sequence[int]] = None,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
     """BatchNorm with private ``[S, C]`` affine parameters and statistics per switch, the
     activation (None, "relu", "relu6") fused. x is ``[S*B, C, ...]`` stacked switch-major.
@@ -69,11 +79,14 @@ def switch_batch_norm(
     block's tail, added in the kernel's own pass where the backend fuses it (``cpu``).
     """
     switches = checks.switch_set(switches)
-    checks.tensors(OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
-                   residual=residual)
+    checks.tensors(
+        OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var, residual=residual
+    )
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"{OP}: residual must have x's shape and dtype {tuple(x.shape)} {x.dtype}, "
-                         f"got {tuple(residual.shape)} {residual.dtype}")
+        raise ValueError(
+            f"{OP}: residual must have x's shape and dtype {tuple(x.shape)} {x.dtype}, "
+            f"got {tuple(residual.shape)} {residual.dtype}"
+        )
     checks.rank(OP, "x", x, range(2, 9), "[S*B, C, ...] (at least 2-D)")
     activation = "none" if activation is None else activation
     if activation not in ACTIVATIONS:
@@ -81,7 +94,9 @@ def switch_batch_norm(
     params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     checks.same_dtype(OP, **params)
     if weight.dtype != x.dtype and weight.dtype != torch.float32:
-        raise TypeError(f"{OP}: mixed dtypes (x {x.dtype}, parameters {weight.dtype}); parameters must be float32 or x's dtype")
+        raise TypeError(
+            f"{OP}: mixed dtypes (x {x.dtype}, parameters {weight.dtype}); parameters must be float32 or x's dtype"
+        )
     rows = list(range(len(switches))) if rows is None else [int(r) for r in rows]
     channels = x.shape[1]
     for name, value in params.items():
@@ -91,8 +106,10 @@ def switch_batch_norm(
         if value.shape[0] != weight.shape[0]:
             raise ValueError(f"{OP}: {name} has {value.shape[0]} switch rows, weight has {weight.shape[0]}")
     if len(rows) != len(switches) or len(set(rows)) != len(rows) or not all(0 <= r < weight.shape[0] for r in rows):
-        raise ValueError(f"{OP}: parameters have {weight.shape[0]} switch rows, which does not fit "
-                         f"the {len(switches)} switches {switches} (rows {rows})")
+        raise ValueError(
+            f"{OP}: parameters have {weight.shape[0]} switch rows, which does not fit "
+            f"the {len(switches)} switches {switches} (rows {rows})"
+        )
     batch = checks.batch_divisible(OP, x.shape[0], len(switches))
     count = batch * x[0, 0].numel()
     if training and count < 2:

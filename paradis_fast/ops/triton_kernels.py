@@ -8,6 +8,7 @@ register them for "cpu" in a scoped library (tests/triton_interpreter_cases.py).
 imported at the first call, so importing paradis_fast neither needs triton nor fixes the
 interpreter mode too early.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,20 +30,24 @@ def _in_layout_of(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | Non
 
 
 def sliced_conv2d(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared):
-    y = _kernels("sliced_conv2d").sliced_conv2d_forward(x, weight, bias, blocks, num_switches, stride, padding,
-                                                        dilation, input_shared)
+    y = _kernels("sliced_conv2d").sliced_conv2d_forward(
+        x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared
+    )
     return _in_layout_of(x, y)
 
 
-def sliced_conv2d_backward(grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared,
-                           output_mask):
+def sliced_conv2d_backward(
+    grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask
+):
     grad_x, grad_w, grad_b = _kernels("sliced_conv2d").sliced_conv2d_backward(
-        grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask)
+        grad_y, x, weight, blocks, num_switches, stride, padding, dilation, input_shared, output_mask
+    )
     return _in_layout_of(x, grad_x), grad_w, grad_b
 
 
-def switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation,
-                      residual=None):
+def switch_batch_norm(
+    x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual=None
+):
     forward = _kernels("switch_batch_norm").switch_batch_norm_forward
     args = (x, weight, bias, running_mean, running_var, covered, rows, training, eps)
     if residual is None:
@@ -55,7 +60,8 @@ def switch_batch_norm(x, weight, bias, running_mean, running_var, covered, rows,
 
 def switch_batch_norm_backward(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation):
     grad_x, grad_w, grad_b = _kernels("switch_batch_norm").switch_batch_norm_backward(
-        grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation)
+        grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activation
+    )
     return _in_layout_of(x, grad_x), grad_w, grad_b
 
 

@@ -6,6 +6,7 @@
   one device, trained with the sandwich rule (the widest, the narrowest and a few random widths each
   step) and in-place distillation from the widest.
 """
+
 from __future__ import annotations
 
 import math

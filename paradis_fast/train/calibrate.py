@@ -1,6 +1,7 @@
 """Re-estimate every switch's BatchNorm statistics from training batches (no gradients, no updates
 to the weights): useful after changing the data pipeline, or for switches whose running averages
 lag behind their weights (the slimmable networks' "BN calibration")."""
+
 from __future__ import annotations
 
 import itertools

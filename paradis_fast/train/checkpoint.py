@@ -6,6 +6,7 @@ checkpoint as it is; training adds ``optimizer``, ``scheduler``, ``epoch`` (epoc
 ``rng`` (torch's global and the trainer's generator states), ``history`` and ``config`` (the run's
 settings). All plain containers and tensors: ``torch.load(weights_only=True)`` reads it.
 """
+
 from __future__ import annotations
 
 import os

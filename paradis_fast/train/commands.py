@@ -1,4 +1,5 @@
 """``python -m paradis_fast train`` and ``python -m paradis_fast calibrate``."""
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,12 @@ def calibrate(args) -> dict:
     if dataset is None:
         raise SystemExit("calibrate: the checkpoint does not name its dataset; give --dataset")
     split = datasets.load(dataset, seed=config.get("seed", 0), **config.get("dataset_kwargs", {}))
-    loader = DataLoader(split.train, batch_size=args.batch_size or config.get("batch_size", 64), shuffle=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        split.train,
+        batch_size=args.batch_size or config.get("batch_size", 64),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     val = DataLoader(split.val, batch_size=256)
     before = evaluate(model, val, split.task, split.scale)
     used = calibrate_batch_norm(model, loader, args.batches)
@@ -95,45 +100,81 @@ def register(subparsers) -> None:
     from .baselines import BASELINES
     from .datasets import names
 
-    p = subparsers.add_parser("train", help="train every switch of a ParaDiS network jointly", description=TRAIN_HELP,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "train",
+        help="train every switch of a ParaDiS network jointly",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", choices=MODELS, default="mobilenet_v1")
-    p.add_argument("--switches", type=_switch_list, default=["1x1.0", "2x0.5", "4x0.25"],
-                   help="comma-separated switches, e.g. 1x1.0,2x0.5,0.5+0.25+0.25 (default: 1x1.0,2x0.5,4x0.25)")
+    p.add_argument(
+        "--switches",
+        type=_switch_list,
+        default=["1x1.0", "2x0.5", "4x0.25"],
+        help="comma-separated switches, e.g. 1x1.0,2x0.5,0.5+0.25+0.25 (default: 1x1.0,2x0.5,4x0.25)",
+    )
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(names())} (default: digits)")
-    p.add_argument("--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network (default 0.5)")
+    p.add_argument(
+        "--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network (default 0.5)"
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
-    p.add_argument("--warmup", type=float, default=0.15, help="fraction of the steps spent in linear warm-up before "
-                   "the cosine decay (default 0.15)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum 0.9, or AdamW")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.15,
+        help="fraction of the steps spent in linear warm-up before the cosine decay (default 0.15)",
+    )
+    p.add_argument(
+        "--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum 0.9, or AdamW"
+    )
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0, help="for the teacher's cross-entropy")
-    p.add_argument("--distill-weight", type=float, default=None,
-                   help="weight of the students' distillation loss (default: 1 for classifiers, 0 for super-resolution)")
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=None,
+        help="weight of the students' distillation loss (default: 1 for classifiers, 0 for super-resolution)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the distillation")
     p.add_argument("--seed", type=int, default=0, help="seeds the data split, initialisation and shuffling")
     p.add_argument("--out", default=None, help="folder for checkpoint.pt, history.csv, metrics.json and plots/")
-    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.pt; the result is the "
-                   "same as an uninterrupted run")
-    p.add_argument("--baseline", choices=BASELINES, default=None,
-                   help="individual: each switch's structure trained alone; slimmable: a universally slimmable "
-                        "network (1xW prefix widths, sandwich rule) with equal-cost widths for --switches")
-    p.add_argument("--slimmable-widths", type=_width_list, default=None,
-                   help="with --baseline slimmable: its widths, e.g. 1.0,0.75,0.5,0.25 (default: derived from --switches)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --out's checkpoint.pt; the result is the same as an uninterrupted run",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default=None,
+        help="individual: each switch's structure trained alone; slimmable: a universally slimmable "
+        "network (1xW prefix widths, sandwich rule) with equal-cost widths for --switches",
+    )
+    p.add_argument(
+        "--slimmable-widths",
+        type=_width_list,
+        default=None,
+        help="with --baseline slimmable: its widths, e.g. 1.0,0.75,0.5,0.25 (default: derived from --switches)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not on a terminal)")
     memory.add_release_argument(p)
     p.set_defaults(run=train)
 
-    c = subparsers.add_parser("calibrate", help="re-estimate each switch's BatchNorm statistics of a checkpoint",
-                              description=calibrate_batch_norm_doc())
+    c = subparsers.add_parser(
+        "calibrate",
+        help="re-estimate each switch's BatchNorm statistics of a checkpoint",
+        description=calibrate_batch_norm_doc(),
+    )
     c.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
     c.add_argument("--batches", type=int, default=20, help="training batches to average over (default 20)")
     c.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's training batch size")
     c.add_argument("--dataset", default=None, help="default: the checkpoint's training dataset")
     c.add_argument("--seed", type=int, default=0, help="shuffling of the calibration batches")
-    c.add_argument("--output", default=None, help="where to write the calibrated checkpoint (default: CKPT.calibrated.pt)")
+    c.add_argument(
+        "--output", default=None, help="where to write the calibrated checkpoint (default: CKPT.calibrated.pt)"
+    )
     c.set_defaults(run=calibrate)
 
 

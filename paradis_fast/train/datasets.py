@@ -4,6 +4,7 @@
 ``load("imagefolder:PATH")`` / ``load("cifar10:PATH")`` for data on disk. Every split is
 deterministic in ``seed``; a missing or malformed path raises `DatasetError` naming the problem.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,16 +42,21 @@ def _permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _standardised_split(images: torch.Tensor, labels: torch.Tensor, num_classes: int, val_fraction: float,
-                        seed: int) -> Split:
+def _standardised_split(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, val_fraction: float, seed: int
+) -> Split:
     """Random train/val split; images standardised with the training set's mean and std."""
     order = _permutation(len(labels), seed)
     n_val = int(len(labels) * val_fraction)
     val, train = order[:n_val], order[n_val:]
     mean, std = images[train].mean(), images[train].std()
     images = (images - mean) / std
-    return Split(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]),
-                 num_classes, images.shape[1])
+    return Split(
+        TensorDataset(images[train], labels[train]),
+        TensorDataset(images[val], labels[val]),
+        num_classes,
+        images.shape[1],
+    )
 
 
 def digits(val_fraction: float = 0.2, seed: int = 0) -> Split:
@@ -107,12 +113,13 @@ def _random_crops(photos: list[torch.Tensor], count: int, size: int, generator: 
         photo = photos[i % len(photos)]
         top = torch.randint(0, photo.shape[1] - size + 1, (), generator=generator).item()
         left = torch.randint(0, photo.shape[2] - size + 1, (), generator=generator).item()
-        crops.append(photo[:, top:top + size, left:left + size])
+        crops.append(photo[:, top : top + size, left : left + size])
     return torch.stack(crops)
 
 
-def photos(scale: int = 2, patch: int = 48, train_patches: int = 512, val_patches: int = 64,
-           val_photos: int = 2, seed: int = 0) -> Split:
+def photos(
+    scale: int = 2, patch: int = 48, train_patches: int = 512, val_patches: int = 64, val_photos: int = 2, seed: int = 0
+) -> Split:
     """Super-resolution pairs (LR, HR) from the 8 bundled photos: ``val_photos`` of them (chosen by
     ``seed``) are held out for validation; HR patches are random ``patch``-pixel crops, LR patches
     their bicubic downscaling by ``scale``. Crops are drawn once, from ``seed``, so runs repeat."""
@@ -123,8 +130,14 @@ def photos(scale: int = 2, patch: int = 48, train_patches: int = 512, val_patche
     generator = torch.Generator().manual_seed(seed)
     hr_train = _random_crops([images[i] for i in order[val_photos:]], train_patches, patch, generator)
     hr_val = _random_crops([images[i] for i in order[:val_photos]], val_patches, patch, generator)
-    return Split(TensorDataset(downscale(hr_train, scale), hr_train), TensorDataset(downscale(hr_val, scale), hr_val),
-                 num_classes=0, in_channels=3, task="super_resolution", scale=scale)
+    return Split(
+        TensorDataset(downscale(hr_train, scale), hr_train),
+        TensorDataset(downscale(hr_val, scale), hr_val),
+        num_classes=0,
+        in_channels=3,
+        task="super_resolution",
+        scale=scale,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +185,9 @@ def imagefolder(path: str, image_size: int = 32, val_fraction: float = 0.2, seed
         folder = os.path.join(root, name)
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise DatasetError(f"dataset 'imagefolder': class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DatasetError(
+                f"dataset 'imagefolder': class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         order = _permutation(len(files), seed).tolist()
         n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction))) if len(files) > 1 else 0
         samples = [(os.path.join(folder, files[i]), label) for i in order]
@@ -183,8 +198,10 @@ def imagefolder(path: str, image_size: int = 32, val_fraction: float = 0.2, seed
 
 def _cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not os.path.isfile(path):
-        raise DatasetError(f"dataset 'cifar10': missing file {path} (expected the python pickle batches "
-                           "data_batch_1..5 and test_batch of cifar-10-batches-py)")
+        raise DatasetError(
+            f"dataset 'cifar10': missing file {path} (expected the python pickle batches "
+            "data_batch_1..5 and test_batch of cifar-10-batches-py)"
+        )
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
@@ -193,8 +210,10 @@ def _cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
         labels = torch.as_tensor(labels, dtype=torch.long)
     except Exception as error:  # any unreadable pickle or missing/ill-shaped field
-        raise DatasetError(f"dataset 'cifar10': {path} is not a CIFAR-10 python batch "
-                           f"(a pickled dict with 'data' [N, 3072] uint8 and 'labels'): {error}") from error
+        raise DatasetError(
+            f"dataset 'cifar10': {path} is not a CIFAR-10 python batch "
+            f"(a pickled dict with 'data' [N, 3072] uint8 and 'labels'): {error}"
+        ) from error
     if len(images) != len(labels):
         raise DatasetError(f"dataset 'cifar10': {path} has {len(images)} images but {len(labels)} labels")
     return images, labels

@@ -5,6 +5,7 @@ DistributedSampler, so the same command gives the same optimisation problem on 1
 (BatchNorm statistics are per rank, as in any DDP run without SyncBatchNorm). Every rank evaluates
 the whole validation set, so all ranks report the same numbers without communicating; rank 0 writes.
 """
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 `run(TrainConfig(...))` is what ``python -m paradis_fast train`` and ``bench/reproduce.py`` call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,7 +61,9 @@ def model_spec(config: TrainConfig, split: datasets.Split) -> tuple[str, dict]:
         kwargs = dict(scale=split.scale, n_feats=n_feats, block_feats=4 * n_feats, in_channels=split.in_channels)
     elif name in CLASSIFIERS:
         if split.task != "classification":
-            raise ValueError(f"{name} is a classifier; dataset {config.dataset!r} is for {split.task.replace('_', '-')}")
+            raise ValueError(
+                f"{name} is a classifier; dataset {config.dataset!r} is for {split.task.replace('_', '-')}"
+            )
         kwargs = dict(num_classes=split.num_classes, width_mult=config.width_mult, in_channels=split.in_channels)
         if name != "resnet20":
             kwargs["small_input"] = split.train[0][0].shape[-1] < 64
@@ -83,8 +86,9 @@ def _loaders(split: datasets.Split, config: TrainConfig, context: distributed.Co
     if per_rank > len(split.train):
         raise ValueError(f"batch size {config.batch_size} exceeds the {len(split.train)} training examples")
     if context.distributed:
-        sampler = DistributedSampler(split.train, context.world_size, context.rank, shuffle=True, seed=config.seed,
-                                     drop_last=True)
+        sampler = DistributedSampler(
+            split.train, context.world_size, context.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
         train = DataLoader(split.train, batch_size=per_rank, sampler=sampler, drop_last=True)
     else:
         train = DataLoader(split.train, batch_size=per_rank, shuffle=True, drop_last=True, generator=generator)
@@ -95,8 +99,9 @@ def _criterion(config: TrainConfig, task: str):
     if task == "super_resolution":
         return SuperResolutionLoss(distill_weight=config.distill_weight or 0.0)
     weight = 1.0 if config.distill_weight is None else config.distill_weight
-    return InplaceDistillationLoss(distill_weight=weight, temperature=config.temperature,
-                                   label_smoothing=config.label_smoothing)
+    return InplaceDistillationLoss(
+        distill_weight=weight, temperature=config.temperature, label_smoothing=config.label_smoothing
+    )
 
 
 def bicubic_psnr(split: datasets.Split) -> float:
@@ -127,10 +132,22 @@ def build(config: TrainConfig, context: distributed.Context = distributed.Contex
     total = config.epochs * len(train)
     scheduler = warmup_cosine(optimizer, total, max(1, int(config.warmup * total)))
     chooser = baselines.Sandwich(model.switches) if config.baseline == "slimmable" else None
-    trainer = Trainer(model, _criterion(config, split.task), optimizer, scheduler, train, val, split.task, split.scale,
-                      generator, module=distributed.wrap(model, context), choose_switches=chooser,
-                      progress=not config.quiet and context.is_main, log=log if context.is_main else _silent,
-                      device=context.device)
+    trainer = Trainer(
+        model,
+        _criterion(config, split.task),
+        optimizer,
+        scheduler,
+        train,
+        val,
+        split.task,
+        split.scale,
+        generator,
+        module=distributed.wrap(model, context),
+        choose_switches=chooser,
+        progress=not config.quiet and context.is_main,
+        log=log if context.is_main else _silent,
+        device=context.device,
+    )
     if config.resume:
         _resume(trainer, config, name, switches)
     return split, (name, kwargs), trainer
@@ -144,8 +161,10 @@ def _resume(trainer: Trainer, config: TrainConfig, name: str, switches: list[str
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint["model"] != name or checkpoint["switches"] != switches:
-        raise ValueError(f"--resume: {path} holds {checkpoint['model']} with switches {checkpoint['switches']}, "
-                         f"not {name} with {switches}")
+        raise ValueError(
+            f"--resume: {path} holds {checkpoint['model']} with switches {checkpoint['switches']}, "
+            f"not {name} with {switches}"
+        )
     trainer.model.load_state_dict(checkpoint["state_dict"])
     trainer.load_state_dict(checkpoint)
 
@@ -153,16 +172,21 @@ def _resume(trainer: Trainer, config: TrainConfig, name: str, switches: list[str
 def _checkpoint(trainer: Trainer, config: TrainConfig, spec: tuple[str, dict], input_shape) -> dict:
     scores = trainer.history[-1]["switches"] if trainer.history else None
     accuracy = scores if trainer.task == "classification" else None
-    return {**checkpoint_fields(trainer.model, *spec, input_shape, accuracy), **trainer.state_dict(),
-            "config": dataclasses.asdict(config)}
+    return {
+        **checkpoint_fields(trainer.model, *spec, input_shape, accuracy),
+        **trainer.state_dict(),
+        "config": dataclasses.asdict(config),
+    }
 
 
 def _train(config: TrainConfig, context: distributed.Context, log) -> dict:
     split, spec, trainer = build(config, context, log)
-    log(f"training {spec[0]} on {config.dataset} ({len(split.train)} train / {len(split.val)} val), "
+    log(
+        f"training {spec[0]} on {config.dataset} ({len(split.train)} train / {len(split.val)} val), "
         f"switches {', '.join(str(s) for s in trainer.model.switches)}"
         + (f", baseline {config.baseline}" if config.baseline else "")
-        + (f", {context.world_size} processes" if context.distributed else ""))
+        + (f", {context.world_size} processes" if context.distributed else "")
+    )
     input_shape = split.train[0][0].shape
     write = bool(config.out) and context.is_main
 
@@ -188,8 +212,9 @@ def _individual(config: TrainConfig, context: distributed.Context, log) -> dict:
     for switch in config.switches:
         out = os.path.join(config.out, "individual", reports.file_name(str(switch))) if config.out else None
         started = out is not None and os.path.isfile(os.path.join(out, CHECKPOINT))
-        alone = dataclasses.replace(config, switches=[str(switch)], baseline=None, out=out,
-                                    resume=config.resume and started)  # resume the runs that had begun
+        alone = dataclasses.replace(
+            config, switches=[str(switch)], baseline=None, out=out, resume=config.resume and started
+        )  # resume the runs that had begun
         result = _train(alone, context, log)
         merged.update(result["switches"])
     result = {**result, "switches": merged, "baseline": "individual"}

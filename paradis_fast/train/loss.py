@@ -1,4 +1,5 @@
 """In-place distillation (DESIGN §5): the widest switch learns from the labels, the others from it."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,9 @@ class InplaceDistillationLoss(nn.Module):
     slimmable networks' in-place distillation; T^2 keeps gradient sizes comparable across T.
     """
 
-    def __init__(self, teacher: int = 0, distill_weight: float = 1.0, temperature: float = 1.0,
-                 label_smoothing: float = 0.0):
+    def __init__(
+        self, teacher: int = 0, distill_weight: float = 1.0, temperature: float = 1.0, label_smoothing: float = 0.0
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -40,8 +42,10 @@ class InplaceDistillationLoss(nn.Module):
         return loss + self.distill_weight * t * t * kl.sum(-1).mean(-1).sum()
 
     def extra_repr(self) -> str:
-        return (f"teacher={self.teacher}, distill_weight={self.distill_weight}, "
-                f"temperature={self.temperature}, label_smoothing={self.label_smoothing}")
+        return (
+            f"teacher={self.teacher}, distill_weight={self.distill_weight}, "
+            f"temperature={self.temperature}, label_smoothing={self.label_smoothing}"
+        )
 
 
 class SuperResolutionLoss(nn.Module):
@@ -61,8 +65,10 @@ class SuperResolutionLoss(nn.Module):
 
     def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if outputs.dim() != target.dim() + 1 or outputs.shape[1:] != target.shape:
-            raise ValueError(f"expected [S, *target shape] outputs for targets of shape {tuple(target.shape)}, "
-                             f"got {tuple(outputs.shape)}")
+            raise ValueError(
+                f"expected [S, *target shape] outputs for targets of shape {tuple(target.shape)}, "
+                f"got {tuple(outputs.shape)}"
+            )
         if not -outputs.shape[0] <= self.teacher < outputs.shape[0]:
             raise ValueError(f"teacher index {self.teacher} is out of range for {outputs.shape[0]} switches")
         loss = _per_switch_l1(outputs, target).sum()

@@ -1,4 +1,5 @@
 """What a training run leaves in its output folder: metrics.json, history.csv, one plot per switch."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,9 @@ def write_history(out: str, history: list[dict], metric: str) -> None:
         writer = csv.writer(f)
         writer.writerow(["epoch", "loss", "images_per_s", "lr", *(f"{metric}:{s}" for s in switches)])
         for row in history:
-            writer.writerow([row["epoch"], row["loss"], row["images_per_s"], row["lr"],
-                             *(row["switches"][s] for s in switches)])
+            writer.writerow(
+                [row["epoch"], row["loss"], row["images_per_s"], row["lr"], *(row["switches"][s] for s in switches)]
+            )
 
 
 def file_name(switch: str) -> str:
@@ -47,7 +49,7 @@ def plot_history(out: str, history: list[dict], metric: str) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     paths = []
     epochs = [row["epoch"] for row in history]
-    for switch in (history[0]["switches"] if history else []):
+    for switch in history[0]["switches"] if history else []:
         figure, axes = plt.subplots(figsize=(4, 3))
         axes.plot(epochs, [row["switches"][switch] for row in history], marker="o")
         axes.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"switch {switch}")

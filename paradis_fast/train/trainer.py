@@ -3,6 +3,7 @@
 `Trainer` owns the model, loss, optimizer, schedule and data; it evaluates every switch after each
 epoch and calls ``on_epoch_end`` (checkpointing, reports) with the epoch's record.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,13 @@ def psnr(output: torch.Tensor, target: torch.Tensor, shave: int = 0) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, task: str = "classification", scale: int = 1,
-             device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    task: str = "classification",
+    scale: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Every active switch's validation metric: top-1 accuracy, or mean PSNR (dB) for super-resolution."""
     model.eval()
     total, count = None, 0
@@ -54,7 +60,9 @@ def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> tor
     raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from lr/warmup_steps to lr, then cosine decay to 0 at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -75,11 +83,23 @@ class Trainer:
     state in a checkpoint makes a resumed run repeat an uninterrupted one.
     """
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 train: DataLoader, val: DataLoader, task: str = "classification", scale: int = 1,
-                 generator: torch.Generator | None = None, module: nn.Module | None = None,
-                 choose_switches: Callable | None = None, progress: bool = False, log=print,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        train: DataLoader,
+        val: DataLoader,
+        task: str = "classification",
+        scale: int = 1,
+        generator: torch.Generator | None = None,
+        module: nn.Module | None = None,
+        choose_switches: Callable | None = None,
+        progress: bool = False,
+        log=print,
+        device: torch.device | str = "cpu",
+    ):
         self.model, self.module, self.device = model, module or model, torch.device(device)
         self.criterion, self.optimizer, self.scheduler = criterion, optimizer, scheduler
         self.train_loader, self.val_loader, self.task, self.scale = train, val, task, scale
@@ -95,8 +115,13 @@ class Trainer:
         from tqdm import tqdm
 
         enabled = self.progress and sys.stderr.isatty()
-        return tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{epochs}", leave=False, disable=not enabled,
-                    dynamic_ncols=True)
+        return tqdm(
+            self.train_loader,
+            desc=f"epoch {self.epoch + 1}/{epochs}",
+            leave=False,
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
 
     def train_epoch(self, epochs: int) -> dict:
         """One pass over the training data; returns the mean loss, images/s and final learning rate."""
@@ -121,8 +146,11 @@ class Trainer:
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
         bar.close()
         self.model.set_active(None)
-        return {"loss": total_loss / max(seen, 1), "images_per_s": seen / (time.perf_counter() - start),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        return {
+            "loss": total_loss / max(seen, 1),
+            "images_per_s": seen / (time.perf_counter() - start),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model.set_active(None), self.val_loader, self.task, self.scale, self.device)
@@ -141,14 +169,20 @@ class Trainer:
             unit = "%" if self.task == "classification" else " dB"
             factor = 100 if self.task == "classification" else 1
             shown = "  ".join(f"{name} {value * factor:.2f}{unit}" for name, value in scores.items())
-            self.log(f"epoch {self.epoch}/{epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s  "
-                     f"val {self.metric}  {shown}")
+            self.log(
+                f"epoch {self.epoch}/{epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s  "
+                f"val {self.metric}  {shown}"
+            )
         return scores
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epoch, "history": self.history,
-                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -158,8 +192,18 @@ class Trainer:
         self.generator.set_state(state["rng"]["generator"])
 
 
-def fit(model, train: DataLoader, val: DataLoader, epochs: int, lr: float, weight_decay: float = 5e-4,
-        optimizer: str = "sgd", criterion: nn.Module | None = None, warmup: float = 0.15, log=print) -> dict[str, float]:
+def fit(
+    model,
+    train: DataLoader,
+    val: DataLoader,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 5e-4,
+    optimizer: str = "sgd",
+    criterion: nn.Module | None = None,
+    warmup: float = 0.15,
+    log=print,
+) -> dict[str, float]:
     """Train a classifier's switches with in-place distillation, warm-up + cosine; final accuracies."""
     optimizer = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
     total = epochs * len(train)

@@ -9,7 +9,7 @@
 namespace expect_detail {
 inline int checks = 0;
 inline int failures = 0;
-} // namespace expect_detail
+}  // namespace expect_detail
 
 inline void expect(bool ok, const std::string& what) {
   ++expect_detail::checks;

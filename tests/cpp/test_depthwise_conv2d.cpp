@@ -20,8 +20,8 @@ struct Case {
 };
 
 void run(const Case& c, at::ScalarType dtype, at::MemoryFormat format) {
-  const std::string tag = c.name + (dtype == at::kFloat ? " f32" : " f64") +
-                          (format == at::MemoryFormat::ChannelsLast ? " nhwc" : " nchw");
+  const std::string tag =
+      c.name + (dtype == at::kFloat ? " f32" : " f64") + (format == at::MemoryFormat::ChannelsLast ? " nhwc" : " nchw");
   const double tol = dtype == at::kFloat ? 1e-3 : 1e-10;
   const auto opts = at::TensorOptions().dtype(dtype);
   const Tensor x = at::randn({c.batch, c.channels, c.height, c.width}, opts).contiguous(format);
@@ -39,7 +39,7 @@ void run(const Case& c, at::ScalarType dtype, at::MemoryFormat format) {
   expect_close(gw, wd.grad(), tol, tag + ": grad weight");
 }
 
-} // namespace
+}  // namespace
 
 int main() {
   at::manual_seed(0);
