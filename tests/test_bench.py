@@ -94,3 +94,11 @@ def test_headroom_counts_layers_beyond_the_best_rate(run):
     assert "2x over (a)" in line and "100 GF/s, fast" in line and "on 1 of 3 layers" in line and "needs 2 at 2x" in line
     (line,) = run.headroom(table, "b", 1.5)
     assert "1.5x over (b)" in line and "on 1 of 3 layers" in line and "needs 2 at 1.5x" in line
+
+
+def test_overhead_script_runs(capsys):
+    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--steps", "2"])
+    assert "tiny ResNet20 step: median" in capsys.readouterr().out
