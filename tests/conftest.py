@@ -30,6 +30,22 @@ except ImportError:  # running `pytest` from a checkout that is not installed
 
 from paradis_fast.ops import available_backends, use_backend
 
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return f" {flag}" in info.read()
+    except OSError:
+        return False
+
+
+if not _cpu_has("avx512f"):
+    # PyTorch 2.13's oneDNN corrupted the heap in convolution backward on an AVX2-only host (AMD
+    # EPYC: glibc aborted inside its brgemm JIT in 1 of 6 ResNet20 steps on the reference backend,
+    # plain ATen ops only; none of 6 with oneDNN off; bench/README.md): there the tests run ATen's
+    # own convolutions. Hosts with AVX-512 keep oneDNN.
+    torch.backends.mkldnn.enabled = False
+
 # --------------------------------------------------------------------------------------------
 # switches
 UNIFORM = ("1x1.0", "2x0.5", "4x0.25")
