@@ -13,6 +13,7 @@
 
 #include "activation.h"
 #include "cpu/isa.h"
+#include "switch_batch_norm_checks.h"
 #include "layout.h"
 
 #include <algorithm>
@@ -81,37 +82,10 @@ RowChunks row_chunks(const Geometry& g, IntArrayRef covered) {
 }
 
 Geometry check_geometry(const Tensor& x, const Tensor& weight, IntArrayRef covered, IntArrayRef rows) {
-  TORCH_CHECK(x.dim() >= 2, "switch_batch_norm: x must be [N, C, *], got ", x.dim(), " dims");
-  TORCH_CHECK(x.device().is_cpu(), "switch_batch_norm: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.is_floating_point(), "switch_batch_norm: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, "switch_batch_norm: weight must be [S_total, C], got ", weight.sizes());
-  const int64_t S = static_cast<int64_t>(covered.size());
-  const int64_t C = x.size(1);
-  const int64_t s_total = weight.size(0);
-  TORCH_CHECK(S > 0, "switch_batch_norm: covered must list at least one switch");
-  TORCH_CHECK(x.size(0) % S == 0, "switch_batch_norm: batch ", x.size(0),
-              " is not divisible by the number of switches ", S);
-  TORCH_CHECK(static_cast<int64_t>(rows.size()) == S, "switch_batch_norm: rows has ", rows.size(),
-              " entries but covered has ", S);
-  std::vector<bool> used(s_total, false);
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(covered[s] >= 0 && covered[s] <= C, "switch_batch_norm: covered[", s, "] = ", covered[s],
-                " is outside [0, ", C, "]");
-    TORCH_CHECK(rows[s] >= 0 && rows[s] < s_total, "switch_batch_norm: rows[", s, "] = ", rows[s], " is outside [0, ",
-                s_total, ")");
-    // Distinct rows keep the per-row gradient writes race-free.
-    TORCH_CHECK(!used[rows[s]], "switch_batch_norm: rows must be distinct, ", rows[s], " repeats");
-    used[rows[s]] = true;
-  }
+  const int64_t S = check_switches(x, weight, covered, rows, c10::DeviceType::CPU);
   int64_t HW = 1;
   for (int64_t d = 2; d < x.dim(); ++d) HW *= x.size(d);
-  return {S, x.size(0) / S, C, HW};
-}
-
-void check_table(const Tensor& t, const char* name, IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu(), "switch_batch_norm: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_floating_point(), "switch_batch_norm: ", name, " must be floating point, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "switch_batch_norm: ", name, " must have shape ", shape, ", got ", t.sizes());
+  return {S, x.size(0) / S, x.size(1), HW};
 }
 
 // Whether the kernels take x as NHWC: channels_last, or one value per sample and channel ([N, C] or
@@ -215,11 +189,10 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(const Tensor& x
                                                                  const std::optional<Tensor>& residual) {
   const Act act = parse_activation(activation);
   const Geometry g = check_geometry(x, weight, covered, rows);
-  const std::vector<int64_t> table_shape{weight.size(0), g.C};
-  check_table(weight, "weight", table_shape);
-  check_table(bias, "bias", table_shape);
-  check_table(running_mean, "running_mean", table_shape);
-  check_table(running_var, "running_var", table_shape);
+  check_table(weight, "weight", x, weight.size(0));
+  check_table(bias, "bias", x, weight.size(0));
+  check_table(running_mean, "running_mean", x, weight.size(0));
+  check_table(running_var, "running_var", x, weight.size(0));
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) {
     TORCH_CHECK(residual->device() == x.device() && residual->sizes() == x.sizes() &&
@@ -273,11 +246,10 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(const Tensor& 
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "switch_batch_norm: grad_y has dtype ", grad_y.scalar_type(),
               " but x has ", x.scalar_type());
   const std::vector<int64_t> table_shape{weight.size(0), g.C};
-  const std::vector<int64_t> stats_shape{g.S, g.C};
-  check_table(weight, "weight", table_shape);
-  check_table(bias, "bias", table_shape);
-  check_table(mean, "mean", stats_shape);
-  check_table(var, "var", stats_shape);
+  check_table(weight, "weight", x, weight.size(0));
+  check_table(bias, "bias", x, weight.size(0));
+  check_table(mean, "mean", x, g.S);
+  check_table(var, "var", x, g.S);
 
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto to_acc = [&](const Tensor& t) { return t.to(acc).contiguous(); };

@@ -21,6 +21,7 @@
 
 #include "activation.h"
 #include "layout.h"
+#include "switch_batch_norm_checks.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -264,39 +265,12 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ grad_y, const sca
   }
 }
 
-void check_cuda(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "switch_batch_norm: ", name, " must be on x's device ",
-              x.device(), ", got ", t.device());
-  TORCH_CHECK(t.is_floating_point(), "switch_batch_norm: ", name, " must be floating point, got ", t.scalar_type());
-}
-
-void check_table(const Tensor& t, const char* name, const Tensor& x, int64_t rows) {
-  check_cuda(t, name, x);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == x.size(1), "switch_batch_norm: ", name,
-              " must have shape [", rows, ", ", x.size(1), "], got ", t.sizes());
-}
-
-// Validates the call as the CPU kernel does; returns the switch tables and the geometry.
+// Validates the call (as the CPU kernel does); returns the switch tables and the geometry.
 std::pair<SwitchTable, Geometry> plan(const Tensor& x, const Tensor& weight, IntArrayRef covered, IntArrayRef rows) {
-  TORCH_CHECK(x.dim() >= 2, "switch_batch_norm: x must be [N, C, *], got ", x.dim(), " dims");
-  check_cuda(x, "x", x);
-  const int64_t S = static_cast<int64_t>(covered.size()), C = x.size(1);
-  TORCH_CHECK(S > 0 && S <= kMaxSwitches, "switch_batch_norm: the CUDA kernels take 1 to ", kMaxSwitches,
-              " switches, got ", S);
-  TORCH_CHECK(x.size(0) % S == 0, "switch_batch_norm: batch ", x.size(0),
-              " is not divisible by the number of switches ", S);
-  TORCH_CHECK(static_cast<int64_t>(rows.size()) == S, "switch_batch_norm: rows has ", rows.size(),
-              " entries but covered has ", S);
-  TORCH_CHECK(weight.dim() == 2, "switch_batch_norm: weight must be [S_total, C], got ", weight.sizes());
+  const int64_t S = check_switches(x, weight, covered, rows, c10::DeviceType::CUDA), C = x.size(1);
+  TORCH_CHECK(S <= kMaxSwitches, "switch_batch_norm: the CUDA kernels take 1 to ", kMaxSwitches, " switches, got ", S);
   SwitchTable table{};
-  std::vector<bool> used(weight.size(0), false);
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(covered[s] >= 0 && covered[s] <= C, "switch_batch_norm: covered[", s, "] = ", covered[s],
-                " is outside [0, ", C, "]");
-    TORCH_CHECK(rows[s] >= 0 && rows[s] < weight.size(0), "switch_batch_norm: rows[", s, "] = ", rows[s],
-                " is outside [0, ", weight.size(0), ")");
-    TORCH_CHECK(!used[rows[s]], "switch_batch_norm: rows must be distinct, ", rows[s], " repeats");
-    used[rows[s]] = true;
     table.covered[s] = covered[s];
     table.rows[s] = rows[s];
   }
@@ -375,7 +349,7 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cuda(const Tensor&
   check_table(bias, "bias", x, weight.size(0));
   check_table(mean, "mean", x, g.S);
   check_table(var, "var", x, g.S);
-  check_cuda(grad_y, "grad_y", x);
+  check_like_x(grad_y, "grad_y", x);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), "switch_batch_norm: grad_y (",
               grad_y.sizes(), ", ", grad_y.scalar_type(), ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
   const c10::cuda::CUDAGuard guard(x.device());
