@@ -32,7 +32,16 @@ from paradis_fast.ops.plan import conv_output_size, iter_blocks
 
 from . import accumulation_type, check_int32_span, device_table, on_device, split_evenly
 
-TILE_FIELDS = 5  # output switch, first and stop output column, first and stop segment
+# Fields of the schedule tables (flat int64 arrays on the device). Forward and input gradient: a
+# tile is (output switch, first and stop output column, first and stop segment), a segment the
+# (input switch, first and stop reduction channel) it reads; weight gradient: a tile is (first
+# output channel, first column, first and stop segment), a segment (grad_y switch, x switch,
+# output channels start and stop, columns start and stop). Kernels read them as constexprs; host
+# code takes .value.
+TILE_FIELDS = tl.constexpr(5)
+SEGMENT_FIELDS = tl.constexpr(3)
+WEIGHT_TILE_FIELDS = tl.constexpr(4)
+WEIGHT_SEGMENT_FIELDS = tl.constexpr(6)
 TARGET_PROGRAMS = 1024  # grad-weight splits the pixel reduction to reach about this many programs
 
 
@@ -79,7 +88,7 @@ def _forward_kernel(
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tile = tiles_ptr + (pid // num_m_tiles) * 5
+    tile = tiles_ptr + (pid // num_m_tiles) * TILE_FIELDS
     m = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (b, oh, ow)
     n = tl.load(tile + 1) + tl.arange(0, BLOCK_N)  # output channels
     m_ok = m < B * OH * OW
@@ -88,7 +97,7 @@ def _forward_kernel(
     oh, ow = r // OW, r % OW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for g in range(tl.load(tile + 3), tl.load(tile + 4)):
-        segment = segments_ptr + g * 3
+        segment = segments_ptr + g * SEGMENT_FIELDS
         c_stop = tl.load(segment + 2)
         x_rows = (tl.load(segment) * B + b).to(tl.int64) * (C_in * H * W)
         for kh in tl.static_range(KH):
@@ -150,7 +159,7 @@ def _grad_input_kernel(
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tile = tiles_ptr + (pid // num_m_tiles) * 5
+    tile = tiles_ptr + (pid // num_m_tiles) * TILE_FIELDS
     m = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (b, ih, iw)
     n = tl.load(tile + 1) + tl.arange(0, BLOCK_N)  # input channels
     m_ok = m < B * H * W
@@ -159,7 +168,7 @@ def _grad_input_kernel(
     ih, iw = r // W, r % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for g in range(tl.load(tile + 3), tl.load(tile + 4)):
-        segment = segments_ptr + g * 3
+        segment = segments_ptr + g * SEGMENT_FIELDS
         c_stop = tl.load(segment + 2)
         gy_rows = (tl.load(segment) * B + b).to(tl.int64) * (C_out * OH * OW)
         for kh in tl.static_range(KH):
@@ -223,7 +232,7 @@ def _grad_weight_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    tile = tiles_ptr + tl.program_id(0) * 4
+    tile = tiles_ptr + tl.program_id(0) * WEIGHT_TILE_FIELDS
     split = tl.program_id(1)
     o = tl.load(tile) + tl.arange(0, BLOCK_M)  # output channels
     q = tl.load(tile + 1) + tl.arange(0, BLOCK_N)  # columns (input channel, kh, kw)
@@ -233,7 +242,7 @@ def _grad_weight_kernel(
     p_stop = tl.minimum(p_start + pixels_per_split, B * OH * OW)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for g in range(tl.load(tile + 2), tl.load(tile + 3)):  # the blocks overlapping this tile
-        segment = segments_ptr + g * 6
+        segment = segments_ptr + g * WEIGHT_SEGMENT_FIELDS
         s_y, s_x = tl.load(segment), tl.load(segment + 1)
         o_ok = (o >= tl.load(segment + 2)) & (o < tl.load(segment + 3))
         q_ok = (q >= tl.load(segment + 4)) & (q < tl.load(segment + 5))
@@ -268,7 +277,7 @@ def _grouped_tiles(problems, block_n: int) -> tuple[tuple[int, ...], tuple[int, 
 
     tiles, segments = [], []
     for switch, n_start, n_stop, problem_segments in sorted(problems, key=work, reverse=True):
-        first = len(segments) // 3
+        first = len(segments) // SEGMENT_FIELDS.value
         for segment in problem_segments:
             segments += segment
         for n0 in range(n_start, n_stop, block_n):
@@ -308,7 +317,7 @@ def grad_weight_schedule(
                 work.append((m0, n0, over))
     tiles, segments = [], []
     for m0, n0, over in sorted(work, key=lambda t: len(t[2]), reverse=True):
-        first = len(segments) // 6
+        first = len(segments) // WEIGHT_SEGMENT_FIELDS.value
         tiles += [m0, n0, first, first + len(over)]
         for rect in over:
             segments += rect
@@ -384,7 +393,7 @@ def sliced_conv2d_forward(x, weight, bias, blocks, num_switches, stride, padding
     y = x.new_empty(shape) if full else x.new_zeros(shape)
     num_m_tiles = triton.cdiv(g.batch * g.oh * g.ow, block_m)
     with on_device(x):
-        _forward_kernel[(num_m_tiles * (len(tiles) // TILE_FIELDS),)](
+        _forward_kernel[(num_m_tiles * (len(tiles) // TILE_FIELDS.value),)](
             x,
             weight,
             bias if bias is not None else weight,
@@ -422,7 +431,7 @@ def _grad_input(grad_y, weight, x, g, conv, blocks, input_shared):
     everything_read = sum(i1 - i0 for _, i0, i1 in read) == g.c_in * (x.shape[0] // g.batch)
     grad_x = torch.empty_like(x) if everything_read else torch.zeros_like(x)
     num_m_tiles = triton.cdiv(g.batch * g.h * g.w, block_m)
-    _grad_input_kernel[(num_m_tiles * (len(tiles) // TILE_FIELDS),)](
+    _grad_input_kernel[(num_m_tiles * (len(tiles) // TILE_FIELDS.value),)](
         grad_y,
         weight,
         grad_x,
@@ -453,7 +462,7 @@ def _grad_weight(grad_y, x, weight, g, conv, blocks, input_shared, splits):
     block_n = _block(g.c_in * taps, 64, x.dtype)
     block_k = _block(g.batch * g.oh * g.ow, 32, x.dtype)
     tiles, segments = grad_weight_schedule(blocks, bool(input_shared), taps, g.c_out, g.c_in, block_m, block_n)
-    num_tiles, pixels = len(tiles) // 4, g.batch * g.oh * g.ow
+    num_tiles, pixels = len(tiles) // WEIGHT_TILE_FIELDS.value, g.batch * g.oh * g.ow
     if splits is None:  # split the pixel reduction when the weight has too few tiles to fill the GPU
         splits = max(1, min(TARGET_PROGRAMS // num_tiles, triton.cdiv(pixels, 8 * block_k)))
     pixels_per_split, splits = split_evenly(pixels, splits, block_k)

@@ -136,13 +136,13 @@ def _expected_reads(blocks, input_shared, grad_input):
 @pytest.mark.parametrize("input_shared", [False, True], ids=["stacked", "shared"])
 @pytest.mark.parametrize("grad_input", [False, True], ids=["forward", "grad_input"])
 def test_gemm_schedule_writes_every_element_once_largest_problem_first(input_shared, grad_input):
-    from paradis_fast.kernels.sliced_conv2d import forward_schedule, grad_input_schedule
+    from paradis_fast.kernels.sliced_conv2d import TILE_FIELDS, forward_schedule, grad_input_schedule
 
     c_in, c_out, block_n = (3 if input_shared else 37), 29, 16
     blocks = conv_blocks(SCHEDULE_SWITCHES, c_in, c_out, input_shared)
     schedule = grad_input_schedule if grad_input else forward_schedule
     tiles, segments = schedule(blocks, input_shared, block_n)
-    tiles = [tiles[k : k + 5] for k in range(0, len(tiles), 5)]
+    tiles = [tiles[k : k + TILE_FIELDS.value] for k in range(0, len(tiles), TILE_FIELDS.value)]
     segments = [tuple(segments[k : k + 3]) for k in range(0, len(segments), 3)]
     computed, problems = {}, {}
     for switch, n0, n_stop, first, stop in tiles:
@@ -160,13 +160,15 @@ def test_gemm_schedule_writes_every_element_once_largest_problem_first(input_sha
 
 @pytest.mark.parametrize("input_shared", [False, True], ids=["stacked", "shared"])
 def test_grad_weight_schedule_sums_every_overlapping_block(input_shared):
-    from paradis_fast.kernels.sliced_conv2d import grad_weight_schedule
+    from paradis_fast.kernels.sliced_conv2d import WEIGHT_SEGMENT_FIELDS, WEIGHT_TILE_FIELDS, grad_weight_schedule
 
     c_in, c_out, taps, bm, bn = (3 if input_shared else 37), 29, 9, 16, 32
     blocks = conv_blocks(SCHEDULE_SWITCHES, c_in, c_out, input_shared)
     tiles, segments = grad_weight_schedule(blocks, input_shared, taps, c_out, c_in, bm, bn)
-    tiles = [tiles[k : k + 4] for k in range(0, len(tiles), 4)]
-    segments = [segments[k : k + 6] for k in range(0, len(segments), 6)]
+    tiles = [tiles[k : k + WEIGHT_TILE_FIELDS.value] for k in range(0, len(tiles), WEIGHT_TILE_FIELDS.value)]
+    segments = [
+        segments[k : k + WEIGHT_SEGMENT_FIELDS.value] for k in range(0, len(segments), WEIGHT_SEGMENT_FIELDS.value)
+    ]
     summed = torch.zeros(c_out, c_in * taps, dtype=torch.long)
     for m0, n0, first, stop in tiles:
         assert m0 % bm == 0 and n0 % bn == 0
