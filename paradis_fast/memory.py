@@ -1,11 +1,10 @@
 """Keep the memory that tensors free inside the process (glibc malloc), for CPU training and serving.
 
 glibc hands large blocks back to the kernel on free and maps fresh pages for the next one, so
-every activation pays page faults on first touch (measured here ~0.4 ms per MB: a 50 MB training
-activation costs ~20 ms before any arithmetic). With mmap off for allocations and no heap
-trimming, freed blocks are reused as a caching allocator would: the ParaDiS MobileNet training step
-of bench/README.md went from ~550 to ~440 ms, a 2x0.5 part serving one 224 px image from ~8.5 to
-~6 ms, for some more peak resident memory, which the process keeps. Process-wide, so only the
+every activation pays page faults on first touch, before any arithmetic. With mmap off for
+allocations and no heap trimming, freed blocks are reused as a caching allocator would: training
+steps and served requests get faster (figures in bench/README.md), for some more peak resident
+memory, which the process keeps. Process-wide, so only the
 package's own processes (the trainer's and the server's CLI) turn it on; library code never does.
 """
 

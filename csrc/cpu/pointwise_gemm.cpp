@@ -29,6 +29,8 @@ using at::Tensor;
 namespace {
 
 constexpr int kLanes = 16;
+// Tuned on the Sapphire Rapids host of bench/README.md (2 cores, 48 KiB L1d and 2 MiB L2 per core,
+// AVX-512), by paired A/B runs of the op; the figures and what was tried are there.
 constexpr int kMaxVectors = 4;  // columns of a tile: up to 64
 constexpr int64_t kTile = kMaxVectors * kLanes;
 constexpr int64_t kTaskRows = 96;            // rows of the forward per task (a multiple of the tiles' rows)
@@ -43,8 +45,7 @@ constexpr int64_t kBand = 48;                       // output rows of a weight-g
 constexpr int kAheadTiles = 2;                      // a's rows asked for this many tiles of rows before they are used
 constexpr int64_t kFetchStride = 64;                // ... where they are at least this many floats apart
 // Outputs larger than this are written with non-temporal stores: they would not stay cached for
-// the next op anyway (half this machine's L3), and a normal store first reads each line it writes
-// (32-64 @32 forward 6.4 -> 3.1 ms, input gradient 7.7 -> 5.0 ms; bench/README.md).
+// the next op anyway (half that machine's L3), and a normal store first reads each line it writes.
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 // Rows of a tile of V vectors: R * V accumulators, V loaded vectors and a broadcast in 32 registers.
@@ -168,7 +169,7 @@ void tile_column(const float* a, int64_t a_r, int64_t a_k, const float* b, int64
 // a_rows of them exist and are fetched tiles ahead; or a is read across (a_r == 1: the weight
 // gradient, k over rows of a and of b, whose k-rows are contiguous), and each pass fetches the next
 // pass's rows of both. Only where a's rows are kFetchStride or more floats apart: on narrower
-// layers the hardware keeps up and the prefetches only cost (8-16 @8 weight gradient 83 -> 68 us).
+// layers the hardware keeps up and the prefetches only cost.
 void product(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t b_tile, int64_t K,
              const float* init, bool accumulate, float* c, int64_t ldc, int64_t rows, int64_t columns, int64_t a_rows,
              bool stream = false) {

@@ -35,7 +35,7 @@ class DistributedSplit:
     travels and each device decodes it. The partial outputs meet in one ``gather`` on the root,
     which sums them in rank order, adds the fusion and returns the output; other ranks return None.
     The root posts its gather before computing its own part, so the others' partials arrive while
-    it computes (a blocking ``reduce`` after the compute cost ~0.5-1 ms more per request over gloo).
+    it computes (a blocking ``reduce`` after the compute costs more per request over gloo).
     """
 
     def __init__(self, split: Split, root: int = 0, preprocess: Callable[[Tensor], Tensor] | None = None):

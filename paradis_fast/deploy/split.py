@@ -252,8 +252,8 @@ def split(model: Switchable, switch: SwitchLike) -> Split:
     """Cut `switch` of `model` into standalone per-device modules (inference: BatchNorm running
     statistics of the switch are folded in, whatever mode the model is in). On CPU the parts'
     weights are channels_last, like the models' activations there: oneDNN then runs every
-    convolution channels_last, whatever the layout of the image (a part at batch 1, 224 px:
-    7.1 -> 5.9 ms; bench/README.md)."""
+    convolution channels_last, whatever the layout of the image, which is faster there
+    (bench/README.md)."""
     switch = Switch.parse(switch)
     layout = _layout(model)
     row = model.switches.index(switch)
