@@ -15,8 +15,8 @@ import contextlib
 import pytest
 import torch
 
-import test_sliced_conv as conv_tests
-import test_switch_batch_norm as bn_tests
+import bn_oracle
+import conv_oracle
 from conftest import BN_CASES, CONV_CASES, _bn_id, _conv_id
 from paradis_fast import SwitchSet
 from paradis_fast.models import mobilenet_v1
@@ -138,12 +138,12 @@ def _assert_close(got, want, dtype, what):
 @pytest.mark.parametrize("case", CONV_MATRIX, ids=[_conv_id(c) for c in CONV_MATRIX])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_sliced_conv2d_matches_oracle(dtype, case):
-    x, weight, bias, g = conv_tests.make_inputs(case, torch.float64)
+    x, weight, bias, g = conv_oracle.make_inputs(case, torch.float64)
     grad_seed = torch.Generator().manual_seed(case["seed"] + 1)
-    stride, padding, dilation, shared = conv_tests.conv_args(case)
+    stride, padding, dilation, shared = conv_oracle.conv_args(case)
     (x, xr), (weight, wr), (bias, br) = (_rounded(t, dtype) for t in (x, weight, bias))
     xr, wr, br = _leaf(xr), _leaf(wr), _leaf(br)
-    yr = conv_tests.oracle(xr, wr, br, case["switches"], stride, padding, dilation, shared)
+    yr = conv_oracle.oracle(xr, wr, br, case["switches"], stride, padding, dilation, shared)
     grad_y, grad_yr = _rounded(torch.randn(yr.shape, generator=grad_seed, dtype=torch.float64), dtype)
     yr.backward(grad_yr)
     with _kernels("registered", "sliced_conv2d"):
@@ -156,12 +156,12 @@ def test_sliced_conv2d_matches_oracle(dtype, case):
     _assert_close(wo.grad, wr.grad, dtype, "grad weight")
     if bias is not None:
         _assert_close(bo.grad, br.grad, dtype, "grad bias")
-    conv_tests.assert_uncovered_exact_zeros(case, y.cpu(), xo.grad.cpu(), wo.grad.cpu(), None)
+    conv_oracle.assert_uncovered_exact_zeros(case, y.cpu(), xo.grad.cpu(), wo.grad.cpu(), None)
 
 
 def test_sliced_conv2d_gradients_are_deterministic():
     case = BIG_CONV[0]
-    x, weight, _, _ = conv_tests.make_inputs(case, torch.float32)
+    x, weight, _, _ = conv_oracle.make_inputs(case, torch.float32)
     with _kernels("registered", "sliced_conv2d"):
         grads = []
         for _ in range(2):
@@ -178,12 +178,12 @@ def test_sliced_conv2d_gradients_are_deterministic():
 @pytest.mark.parametrize("source", ["registered", "triton"])
 def test_switch_batch_norm_matches_oracle(source, dtype, case):
     """x (and grad_y) in dtype, float32 parameters and running statistics, as a mixed-precision model."""
-    (x, weight, bias, running_mean, running_var), g = bn_tests.make_inputs(dict(case, dtype=torch.float64))
+    (x, weight, bias, running_mean, running_var), g = bn_oracle.make_inputs(dict(case, dtype=torch.float64))
     rows = case["rows"] if case["rows"] is not None else list(range(len(case["switches"])))
     x, xr = _rounded(x, dtype)
     params = [t.float() for t in (weight, bias, running_mean, running_var)]
     xr, wr, br = _leaf(xr), _leaf(params[0].double()), _leaf(params[1].double())
-    yr, stats = bn_tests.oracle(
+    yr, stats = bn_oracle.oracle(
         xr,
         wr,
         br,
@@ -191,7 +191,7 @@ def test_switch_batch_norm_matches_oracle(source, dtype, case):
         params[3].double(),
         case["switches"],
         case["training"],
-        bn_tests.EPS,
+        bn_oracle.EPS,
         case["activation"],
         rows,
     )
@@ -208,7 +208,7 @@ def test_switch_batch_norm_matches_oracle(source, dtype, case):
             case["switches"],
             case["training"],
             0.1,
-            bn_tests.EPS,
+            bn_oracle.EPS,
             case["activation"],
             rows=case["rows"],
         )
@@ -218,7 +218,7 @@ def test_switch_batch_norm_matches_oracle(source, dtype, case):
     _assert_close(xo.grad, xr.grad, dtype, "grad x")
     _assert_close(wo.grad, wr.grad, torch.float32, "grad weight")  # float32 parameters: no output rounding
     _assert_close(bo.grad, br.grad, torch.float32, "grad bias")
-    bn_tests.check_zeros_outside(
+    bn_oracle.check_zeros_outside(
         case["switches"], rows, case["num_rows"], case["channels"], y.cpu(), xo.grad.cpu(), wo.grad.cpu(), bo.grad.cpu()
     )
     if case["training"]:  # the running statistics moved towards the batch ones, covered channels only

@@ -19,7 +19,8 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by tests/test_triton_kernels.py with TRITON_INTERPRET=1", allow_module_level=True)
 
-import test_sliced_conv as conv_tests  # noqa: E402  (the oracles and test bodies of the ops)
+import conv_oracle  # noqa: E402
+import test_sliced_conv as conv_tests  # noqa: E402  (the test bodies of the ops, run here with Triton kernels)
 import test_switch_batch_norm as bn_tests  # noqa: E402
 from conftest import BN_CASES, CONV_CASES, _bn_id, _conv_id  # noqa: E402
 
@@ -181,8 +182,8 @@ def test_launch_conv_float16_with_float32_accumulation(triton_backend):
     """16-bit in and out, fp32 accumulation: within fp16 rounding of the float64 oracle. (bf16 takes
     the same path; the interpreter's tl.dot cannot multiply bf16, so bf16 is checked on a GPU.)"""
     case = dict(CONV_LAUNCH, bias=True, seed=7)
-    x, weight, bias, g = conv_tests.make_inputs(case, torch.float16)
-    op, ref = conv_tests.run_both(case, x, weight, bias, g)
+    x, weight, bias, g = conv_oracle.make_inputs(case, torch.float16)
+    op, ref = conv_oracle.run_both(case, x, weight, bias, g)
     for name, got, want in zip(("y", "grad x", "grad weight", "grad bias"), op, ref):
         assert got.dtype == torch.float16, name
         torch.testing.assert_close(got.double(), want, rtol=5e-3, atol=5e-3, msg=lambda m: f"{name}: {m}")
