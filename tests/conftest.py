@@ -31,7 +31,8 @@ except ImportError:  # running `pytest` from a checkout that is not installed
 from paradis_fast.ops import available_backends, use_backend
 
 
-def _cpu_has(flag: str) -> bool:
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists the instruction-set flag (avx512f, ...)."""
     try:
         with open("/proc/cpuinfo") as info:
             return f" {flag}" in info.read()
@@ -39,7 +40,7 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-if not _cpu_has("avx512f"):
+if not cpu_has("avx512f"):
     # PyTorch 2.13's oneDNN corrupted the heap in convolution backward on an AVX2-only host (AMD
     # EPYC: glibc aborted inside its brgemm JIT in 1 of 6 ResNet20 steps on the reference backend,
     # plain ATen ops only; none of 6 with oneDNN off; bench/README.md): there the tests run ATen's

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import test_sliced_conv as conv_tests
+from conftest import cpu_has
 from paradis_fast import SwitchSet
 from paradis_fast.ops import available_backends, use_backend
 from paradis_fast.ops.plan import conv_blocks
@@ -156,15 +157,9 @@ def test_gradients_bit_identical_across_runs_with_two_threads(two_threads, kerne
             assert torch.equal(first, again), f"{what} differs between identical runs"
 
 
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return " avx512f" in info.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512(), reason="the narrow-group kernels need AVX-512F; this CPU runs oneDNN for them")
+@pytest.mark.skipif(
+    not cpu_has("avx512f"), reason="the narrow-group kernels need AVX-512F; this CPU runs oneDNN for them"
+)
 @pytest.mark.parametrize("isa, dnnl_calls", [("native", 1), ("baseline", 3)])
 def test_narrow_group_units_skip_onednn(monkeypatch, isa, dnnl_calls):
     """The 2x0.5 and 4x0.25 units of a 16-channel 3x3 layer (nhwc f32) run on the narrow-group
@@ -203,7 +198,9 @@ def _pointwise_problem(specs, batch, c_in, c_out, hw, seed):
     return x, weight, grad_y, list(conv_blocks(switches, c_in, c_out, False))
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
+@pytest.mark.skipif(
+    not cpu_has("avx512f"), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them"
+)
 @pytest.mark.parametrize(
     "batch, hw, ours",
     [(2, (6, 5), True), (64, (4, 4), True), (8, (4, 4), False)],
@@ -233,7 +230,9 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
+@pytest.mark.skipif(
+    not cpu_has("avx512f"), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them"
+)
 @pytest.mark.parametrize(
     "hw, stride, dnnl_in_baseline",
     [((13, 12), (2, 3), True), ((9, 8), (3, 3), False)],
@@ -272,7 +271,9 @@ def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch,
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them")
+@pytest.mark.skipif(
+    not cpu_has("avx512f"), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them"
+)
 def test_pointwise_outputs_larger_than_16_mib_are_streamed_correctly(monkeypatch):
     """y (42 MiB) and grad_x (21 MiB) go out through non-temporal stores where a tile's row is
     64-byte aligned, with masked stores for partial vectors (1x0.75: 72 of 96 channels, the rest
@@ -293,7 +294,7 @@ def test_pointwise_outputs_larger_than_16_mib_are_streamed_correctly(monkeypatch
 
 
 @pytest.mark.skipif(
-    not _has_avx512(),
+    not cpu_has("avx512f"),
     reason="the pointwise kernels need AVX-512F; this CPU runs BLAS, whose sums follow the thread count",
 )
 def test_pointwise_weight_gradient_same_for_any_thread_count():

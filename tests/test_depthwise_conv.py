@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_cpu_sliced_conv import _has_avx512
+from conftest import cpu_has
 from paradis_fast.nn import DepthwiseConv2d
 from paradis_fast.ops import available_backends, depthwise_conv2d, use_backend
 from paradis_fast.ops.depthwise_conv import SMALL_IMAGE_PIXELS
@@ -102,7 +102,7 @@ def test_weight_gradient_bit_identical_across_runs_and_threads(threads):
 
 
 @needs_native
-@pytest.mark.skipif(not _has_avx512(), reason="the depthwise weight-gradient kernel needs AVX-512F")
+@pytest.mark.skipif(not cpu_has("avx512f"), reason="the depthwise weight-gradient kernel needs AVX-512F")
 @pytest.mark.parametrize(
     "case, layout",
     [("16ch", torch.channels_last), ("32ch-1x1-image", torch.contiguous_format)],
