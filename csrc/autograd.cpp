@@ -1,7 +1,6 @@
 // The autograd of the paradis ops, one registration per op (the Autograd dispatch key): the
 // forward redispatches the same op below autograd to the device's kernel, the backward calls the
 // op's backward op. Eager, torch.compile and torch.export calls all run through it.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/hardtanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
 #include <torch/autograd.h>
@@ -13,6 +12,7 @@
 #include <vector>
 
 #include "layout.h"
+#include "op_signatures.h"
 
 namespace paradis {
 namespace {
@@ -21,13 +21,6 @@ using at::IntArrayRef;
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using Grads = std::tuple<Tensor, Tensor, Tensor>;
-
-// The typed handle of an op (callers keep it in a static: the lookup is a hash-map search).
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // The backward kernels have no derivative of their own: create_graph=True (a double backward) gets
 // a clear error, not the autograd fallback's warning and silently wrong zeros.
@@ -63,11 +56,6 @@ variable_list convolution_grads(const c10::List<bool>& mask, const Grads& grads,
   return out;
 }
 
-using SlicedConv2dFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, int64_t,
-                              IntArrayRef, IntArrayRef, IntArrayRef, bool);
-using SlicedConv2dBackwardFn = Grads(const Tensor&, const Tensor&, const Tensor&, IntArrayRef, int64_t, IntArrayRef,
-                                     IntArrayRef, IntArrayRef, bool, const c10::List<bool>&);
-
 class SlicedConv2d : public torch::autograd::Function<SlicedConv2d> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -99,12 +87,6 @@ Tensor sliced_conv2d_autograd(const Tensor& x, const Tensor& weight, const std::
                               IntArrayRef dilation, bool input_shared) {
   return SlicedConv2d::apply(x, weight, bias, blocks, num_switches, stride, padding, dilation, input_shared);
 }
-
-using Stats = std::tuple<Tensor, Tensor, Tensor>;
-using SwitchBatchNormFn = Stats(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, IntArrayRef,
-                                IntArrayRef, bool, double, c10::string_view, const std::optional<Tensor>&);
-using SwitchBatchNormBackwardFn = Stats(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                        const Tensor&, IntArrayRef, IntArrayRef, bool, double, c10::string_view);
 
 // The gradient of y = activation(z) at z, from y: z > 0 exactly where relu's y > 0, and 0 < z < 6
 // where 0 < relu6's y < 6.
@@ -167,11 +149,6 @@ Stats switch_batch_norm_autograd(const Tensor& x, const Tensor& weight, const Te
                                                    eps, activation, residual);
   return {out[0], out[1], out[2]};
 }
-
-using DepthwiseConv2dFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, IntArrayRef,
-                                 IntArrayRef);
-using DepthwiseConv2dBackwardFn = Grads(const Tensor&, const Tensor&, const Tensor&, IntArrayRef, IntArrayRef,
-                                        IntArrayRef, const c10::List<bool>&);
 
 class DepthwiseConv2d : public torch::autograd::Function<DepthwiseConv2d> {
  public:

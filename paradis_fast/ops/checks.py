@@ -40,6 +40,18 @@ def same_dtype(op: str, **named: torch.Tensor | None) -> None:
         raise TypeError(f"{op}: mixed dtypes ({listing}); convert them to one dtype")
 
 
+def autocast_unifies(*values: torch.Tensor | None) -> bool:
+    """Whether the torch.autocast active on the tensors' device brings them to one dtype, as it does
+    for F.conv2d's arguments (it never casts float64)."""
+    present = [value for value in values if value is not None]
+    device_type = present[0].device.type
+    return (
+        torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+        and all(value.dtype != torch.float64 for value in present)
+    )
+
+
 def rank(op: str, name: str, value: torch.Tensor, expected: int | Sequence[int], layout: str) -> None:
     allowed = (expected,) if isinstance(expected, int) else tuple(expected)
     if value.dim() not in allowed:

@@ -40,7 +40,8 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     weight ``[C, 1, kh, kw]``: on small images through the backend serving the op (on CPU the
     paradis op, whose weight gradient is paradis_fast's kernel); F.conv2d itself otherwise."""
     checks.tensors(OP, x=x, weight=weight, bias=bias)
-    checks.same_dtype(OP, x=x, weight=weight, bias=bias)
+    if not checks.autocast_unifies(x, weight, bias):
+        checks.same_dtype(OP, x=x, weight=weight, bias=bias)
     checks.rank(OP, "x", x, 4, "4-D [N, C, H, W]")
     checks.rank(OP, "weight", weight, 4, "4-D [C, 1, kh, kw]")
     channels = x.shape[1]

@@ -44,7 +44,8 @@ def sliced_conv2d(
     """
     switches = checks.switch_set(switches)
     checks.tensors(OP, x=x, weight=weight, bias=bias)
-    checks.same_dtype(OP, x=x, weight=weight, bias=bias)
+    if not checks.autocast_unifies(x, weight, bias):
+        checks.same_dtype(OP, x=x, weight=weight, bias=bias)
     checks.rank(OP, "x", x, 4, "4-D [S*B, C_in, H, W]")
     checks.rank(OP, "weight", weight, 4, "4-D [C_out, C_in, kh, kw]")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):

@@ -77,12 +77,18 @@ def switch_batch_norm(
     can run a subset of its switches while the parameters of the others stay untouched.
     ``residual`` (x's shape and dtype): y = activation(BatchNorm(x) + residual), a residual
     block's tail, added in the kernel's own pass where the backend fuses it (``cpu``).
+
+    Under torch.autocast x comes in the autocast dtype and the parameters and statistics stay
+    float32 (computed in float32, y in x's dtype), as with F.batch_norm; a residual of another
+    dtype is promoted with x to the wider one.
     """
     switches = checks.switch_set(switches)
     checks.tensors(
         OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var, residual=residual
     )
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    if residual is not None and (
+        residual.shape != x.shape or (residual.dtype != x.dtype and not checks.autocast_unifies(x, residual))
+    ):
         raise ValueError(
             f"{OP}: residual must have x's shape and dtype {tuple(x.shape)} {x.dtype}, "
             f"got {tuple(residual.shape)} {residual.dtype}"
