@@ -19,6 +19,7 @@ from paradis_fast.train.baselines import Sandwich, equal_cost_width, relative_co
 from paradis_fast.train.calibrate import calibrate_batch_norm
 from paradis_fast.train.checkpoint import load_checkpoint
 from paradis_fast.train.experiment import build
+from paradis_fast.train.precision import Precision, default_precision
 from paradis_fast.train.trainer import warmup_cosine
 
 TINY = dict(model="mobilenet_v1", dataset="digits", width_mult=0.25, batch_size=128, quiet=True)
@@ -32,8 +33,10 @@ def _parameters(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_resume_continues_to_the_uninterrupted_result(tmp_path):
-    config = dict(TINY, switches=["1x1.0", "0.5+0.25+0.25"], epochs=2, seed=5)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_continues_to_the_uninterrupted_result(tmp_path, precision):
+    """Also under float16 autocast, whose loss scale is part of the state; weights stay float32."""
+    config = dict(TINY, switches=["1x1.0", "0.5+0.25+0.25"], epochs=2, seed=5, precision=precision)
     straight = run(TrainConfig(**config, out=str(tmp_path / "straight")), log=lambda line: None)
 
     def crash_after_first_epoch(line):
@@ -51,6 +54,7 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+        assert not a[key].is_floating_point() or a[key].dtype == torch.float32, key
     rows = list(csv.DictReader(open(tmp_path / "resumed" / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
 
@@ -202,3 +206,36 @@ def test_progress_bar_only_on_a_terminal_unless_quiet(monkeypatch, terminal, qui
         assert "epoch 1/1" in shown and "loss=" in shown and "img_s=" in shown
     else:
         assert shown == ""
+
+
+def test_float16_steps_with_inf_gradients_are_skipped_and_counted():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precision = Precision("fp16")
+    before = model.weight.detach().clone()
+    with precision.autocast():
+        loss = model(torch.full((1, 3), float("inf"))).float().sum()
+    assert not precision.backward_and_step(loss, optimizer)
+    assert precision.skipped_steps == 1 and torch.equal(model.weight, before)
+    with precision.autocast():
+        loss = model(torch.ones(1, 3)).float().sum()
+    optimizer.zero_grad()
+    assert precision.backward_and_step(loss, optimizer)
+    assert precision.skipped_steps == 1 and not torch.equal(model.weight, before)
+
+
+def test_precision_names_and_defaults():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        Precision("fp8")
+    assert str(Precision("bf16")) == "bf16 autocast" and str(Precision("fp16")) == "fp16 autocast with loss scaling"
+    fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert default_precision(torch.device("cpu")) == ("bf16" if fast else "fp32")
+
+
+def test_train_command_takes_precision(tmp_path, capsys):
+    argv = ["train", "--model", "mobilenet_v1", "--width-mult", "0.25", "--epochs", "1", "--batch-size", "256"]
+    cli.main([*argv, "--precision", "bf16", "--quiet", "--out", str(tmp_path)])
+    assert "precision bf16 autocast" in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["precision"]["name"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in state["state_dict"].values() if v.is_floating_point())

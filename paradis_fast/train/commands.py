@@ -99,6 +99,7 @@ def calibrate(args) -> dict:
 def register(subparsers) -> None:
     from .baselines import BASELINES
     from .datasets import names
+    from .precision import PRECISIONS
 
     p = subparsers.add_parser(
         "train",
@@ -157,6 +158,13 @@ def register(subparsers) -> None:
         type=_width_list,
         default=None,
         help="with --baseline slimmable: its widths, e.g. 1.0,0.75,0.5,0.25 (default: derived from --switches)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="fp32, or autocast in bf16 / fp16 (fp16 with loss scaling); weights and checkpoints stay fp32 "
+        "(default: bf16 where the device has bf16 units -- AMX/AVX512-BF16 CPUs, Ampere+ GPUs -- else fp32)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not on a terminal)")
     memory.add_release_argument(p)

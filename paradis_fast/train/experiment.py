@@ -17,6 +17,7 @@ from ..switches import SwitchSet
 from . import baselines, datasets, distributed, reports
 from .checkpoint import build_model, checkpoint_fields, save
 from .loss import InplaceDistillationLoss, SuperResolutionLoss
+from .precision import Precision, default_precision
 from .trainer import Trainer, make_optimizer, psnr, warmup_cosine
 
 CLASSIFIERS = ("mobilenet_v1", "resnet20", "resnet50")
@@ -47,6 +48,7 @@ class TrainConfig:
     baseline: str | None = None
     slimmable_widths: list | None = None
     quiet: bool = False
+    precision: str | None = None  # fp32, bf16 or fp16; None: bf16 where the device computes it fast
     model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"n_blocks": 4}
     dataset_kwargs: dict = field(default_factory=dict)  # extra loader arguments, e.g. {"patch": 32}
 
@@ -147,6 +149,7 @@ def build(config: TrainConfig, context: distributed.Context = distributed.Contex
         progress=not config.quiet and context.is_main,
         log=log if context.is_main else _silent,
         device=context.device,
+        precision=Precision(config.precision or default_precision(context.device), context.device),
     )
     if config.resume:
         _resume(trainer, config, name, switches)
@@ -183,7 +186,7 @@ def _train(config: TrainConfig, context: distributed.Context, log) -> dict:
     split, spec, trainer = build(config, context, log)
     log(
         f"training {spec[0]} on {config.dataset} ({len(split.train)} train / {len(split.val)} val), "
-        f"switches {', '.join(str(s) for s in trainer.model.switches)}"
+        f"switches {', '.join(str(s) for s in trainer.model.switches)}, precision {trainer.precision}"
         + (f", baseline {config.baseline}" if config.baseline else "")
         + (f", {context.world_size} processes" if context.distributed else "")
     )

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .loss import InplaceDistillationLoss
+from .precision import Precision
 
 METRICS = {"classification": "accuracy", "super_resolution": "psnr"}
 
@@ -42,7 +43,7 @@ def evaluate(
     total, count = None, 0
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
-        outputs = model(inputs)
+        outputs = model(inputs).float()
         if task == "classification":
             score = (outputs.argmax(-1) == targets).sum(-1).double()
         else:
@@ -80,7 +81,8 @@ class Trainer:
     ``choose_switches(generator)``, if given, returns the switches to run at each step (the sandwich
     rule of slimmable networks); the loss's teacher follows the widest of them. ``generator`` drives
     every random choice of the loop (shuffling too, unless the loader has its own sampler), so its
-    state in a checkpoint makes a resumed run repeat an uninterrupted one.
+    state in a checkpoint makes a resumed run repeat an uninterrupted one. ``precision`` (default
+    float32) runs the forward passes under autocast and scales the loss where float16 needs it.
     """
 
     def __init__(
@@ -99,8 +101,10 @@ class Trainer:
         progress: bool = False,
         log=print,
         device: torch.device | str = "cpu",
+        precision: Precision | None = None,
     ):
         self.model, self.module, self.device = model, module or model, torch.device(device)
+        self.precision = precision or Precision("fp32", self.device)
         self.criterion, self.optimizer, self.scheduler = criterion, optimizer, scheduler
         self.train_loader, self.val_loader, self.task, self.scale = train, val, task, scale
         self.generator = generator or torch.Generator().manual_seed(0)
@@ -130,16 +134,17 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         start, seen, total_loss = time.perf_counter(), 0, 0.0
+        skipped = self.precision.skipped_steps
         bar = self._bar(epochs)
         for inputs, targets in bar:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             if self.choose_switches is not None:
                 self.model.set_active(self.choose_switches(self.generator))
             self.criterion.teacher = self.model.active.widest
-            loss = self.criterion(self.module(inputs), targets)
+            with self.precision.autocast():
+                loss = self.criterion(self.module(inputs), targets)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.precision.backward_and_step(loss, self.optimizer)
             self.scheduler.step()
             seen += len(targets)
             total_loss += loss.item() * len(targets)
@@ -150,10 +155,12 @@ class Trainer:
             "loss": total_loss / max(seen, 1),
             "images_per_s": seen / (time.perf_counter() - start),
             "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped_steps": self.precision.skipped_steps - skipped,
         }
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model.set_active(None), self.val_loader, self.task, self.scale, self.device)
+        with self.precision.autocast():
+            return evaluate(self.model.set_active(None), self.val_loader, self.task, self.scale, self.device)
 
     def fit(self, epochs: int, on_epoch_end: Callable | None = None) -> dict[str, float]:
         """Train from ``self.epoch`` up to ``epochs``; returns the last evaluation of every switch."""
@@ -169,9 +176,10 @@ class Trainer:
             unit = "%" if self.task == "classification" else " dB"
             factor = 100 if self.task == "classification" else 1
             shown = "  ".join(f"{name} {value * factor:.2f}{unit}" for name, value in scores.items())
+            skipped = record["skipped_steps"]
             self.log(
                 f"epoch {self.epoch}/{epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s  "
-                f"val {self.metric}  {shown}"
+                f"val {self.metric}  {shown}" + (f"  ({skipped} steps skipped: inf/nan gradients)" if skipped else "")
             )
         return scores
 
@@ -181,6 +189,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "history": self.history,
+            "precision": self.precision.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
         }
 
@@ -188,6 +197,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.history = state["epoch"], list(state["history"])
+        if "precision" in state:  # checkpoints written before --precision trained in float32
+            self.precision.load_state_dict(state["precision"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
 
