@@ -1,6 +1,7 @@
 """Benchmark of paradis_fast against the plain PyTorch ways, for every op and a training step.
 
-    python bench/run.py [--quick] [--out DIR] [--device cpu|cuda] [--threads N] [--no-compile]
+    python bench/run.py [--quick] [--out DIR] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--threads N]
+                        [--no-compile]
 
 For each layer of the suite (bench/suites.py) and each of forward and forward+backward, the median
 time of (a) the slimmable-style loop, (b) the best single-call plain alternative (grouped or
@@ -10,6 +11,9 @@ same FLOPs. Then the training step of ParaDiS MobileNet v1 (small_input) and Res
 switches at once (d) against one forward+backward per switch (a). Methods are timed round-robin in
 one run, so the ratios hold under load. The process keeps freed memory for every method alike, as
 the trainer's does (--release-freed-memory: glibc's default, which page-faults fresh activations).
+With --dtype bf16 or fp16 every method runs under torch.autocast in that dtype (float32 weights, the
+BatchNorms' inputs in the low dtype as a convolution under autocast gives them), the bound is the
+dense matmul in that dtype, and the training step is also timed in float32 for the step's speed-up.
 Prints the ratio table and writes results.csv, machine.json and results.png to --out.
 """
 
@@ -40,6 +44,8 @@ from paradis_fast.train import InplaceDistillationLoss  # noqa: E402
 from paradis_fast import memory  # noqa: E402
 
 SLIMMABLE_LOOP = "slimmable_loop"
+FP32_STEP = "d:fp32"  # (d)'s training step in float32, timed beside the --dtype run
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def conv_flops(layer: suites.ConvLayer, switches: SwitchSet) -> int:
@@ -63,26 +69,33 @@ def layout_inputs(inputs, grad_out):
     return {False: (inputs, grad_out), True: ((x, *inputs[1:]), grad_out.contiguous(memory_format=torch.channels_last))}
 
 
-def fwd_and_fwd_bwd(fns, inputs, grad_out):
+def autocast(args):
+    """The precision every method runs in: torch.autocast in --dtype, or plain float32."""
+    return torch.autocast(args.device, dtype=args.autocast or torch.float32, enabled=args.autocast is not None)
+
+
+def fwd_and_fwd_bwd(fns, inputs, grad_out, args):
     """Per method: a forward without autograd, and a forward+backward into its inputs."""
     variants = layout_inputs(inputs, grad_out)
 
     def forward(name, fn):
-        args = variants[name.endswith(NHWC)][0]
+        inputs = variants[name.endswith(NHWC)][0]
 
         def run():
-            with torch.no_grad():
-                fn(*args)
+            with torch.no_grad(), autocast(args):
+                fn(*inputs)
 
         return run
 
     def forward_backward(name, fn):
-        args, grad = variants[name.endswith(NHWC)]
+        inputs, grad = variants[name.endswith(NHWC)]
 
         def run():
-            for t in args:
+            for t in inputs:
                 t.grad = None
-            fn(*args).backward(grad)
+            with autocast(args):
+                y = fn(*inputs)
+            y.backward(grad)
 
         return run
 
@@ -121,12 +134,14 @@ def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
     return fns, extra
 
 
-def runnable(fns, inputs, grad_out):
+def runnable(fns, inputs, grad_out, args):
     """The extra methods that run on this machine (torch._grouped_mm needs a recent GPU)."""
     kept = {}
     for name, fn in fns.items():
         try:
-            fn(*inputs).backward(grad_out)
+            with autocast(args):
+                y = fn(*inputs)
+            y.backward(grad_out)
             kept[name] = fn
         except RuntimeError as error:
             print(f"  {name} skipped: {str(error).splitlines()[0]}", file=sys.stderr)
@@ -160,10 +175,10 @@ def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
 def time_layer(kind, name, fns, inputs, grad_out, flops, args, extra=None):
     """Rows of results for one layer: both passes, every method, plus the dense-mm bound."""
     fns = {**fns, **(extra or {})}
-    fwd, fwd_bwd = fwd_and_fwd_bwd(fns, inputs, grad_out)
+    fwd, fwd_bwd = fwd_and_fwd_bwd(fns, inputs, grad_out, args)
     mm_flops = 0
     if flops:
-        mm, mm_flops = timing.dense_mm(flops, args.device, args.dtype)
+        mm, mm_flops = timing.dense_mm(flops, args.device, args.autocast or args.dtype)
         fwd["mm"] = mm
         fwd_bwd["mm"] = lambda: (mm(), mm(), mm())  # backward = 2 GEMMs of the forward's FLOPs
     rows = []
@@ -215,7 +230,7 @@ def run_conv(args, switches):
             x.shape[0], layer.c_out, layer.out_size, layer.out_size, generator=g, device=args.device, dtype=args.dtype
         )
         fns, extra = conv_methods(layer, switches, args)
-        extra = runnable(extra, (x, w), grad_out)
+        extra = runnable(extra, (x, w), grad_out, args)
         started = time.perf_counter()
         rows += time_layer("sliced_conv2d", layer.name, fns, (x, w), grad_out, conv_flops(layer, switches), args, extra)
         print(f"  {layer.name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -232,7 +247,7 @@ def run_bn(args, switches):
             layer.size,
             layer.size,
             device=args.device,
-            dtype=args.dtype,
+            dtype=args.autocast or args.dtype,  # a convolution's output
             requires_grad=True,
         )
         w = (1 + 0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
@@ -253,10 +268,12 @@ def build_model(name: str, switches: SwitchSet, device: str):
     return model.to(device).train()
 
 
-def paradis_op_calls(model, x, target, criterion) -> str:
+def paradis_op_calls(model, x, target, criterion, args) -> str:
     """How many of the paradis op calls of one training step ran, forward and backward."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        criterion(model(x), target).backward()
+        with autocast(args):
+            loss = criterion(model(x), target)
+        loss.backward()
     names = [event.name for event in prof.events()]
     report = [
         f"{op}: {names.count(f'paradis::{op}')} forward, {names.count(f'paradis::{op}_backward')} backward calls"
@@ -286,14 +303,16 @@ def run_train(args, switches):
             with use_backend(SLIMMABLE_LOOP):
                 for switch in switches:
                     model.set_active([switch])
-                    loss = F.cross_entropy(model(x)[0], target)
+                    with autocast(args):
+                        loss = F.cross_entropy(model(x)[0], target)
                     if backward:
                         loss.backward()
             model.set_active(None)
             model.channels_last = None
 
-        def paradis_step(backward: bool):
-            loss = criterion(model(x), target)  # the model's own layout (channels_last on CPU)
+        def paradis_step(backward: bool, low_precision: bool = True):
+            with torch.autocast(args.device, enabled=low_precision and args.autocast is not None, dtype=args.autocast):
+                loss = criterion(model(x), target)  # the model's own layout (channels_last on CPU)
             if backward:
                 loss.backward()
 
@@ -302,12 +321,20 @@ def run_train(args, switches):
                 "a": functools.partial(loop_step, backward, False),
                 "b:loop" + NHWC: functools.partial(loop_step, backward, True),
                 "d" + model_layout(args): functools.partial(paradis_step, backward),
+                **({FP32_STEP: functools.partial(paradis_step, backward, False)} if args.autocast else {}),
             }
             for phase, backward in (("fwd", False), ("fwd+bwd", True))
         }
         for phase, group in groups.items():
             model.zero_grad(set_to_none=True)
-            for method, seconds in timing.interleaved_medians(group, args.device, args.train_reps, warmup=1).items():
+            medians = timing.interleaved_medians(group, args.device, args.train_reps, warmup=1)
+            if FP32_STEP in medians:
+                d = min(t for m, t in medians.items() if method_kind(m) == "d")
+                notes.append(
+                    f"{name} {phase}: (d) under {args.dtype_name} autocast {d * 1e3:.1f} ms, in float32 "
+                    f"{medians[FP32_STEP] * 1e3:.1f} ms: {medians[FP32_STEP] / d:.2f}x"
+                )
+            for method, seconds in medians.items():
                 rows.append(
                     dict(
                         kind="train step",
@@ -318,7 +345,7 @@ def run_train(args, switches):
                         flops=0,
                     )
                 )
-        notes.append(f"{name}: {paradis_op_calls(model, x, target, criterion)}")
+        notes.append(f"{name}: {paradis_op_calls(model, x, target, criterion, args)}")
     return rows, notes
 
 
@@ -443,6 +470,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", default=None, help="force a paradis backend for (d) (default: automatic choice)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="fp32, or every method under torch.autocast in bf16 / fp16 (float32 weights) (default fp32)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop"
@@ -456,8 +489,13 @@ def parse_args(argv=None):
         args.compile = False
     args.reps = args.reps or (3 if args.quick else 9)
     args.train_reps = 2 if args.quick else 5
-    args.dtype = torch.float32
+    args.dtype_name, args.autocast = args.dtype, DTYPES[args.dtype]  # what the methods compute in
+    args.dtype = torch.float32  # of the inputs and weights
     return args
+
+
+def precision(args) -> str:
+    return f"{args.dtype_name} autocast" if args.autocast else "float32"
 
 
 def main(argv=None):
@@ -489,7 +527,7 @@ def main(argv=None):
     table = ratio_table(rows)
     print(
         f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "
-        f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {args.dtype}; (a) NCHW, (b) best of NCHW "
+        f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {precision(args)}; (a) NCHW, (b) best of NCHW "
         f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run\n"
     )
     print_table(table)

@@ -102,3 +102,28 @@ def test_overhead_script_runs(capsys):
     spec.loader.exec_module(module)
     module.main(["--steps", "2"])
     assert "tiny ResNet20 step: median" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_methods_under_autocast_agree_and_run_in_the_low_dtype(run, dtype):
+    import suites
+
+    args = run.parse_args(["--reps", "1", "--no-compile", "--dtype", dtype])
+    low = run.DTYPES[dtype]
+    assert args.dtype == torch.float32 and args.autocast == low and run.precision(args) == f"{dtype} autocast"
+    layer = suites.ConvLayer("tiny", 8, 12, 3, 1, 6, 2)
+    fns, _ = run.conv_methods(layer, SWITCHES, args)
+    x = torch.randn(len(SWITCHES) * layer.batch, layer.c_in, layer.size, layer.size, requires_grad=True)
+    w = torch.randn(layer.c_out, layer.c_in, 3, 3, requires_grad=True)
+    outputs = {}
+    for name, fn in fns.items():
+        with run.autocast(args):
+            outputs[name] = fn(x, w)
+    eps = torch.finfo(low).eps
+    for name, y in outputs.items():
+        assert y.dtype == low, name
+        torch.testing.assert_close(y.float(), outputs["a"].float(), rtol=4 * eps, atol=0.1, msg=name)
+    grad_out = torch.randn(outputs["a"].shape)
+    rows = run.time_layer("sliced_conv2d", "tiny", fns, (x, w), grad_out, 10**6, args)
+    assert {r["method"] for r in rows} == {*fns, "mm"} and all(r["median_ms"] > 0 for r in rows)
+    assert w.grad is not None and w.grad.dtype == torch.float32
