@@ -60,7 +60,7 @@ def conv_case(seed: int, switches: str, dtype: torch.dtype, layout: str):
         padding=rng.choice([0, kernel // 2]),
         dilation=1,
         bias=rng.random() < 0.5,
-        input_shared=False,
+        input_shared=rng.random() < 0.25,  # a network's stem
         seed=seed,
         dtype=dtype,
         layout=LAYOUTS[layout],
@@ -71,7 +71,11 @@ def conv_case(seed: int, switches: str, dtype: torch.dtype, layout: str):
 @pytest.mark.parametrize("switches", SWITCH_SETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sliced_conv2d_under_autocast_matches_the_oracle(seed, dtype, switches, layout):
+@pytest.mark.parametrize("compute", ["native", "float32"])
+def test_sliced_conv2d_under_autocast_matches_the_oracle(monkeypatch, compute, seed, dtype, switches, layout):
+    """Both ways the CPU kernel computes a low dtype: in it (where the CPU has its units) and in
+    float32 (elsewhere), forced here on any CPU."""
+    monkeypatch.setenv("PARADIS_CPU_LOW_PRECISION", compute)
     case = conv_case(seed * 7 + len(switches), switches, dtype, layout)
     x, weight, bias, g = conv_oracle.make_inputs(case, torch.float32)
     x = x.contiguous(memory_format=case["layout"]).requires_grad_()
@@ -249,3 +253,21 @@ def test_baseline_isa_under_autocast_matches_native(monkeypatch):
     native = run()
     monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
     torch.testing.assert_close(run(), native, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-2)
+
+
+@pytest.mark.parametrize("compute, casts", [("native", 0), ("float32", 3)])
+def test_low_precision_path_is_the_one_chosen(monkeypatch, compute, casts):
+    """native: the convolutions get bfloat16 tensors; float32: x and the weight cast up, y down."""
+    monkeypatch.setenv("PARADIS_CPU_LOW_PRECISION", compute)
+    x, weight = torch.randn(4, 6, 5, 5).bfloat16(), torch.randn(6, 6, 3, 3).bfloat16()
+    blocks = list(conv_blocks(SwitchSet(["2x0.5"]), 6, 6, False))
+    with torch.profiler.profile() as prof:
+        torch.ops.paradis.sliced_conv2d(x, weight, None, blocks, 1, [1, 1], [1, 1], [1, 1], False)
+    assert [e.name for e in prof.events()].count("aten::_to_copy") == casts
+
+
+def test_a_bad_low_precision_setting_is_named(monkeypatch):
+    monkeypatch.setenv("PARADIS_CPU_LOW_PRECISION", "fast")
+    x, weight = torch.randn(2, 4, 3, 3).bfloat16(), torch.randn(4, 4, 1, 1).bfloat16()
+    with pytest.raises(RuntimeError, match="PARADIS_CPU_LOW_PRECISION must be native or float32, got fast"):
+        sliced_conv2d(x, weight, None, ["1x1.0"])

@@ -228,7 +228,8 @@ def test_precision_names_and_defaults():
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         Precision("fp8")
     assert str(Precision("bf16")) == "bf16 autocast" and str(Precision("fp16")) == "fp16 autocast with loss scaling"
-    fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    units = torch.backends.cpu.get_capabilities()
+    fast = units["avx512_bf16"] or units["amx_bf16"]
     assert default_precision(torch.device("cpu")) == ("bf16" if fast else "fp32")
 
 

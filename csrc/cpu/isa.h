@@ -1,6 +1,9 @@
 // The instruction sets the CPU kernels are built for and chosen among at run time.
 #pragma once
 
+#include <ATen/cpu/Utils.h>
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <string_view>
 
@@ -39,6 +42,30 @@ inline bool avx512_enabled() {
 #else
   return false;
 #endif
+}
+
+// Whether bfloat16 / float16 convolutions run in that dtype (oneDNN's and BLAS's kernels, float32
+// accumulation) instead of computing in float32 on the float32 kernels: where the CPU has units for
+// it (AVX512-BF16 or AMX-BF16; AMX-FP16 for float16). Elsewhere oneDNN emulates the dtype, slower
+// than float32. PARADIS_CPU_LOW_PRECISION=native or =float32 forces either way (the tests check the
+// native path on any CPU).
+inline bool low_precision_native(bool bfloat16) {
+  const char* forced = std::getenv("PARADIS_CPU_LOW_PRECISION");
+  if (forced && *forced) {
+    const std::string_view mode(forced);
+    TORCH_CHECK(mode == "native" || mode == "float32", "PARADIS_CPU_LOW_PRECISION must be native or float32, got ",
+                mode);
+    return mode == "native";
+  }
+  if (baseline_forced()) return false;
+  static const auto has = [](const char* unit) {
+    const auto capabilities = at::cpu::get_cpu_capabilities();
+    const auto found = capabilities.find(unit);
+    return found != capabilities.end() && found->second.isBool() && found->second.toBool();
+  };
+  static const bool bf16_units = has("avx512_bf16") || has("amx_bf16");
+  static const bool fp16_units = has("amx_fp16");
+  return bfloat16 ? bf16_units : fp16_units;
 }
 
 }  // namespace paradis

@@ -1,5 +1,6 @@
 #include "cpu/sliced_conv2d.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 #include "layout.h"
+#include "cpu/isa.h"
 #include "cpu/narrow_group_conv.h"
 #include "cpu/pointwise_gemm.h"
 
@@ -387,16 +389,34 @@ void backward_gemms(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
         Tensor out = block_rows(gx2, g, b.x0, b.i0, b.i1);
         at::mm_out(out, gy, block_weight(w2, b));
       }
-      if (gw2.defined()) block_weight(gw2, b).addmm_(gy.t(), block_rows(x2, g, b.x0, b.i0, b.i1));
+      if (!gw2.defined()) continue;
+      const Tensor xb = block_rows(x2, g, b.x0, b.i0, b.i1);
+      if (gw2.scalar_type() == gy.scalar_type())
+        block_weight(gw2, b).addmm_(gy.t(), xb);
+      else  // a float32 sum of low-precision products
+        block_weight(gw2, b).add_(at::mm(gy.t(), xb));
     }
   }
   if (grad_bias.defined()) {
     for (const Block& b : blocks)
-      grad_bias.narrow(0, b.o0, b.o1 - b.o0).add_(block_rows(gy2, g, b.y0, b.o0, b.o1).sum(0));
+      grad_bias.narrow(0, b.o0, b.o1 - b.o0)
+          .add_(block_rows(gy2, g, b.y0, b.o0, b.o1).sum(0, false, grad_bias.scalar_type()));
   }
 }
 
 bool reduced_precision(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
+// Whether a bfloat16 / float16 call computes in float32 on the float32 kernels (isa.h).
+bool upcast(const Tensor& x) { return reduced_precision(x) && !low_precision_native(x.scalar_type() == at::kBFloat16); }
+
+void check_dtype(const Tensor& x) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sliced_conv2d: cpu kernel supports floating dtypes, got ",
+              x.scalar_type());
+}
+
+// The dtype weight and bias gradients add up in: float32 for bfloat16 / float16 (blocks of several
+// switches share weights), else the weight's.
+at::ScalarType accumulation(const Tensor& weight) { return at::toOpMathType(weight.scalar_type()); }
 
 }  // namespace
 
@@ -413,14 +433,13 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "sliced_conv2d: bias is ", bias->scalar_type(), " but x is ",
                 x.scalar_type());
   }
-  if (reduced_precision(x)) {  // accumulate in float32, as the other backends do
+  if (upcast(x)) {  // accumulate in float32, as the other backends do
     const auto b = has_bias ? std::optional<Tensor>(bias->to(at::kFloat)) : std::nullopt;
     return sliced_conv2d_forward_cpu(x.to(at::kFloat), weight.to(at::kFloat), b, table, num_switches, stride, padding,
                                      dilation, input_shared)
         .to(x.scalar_type());
   }
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
+  check_dtype(x);
   const at::MemoryFormat format = kernel_format(x);
   const Tensor xc = x.contiguous(format), wc = weight.contiguous();
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
@@ -463,15 +482,14 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "sliced_conv2d: grad_y is ", grad_y.scalar_type(), " but x is ",
               x.scalar_type());
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  if (reduced_precision(x)) {  // accumulate in float32, as the other backends do
+  if (upcast(x)) {  // accumulate in float32, as the other backends do
     auto [gx, gw, gb] =
         sliced_conv2d_backward_cpu(grad_y.to(at::kFloat), x.to(at::kFloat), weight.to(at::kFloat), table, num_switches,
                                    stride, padding, dilation, input_shared, output_mask);
     const auto back = [&](const Tensor& t) { return t.defined() ? t.to(x.scalar_type()) : t; };
     return {back(gx), back(gw), back(gb)};
   }
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "sliced_conv2d: cpu kernel supports floating dtypes, got ", x.scalar_type());
+  check_dtype(x);
   const at::MemoryFormat format = kernel_format(x);
   const Tensor gyc = grad_y.contiguous(format), xc = x.contiguous(format), wc = weight.contiguous();
   if (input_shared) return shared_backward(gyc, xc, wc, g, blocks, output_mask);
@@ -483,8 +501,8 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
     grad_x = at::empty(xc.sizes(), xc.options().memory_format(format));
     zero_uncovered(grad_x, g, blocks, true);
   }
-  if (need_w) grad_w = at::zeros(wc.sizes(), wc.options());
-  if (need_b) grad_b = at::zeros({g.C_out}, wc.options());
+  if (need_w) grad_w = at::zeros(wc.sizes(), wc.options().dtype(accumulation(wc)));
+  if (need_b) grad_b = at::zeros({g.C_out}, wc.options().dtype(accumulation(wc)));
   if (compact) {
     Tensor compact_grad_x;
     if (need_x) {
@@ -497,7 +515,8 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
     backward_gemms(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
   else
     backward_units(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
-  return {grad_x, grad_w, grad_b};
+  const auto in_weight_dtype = [&](const Tensor& t) { return t.defined() ? t.to(wc.scalar_type()) : t; };
+  return {grad_x, in_weight_dtype(grad_w), in_weight_dtype(grad_b)};
 }
 
 TORCH_LIBRARY_IMPL(paradis, CPU, m) {

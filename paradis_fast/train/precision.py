@@ -22,7 +22,8 @@ def fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        units = torch.backends.cpu.get_capabilities()
+        return bool(units.get("avx512_bf16") or units.get("amx_bf16"))
     return False
 
 
