@@ -42,6 +42,7 @@ TILE_FIELDS = tl.constexpr(5)
 SEGMENT_FIELDS = tl.constexpr(3)
 WEIGHT_TILE_FIELDS = tl.constexpr(4)
 WEIGHT_SEGMENT_FIELDS = tl.constexpr(6)
+# Not tuned yet (no GPU has run these kernels): several programs per SM of a 132-SM H100.
 TARGET_PROGRAMS = 1024  # grad-weight splits the pixel reduction to reach about this many programs
 
 

@@ -20,6 +20,7 @@ from . import accumulation_type, check_int32_span, device_table, on_device, spli
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
 MAX_BLOCK = 1024  # values per tile of a program's loop
+# Not tuned yet (no GPU has run these kernels): several programs per SM of a 132-SM H100.
 TARGET_PROGRAMS = 2048  # chunks per pair are chosen to reach about this many programs
 
 

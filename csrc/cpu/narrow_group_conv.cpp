@@ -239,7 +239,8 @@ std::vector<float> zero_row(const Image& x, int64_t channels) {
 template <int S>
 void forward_impl(const Image& x, const std::vector<float>& w, const float* bias, const Image& y, int64_t B,
                   const ConvWindow& win) {
-  // Pixels per tile: P * S accumulators and P loaded pixels within the 32 registers.
+  // Pixels per tile: P * S accumulators and P loaded pixels within AVX-512's 32 registers (chosen
+  // on the Sapphire Rapids host of bench/README.md).
   constexpr int P = S == 1 ? 12 : 24 / S;
   const int64_t V = static_cast<int64_t>(w.size()) / (kTaps * S * kLanes);
   const std::vector<float> zeros = zero_row(x, V * kLanes);

@@ -291,6 +291,8 @@ std::tuple<Tensor, Tensor, Tensor> shared_backward(const Tensor& grad_y, const T
 // 16 pixels, most of all on the weight gradient; larger images go to oneDNN (bench/README.md).
 // Images of one pixel are channels_last whatever their layout says (the same memory): [N, C, 1, 1]
 // runs as GEMMs too.
+// Both thresholds tuned on the Sapphire Rapids host of bench/README.md (2 cores, AVX-512, MKL BLAS,
+// oneDNN 3.x) by timing each path on the layers of bench/suites.py.
 constexpr int64_t kBlasMaxPixels = 16;
 constexpr int64_t kBlasMaxRows = 1024;
 
