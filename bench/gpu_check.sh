@@ -2,8 +2,9 @@
 # One-call check of the GPU path on a machine with a CUDA GPU and no network (torch with CUDA,
 # triton, ninja and pytest already installed):
 #   1. builds paradis_fast._C with its CUDA kernels (csrc/cuda/*.cu);
-#   2. runs tests/test_gpu.py: the ops' CUDA kernels (Triton and CUDA C++) against the float64 oracles, fp32 and
-#      bf16, a training step against the reference backend, torch.compile;
+#   2. runs tests/test_gpu.py and the CUDA cases of tests/test_autocast.py: the ops' CUDA kernels
+#      (Triton and CUDA C++) against the float64 oracles, fp32 and bf16, and under autocast in bf16
+#      and fp16; a training step against the reference backend, torch.compile;
 #   3. runs bench/run.py on CUDA (the naive loop, the best plain PyTorch way, torch._grouped_mm
 #      where it applies, cuDNN BatchNorm, paradis_fast) and prints its ratio table last.
 # The whole check stays within GPU_CHECK_SECONDS (default 480). Exits non-zero if the build or a
@@ -55,7 +56,7 @@ if "switch_batch_norm" in library.TRITON_CUDA_OPS:
 EOF
 
 step "GPU tests"
-timeout "$(left)" python -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout "$(left)" python -m pytest -q -rs tests/test_gpu.py tests/test_autocast.py -k "not (test_autocast and cpu)" 2>&1 | tee "$OUT/tests.log" | tail -25
 tests_status=${PIPESTATUS[0]}
 if [ "$tests_status" -ne 0 ]; then
   echo "gpu_check: GPU tests FAILED (status $tests_status, log $OUT/tests.log); running the benchmark anyway"

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 DTYPES = [torch.bfloat16, torch.float16]
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 SWITCH_SETS = {
     "uniform": ["1x1.0", "2x0.5", "4x0.25"],
     "unequal": ["0.5+0.25+0.25", "1x1.0"],
@@ -43,7 +45,7 @@ def assert_close_in(dtype: torch.dtype, actual: torch.Tensor, expected: torch.Te
     """Within one rounding to dtype of expected, plus float32 accumulation noise on its scale."""
     eps = torch.finfo(dtype).eps
     scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected, rtol=2 * eps, atol=eps * scale, msg=what)
+    torch.testing.assert_close(actual.detach().cpu().double(), expected, rtol=2 * eps, atol=eps * scale, msg=what)
 
 
 def conv_case(seed: int, switches: str, dtype: torch.dtype, layout: str):
@@ -71,26 +73,30 @@ def conv_case(seed: int, switches: str, dtype: torch.dtype, layout: str):
 @pytest.mark.parametrize("switches", SWITCH_SETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("compute", ["native", "float32"])
-def test_sliced_conv2d_under_autocast_matches_the_oracle(monkeypatch, compute, seed, dtype, switches, layout):
+@pytest.mark.parametrize(
+    "device, compute", [("cpu", "native"), ("cpu", "float32"), pytest.param("cuda", None, marks=NEEDS_CUDA)]
+)
+def test_sliced_conv2d_under_autocast_matches_the_oracle(monkeypatch, device, compute, seed, dtype, switches, layout):
     """Both ways the CPU kernel computes a low dtype: in it (where the CPU has its units) and in
-    float32 (elsewhere), forced here on any CPU."""
-    monkeypatch.setenv("PARADIS_CPU_LOW_PRECISION", compute)
+    float32 (elsewhere), forced here on any CPU; on CUDA the Triton kernel's tensor cores."""
+    if compute:
+        monkeypatch.setenv("PARADIS_CPU_LOW_PRECISION", compute)
     case = conv_case(seed * 7 + len(switches), switches, dtype, layout)
     x, weight, bias, g = conv_oracle.make_inputs(case, torch.float32)
+    x, weight, bias = (None if t is None else t.to(device) for t in (x, weight, bias))
     x = x.contiguous(memory_format=case["layout"]).requires_grad_()
     weight.requires_grad_()
     if bias is not None:
         bias.requires_grad_()
     stride, padding, dilation, shared = conv_oracle.conv_args(case)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         y = sliced_conv2d(x, weight, bias, case["switches"], stride, padding, dilation, shared)
     assert y.dtype == dtype
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(grad_y.to(dtype))
+    y.backward(grad_y.to(device, dtype))
     assert x.grad.dtype == weight.grad.dtype == torch.float32
 
-    xr, wr, br = (conv_oracle.leaf(rounded(t, dtype)) for t in (x.detach(), weight.detach(), bias))
+    xr, wr, br = (conv_oracle.leaf(rounded(t, dtype)) for t in (x.detach().cpu(), weight.detach().cpu(), bias))
     yr = conv_oracle.oracle(xr, wr, br, case["switches"], stride, padding, dilation, shared)
     yr.backward(rounded(grad_y, dtype))
     assert_close_in(dtype, y, yr.detach(), "y")
@@ -105,33 +111,36 @@ def test_sliced_conv2d_under_autocast_matches_the_oracle(monkeypatch, compute, s
 @pytest.mark.parametrize("residual", [None, "same", "float32"])
 @pytest.mark.parametrize("switches", SWITCH_SETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_switch_batch_norm_under_autocast_computes_in_float32_and_returns_x_dtype(dtype, switches, residual, layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_switch_batch_norm_under_autocast_computes_in_float32_and_returns_x_dtype(
+    device, dtype, switches, residual, layout
+):
     """x in the autocast dtype (a convolution's output), float32 parameters and statistics; a
     float32 residual promotes the sum to float32, like torch.add."""
     names = SWITCH_SETS[switches]
     case = dict(switches=names, batch=3, channels=13, spatial=(3, 4), num_rows=len(names), dtype=torch.float32, seed=5)
     (x, weight, bias, running_mean, running_var), g = bn_oracle.make_inputs(case)
-    x = x.to(dtype).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
-    weight.requires_grad_()
-    bias.requires_grad_()
+    x = x.to(device, dtype).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+    weight, bias = (t.to(device).requires_grad_() for t in (weight, bias))
     res = None
     if residual is not None:
-        res = torch.randn(x.shape, generator=g).to(dtype if residual == "same" else torch.float32).requires_grad_()
-    stats = running_mean.clone(), running_var.clone()
-    with torch.autocast("cpu", dtype=dtype):
+        res = torch.randn(x.shape, generator=g).to(device, dtype if residual == "same" else torch.float32)
+        res.requires_grad_()
+    stats = running_mean.to(device, copy=True), running_var.to(device, copy=True)
+    with torch.autocast(device, dtype=dtype):
         y = switch_batch_norm(x, weight, bias, *stats, names, training=True, activation="relu", residual=res)
     assert y.dtype == (torch.float32 if residual == "float32" else dtype)
-    assert stats[0].dtype == torch.float32 and not torch.equal(stats[0], running_mean), "statistics not updated"
-    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(grad_y.to(y.dtype))
+    assert stats[0].dtype == torch.float32 and not torch.equal(stats[0].cpu(), running_mean), "statistics not updated"
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    y.backward(grad_y.to(device))
     assert x.grad.dtype == dtype and weight.grad.dtype == bias.grad.dtype == torch.float32
 
-    leaves = [bn_oracle.leaf(t, torch.float64) for t in (x, weight, bias)]
-    res_r = None if res is None else bn_oracle.leaf(res, torch.float64)
+    leaves = [bn_oracle.leaf(t.cpu(), torch.float64) for t in (x, weight, bias)]
+    res_r = None if res is None else bn_oracle.leaf(res.cpu(), torch.float64)
     yr, _ = bn_oracle.oracle(
         *leaves, running_mean, running_var, names, True, bn_oracle.EPS, "relu", list(range(len(names))), res_r
     )
-    yr.backward(grad_y.to(y.dtype).double())
+    yr.backward(grad_y.double())
     assert_close_in(y.dtype, y, yr.detach(), "y")
     for name, actual, leaf in zip(["x", "weight", "bias"], [x.grad, weight.grad, bias.grad], leaves):
         assert_close_in(dtype, actual, leaf.grad, f"grad {name}")
