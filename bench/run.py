@@ -331,7 +331,7 @@ def run_train(args, switches):
             if FP32_STEP in medians:
                 d = min(t for m, t in medians.items() if method_kind(m) == "d")
                 notes.append(
-                    f"{name} {phase}: (d) under {args.dtype_name} autocast {d * 1e3:.1f} ms, in float32 "
+                    f"{name} training step {phase}: (d) under {args.dtype_name} autocast {d * 1e3:.1f} ms, in float32 "
                     f"{medians[FP32_STEP] * 1e3:.1f} ms: {medians[FP32_STEP] / d:.2f}x"
                 )
             for method, seconds in medians.items():
@@ -345,7 +345,9 @@ def run_train(args, switches):
                         flops=0,
                     )
                 )
-        notes.append(f"{name}: {paradis_op_calls(model, x, target, criterion, args)}")
+        notes.append(
+            f"paradis op calls in the {name} training step: {paradis_op_calls(model, x, target, criterion, args)}"
+        )
     return rows, notes
 
 
@@ -532,7 +534,7 @@ def main(argv=None):
     )
     print_table(table)
     lines = summary(table) + headroom(table, "a", 2.0) + headroom(table, "b", 1.5)
-    lines += [f"paradis op calls in the training step: {note}" for note in notes]
+    lines += notes
     print("\n" + "\n".join(lines))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     info["summary"] = lines
