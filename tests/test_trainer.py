@@ -19,7 +19,7 @@ from paradis_fast.train.baselines import Sandwich, equal_cost_width, relative_co
 from paradis_fast.train.calibrate import calibrate_batch_norm
 from paradis_fast.train.checkpoint import load_checkpoint
 from paradis_fast.train.experiment import build
-from paradis_fast.train.precision import Precision, default_precision
+from paradis_fast.train.precision import Precision, cpu_capabilities, default_precision
 from paradis_fast.train.trainer import warmup_cosine
 
 TINY = dict(model="mobilenet_v1", dataset="digits", width_mult=0.25, batch_size=128, quiet=True)
@@ -228,7 +228,7 @@ def test_precision_names_and_defaults():
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         Precision("fp8")
     assert str(Precision("bf16")) == "bf16 autocast" and str(Precision("fp16")) == "fp16 autocast with loss scaling"
-    units = torch.backends.cpu.get_capabilities()
+    units = cpu_capabilities()
     fast = units["avx512_bf16"] or units["amx_bf16"]
     assert default_precision(torch.device("cpu")) == ("bf16" if fast else "fp32")
 

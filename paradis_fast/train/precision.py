@@ -16,13 +16,18 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_capabilities() -> dict:
+    """The CPU's features as ATen sees them (the table csrc/cpu/isa.h reads too)."""
+    return torch._C._cpu._get_cpu_capability()
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 faster than float32: GPUs with bfloat16 tensor cores
     (Ampere on), CPUs with AMX-BF16 or AVX512-BF16 units; elsewhere bfloat16 is emulated."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        units = torch.backends.cpu.get_capabilities()
+        units = cpu_capabilities()
         return bool(units.get("avx512_bf16") or units.get("amx_bf16"))
     return False
 
