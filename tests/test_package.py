@@ -1,6 +1,7 @@
 """The installed package: imports from anywhere, falls back without the extension, CLI, README/CI."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -102,3 +103,22 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.parametrize("heading", ["Run the main job", "Run the tests"])
 def test_readme_commands_install_the_cpu_torch(heading):
     assert "pip install torch==2.13.0" in _readme_command(heading)
+
+
+@pytest.mark.parametrize(
+    "preset, first_import, expected",
+    [
+        ({}, "paradis_fast", "1000"),
+        ({"GOMP_SPINCOUNT": "7"}, "paradis_fast", "7"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "paradis_fast", None),
+        ({}, "torch", None),  # libgomp already loaded: setting it would mislead
+    ],
+)
+def test_openmp_spin_count_default_only_where_it_takes_effect(tmp_path, preset, first_import, expected):
+    code = f"import os, {first_import}, paradis_fast; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**env, **preset}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)
