@@ -11,8 +11,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _python(code: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _python(code: str, cwd, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_imports_from_outside_the_repository(tmp_path):
@@ -117,8 +117,6 @@ def test_readme_commands_install_the_cpu_torch(heading):
 def test_openmp_spin_count_default_only_where_it_takes_effect(tmp_path, preset, first_import, expected):
     code = f"import os, {first_import}, paradis_fast; print(os.environ.get('GOMP_SPINCOUNT'))"
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env={**env, **preset}, capture_output=True, text=True, timeout=300
-    )
+    done = _python(code, tmp_path, env={**env, **preset})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(expected)
