@@ -10,6 +10,8 @@ import re
 from fractions import Fraction
 from typing import Iterable, Iterator, Sequence, Union
 
+from .errors import UserError
+
 __all__ = ["Switch", "SwitchSet", "SwitchLike", "SwitchSetLike"]
 
 _NUMBER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(\d+)\s*)?$")
@@ -18,13 +20,13 @@ _NUMBER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(\d+)\s*)?$")
 def _parse_width(text: str, spec: str) -> Fraction:
     match = _NUMBER.match(text)
     if match is None:
-        raise ValueError(f"bad switch spec {spec!r}: {text.strip()!r} is not a width (use 0.25 or 1/4)")
+        raise UserError(f"bad switch spec {spec!r}: {text.strip()!r} is not a width (use 0.25 or 1/4)")
     numerator, denominator = match.groups()
     if denominator is not None and int(denominator) == 0:
-        raise ValueError(f"bad switch spec {spec!r}: division by zero in width {text.strip()!r}")
+        raise UserError(f"bad switch spec {spec!r}: division by zero in width {text.strip()!r}")
     width = Fraction(numerator) / (int(denominator) if denominator else 1)
     if not 0 < width <= 1:
-        raise ValueError(f"bad switch spec {spec!r}: width {text.strip()} is not in (0, 1]")
+        raise UserError(f"bad switch spec {spec!r}: width {text.strip()} is not in (0, 1]")
     return width
 
 
@@ -58,12 +60,12 @@ class Switch:
             widths = Switch.parse(widths).widths
         widths = tuple(Fraction(w) for w in widths)
         if not widths:
-            raise ValueError("bad switch: a switch needs at least one width")
+            raise UserError("bad switch: a switch needs at least one width")
         for w in widths:
             if not 0 < w <= 1:
-                raise ValueError(f"bad switch: width {w} is not in (0, 1]")
+                raise UserError(f"bad switch: width {w} is not in (0, 1]")
         if sum(widths) > 1:
-            raise ValueError(f"bad switch {_spell(widths)!r}: widths sum to {sum(widths)} > 1")
+            raise UserError(f"bad switch {_spell(widths)!r}: widths sum to {sum(widths)} > 1")
         self._widths, self._hash = widths, hash(widths)
 
     @classmethod
@@ -75,16 +77,16 @@ class Switch:
             raise TypeError(f"a switch is spelled as a str such as '2x0.5', got {type(text).__name__}")
         spec = text.strip()
         if not spec:
-            raise ValueError("bad switch spec '': empty")
+            raise UserError("bad switch spec '': empty")
         if "x" in spec.lower():
             count, _, width = spec.lower().partition("x")
             if not count.strip().isdigit() or int(count) == 0:
-                raise ValueError(f"bad switch spec {text!r}: {count.strip()!r} is not a positive device count")
+                raise UserError(f"bad switch spec {text!r}: {count.strip()!r} is not a positive device count")
             widths = [_parse_width(width, text)] * int(count)
         else:
             widths = [_parse_width(part, text) for part in spec.split("+")]
         if sum(widths) > 1:
-            raise ValueError(f"bad switch spec {text!r}: widths sum to {sum(widths)} > 1")
+            raise UserError(f"bad switch spec {text!r}: widths sum to {sum(widths)} > 1")
         return cls(widths)
 
     @property
@@ -110,13 +112,13 @@ class Switch:
     def slices(self, channels: int, layer: str | None = None) -> list[tuple[int, int]]:
         """Channel range [start, stop) of each sub-network for a layer of `channels` channels."""
         if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channel count must be a positive int, got {channels!r}")
+            raise UserError(f"channel count must be a positive int, got {channels!r}")
         bounds = self.boundaries(channels)
         pairs = list(zip(bounds[:-1], bounds[1:]))
         for j, (start, stop) in enumerate(pairs):
             if start == stop:
                 where = f"layer {layer} with " if layer else ""
-                raise ValueError(
+                raise UserError(
                     f"switch {self} leaves sub-network {j} an empty slice of {where}{channels} channels; "
                     "use more channels or wider sub-networks"
                 )
@@ -160,11 +162,11 @@ class SwitchSet(Sequence[Switch]):
             switches = [switches]
         parsed = tuple(Switch.parse(s) for s in switches)
         if not parsed:
-            raise ValueError("empty switch set: give at least one switch such as '1x1.0'")
+            raise UserError("empty switch set: give at least one switch such as '1x1.0'")
         index: dict[Switch, int] = {}
         for i, switch in enumerate(parsed):
             if switch in index:
-                raise ValueError(f"switch {switch} appears twice in the switch set (positions {index[switch]} and {i})")
+                raise UserError(f"switch {switch} appears twice in the switch set (positions {index[switch]} and {i})")
             index[switch] = i
         self._switches, self._index, self._hash = parsed, index, hash(parsed)
 
@@ -176,7 +178,7 @@ class SwitchSet(Sequence[Switch]):
         """Position of a switch, given as a `Switch` or its spelling."""
         key = Switch.parse(switch)
         if key not in self._index:
-            raise ValueError(f"switch {key} is not in the switch set {self}")
+            raise UserError(f"switch {key} is not in the switch set {self}")
         return self._index[key]
 
     @property

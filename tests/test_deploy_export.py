@@ -83,34 +83,13 @@ def test_onnx_files_run_in_onnxruntime(tmp_path, name, switch):
 def test_bad_requests_are_named(tmp_path, capsys):
     model = models.resnet20(10, ["1x1.0"], width_mult=0.5)
     save_checkpoint(tmp_path / "c.pt", model, "resnet20", dict(num_classes=10, width_mult=0.5))
-    with pytest.raises(SystemExit, match="records no input shape"):
-        main(["export", "--checkpoint", str(tmp_path / "c.pt"), "--switch", "1x1.0", "--out", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="switch 2x0.5 is not in the switch set"):
-        main(
-            [
-                "export",
-                "--checkpoint",
-                str(tmp_path / "c.pt"),
-                "--switch",
-                "2x0.5",
-                "--input-shape",
-                "3,8,8",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "export",
-                "--checkpoint",
-                str(tmp_path / "c.pt"),
-                "--switch",
-                "1x1.0",
-                "--format",
-                "tflite",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+    request = ["export", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "o")]
+    for extra, message in [
+        (["--switch", "1x1.0"], "records no input shape; pass --input-shape C,H,W"),
+        (["--switch", "2x0.5", "--input-shape", "3,8,8"], "switch 2x0.5 is not in the switch set"),
+        (["--switch", "1x1.0", "--format", "tflite"], "invalid choice: 'tflite'"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main(request + extra)
+        assert exit.value.code == 2
+        assert message in capsys.readouterr().err

@@ -10,11 +10,13 @@ checkpoint holds no pickled classes.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from .. import models
+from ..errors import UserError
 from ..nn import Switchable
 
 __all__ = ["checkpoint_fields", "save_checkpoint", "load_checkpoint", "build_model"]
@@ -25,7 +27,7 @@ BUILDERS = ("mobilenet_v1", "resnet50", "resnet20", "wdsr_a", "wdsr_b")
 def build_model(name: str, switches: Sequence[str], kwargs: Mapping[str, Any]) -> Switchable:
     """``paradis_fast.models.<name>(switches=switches, **kwargs)``, with a clear error for a bad name."""
     if name not in BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(BUILDERS)}")
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(BUILDERS)}")
     if "switches" in kwargs:
         raise ValueError("give the switches separately, not inside the builder kwargs")
     return getattr(models, name)(switches=list(switches), **kwargs)
@@ -71,10 +73,15 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Switchable, dict]:
     """The model in eval mode and the checkpoint's other fields (everything but the state dict)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise UserError(f"{path}: not a file written by torch.save ({type(error).__name__})") from error
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path}: not a paradis_fast checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
     missing = {"model", "kwargs", "switches", "state_dict"} - set(checkpoint)
     if missing:
-        raise ValueError(f"{path}: not a paradis_fast checkpoint (missing {', '.join(sorted(missing))})")
+        raise UserError(f"{path}: not a paradis_fast checkpoint (missing {', '.join(sorted(missing))})")
     model = build_model(checkpoint["model"], checkpoint["switches"], checkpoint["kwargs"])
     model.load_state_dict(checkpoint.pop("state_dict"))
     checkpoint.setdefault("input_shape", None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
+
 
 def _positive_list(cast, example: str):
     """An argparse type: comma-separated positive numbers, e.g. ``2,1,1``."""
@@ -20,11 +22,21 @@ def _positive_list(cast, example: str):
     return parse
 
 
+def open_checkpoint(path: str):
+    """`load_checkpoint`, with a path that cannot be opened reported as a user error."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except OSError as error:
+        raise UserError(f"cannot open checkpoint {path}: {error.strerror or error}") from error
+
+
 def input_shape(args, checkpoint: dict) -> list[int]:
     """--input-shape, else the checkpoint's, else a clear error."""
     shape = args.input_shape or checkpoint.get("input_shape")
     if shape is None:
-        raise SystemExit("error: the checkpoint records no input shape; pass --input-shape C,H,W")
+        raise UserError("the checkpoint records no input shape; pass --input-shape C,H,W")
     return list(shape)
 
 
@@ -39,10 +51,9 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> None:
-    from .checkpoint import load_checkpoint
     from .plan import part_flops, plan
 
-    model, checkpoint = load_checkpoint(args.checkpoint)
+    model, checkpoint = open_checkpoint(args.checkpoint)
     flops = part_flops(model, model.switches, input_shape(args, checkpoint))
     result = plan(args.capacities, model.switches, checkpoint["accuracy"], flops)
     print(f"devices of capacity {', '.join(f'{c:g}' for c in args.capacities)}: run switch {result.switch}")
@@ -50,11 +61,10 @@ def run_plan(args) -> None:
 
 
 def run_export(args) -> None:
-    from .checkpoint import load_checkpoint
     from .export import export
     from .split import split
 
-    model, checkpoint = load_checkpoint(args.checkpoint)
+    model, checkpoint = open_checkpoint(args.checkpoint)
     manifest = export(
         split(model, args.switch), input_shape(args, checkpoint), args.out, args.format, model_name=checkpoint["model"]
     )

@@ -21,7 +21,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import memory
+from ..errors import UserError, reported_as_one_line
 from .split import Split
+
+PROG = "python -m paradis_fast.deploy.serve"
 
 __all__ = ["DistributedSplit", "main"]
 
@@ -76,9 +79,10 @@ class DistributedSplit:
 
 
 def _arguments(argv) -> argparse.Namespace:
+    from ..cli import add_debug_argument
     from .commands import add_checkpoint_arguments
 
-    p = argparse.ArgumentParser(prog="python -m paradis_fast.deploy.serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_checkpoint_arguments(p)
     p.add_argument("--switch", default=None, help="switch to serve (default with --fault-tolerant: planned)")
     p.add_argument("--batches", type=int, default=8, help="number of random request batches to serve")
@@ -97,6 +101,7 @@ def _arguments(argv) -> argparse.Namespace:
         help="TCPStore port for --fault-tolerant (default MASTER_PORT + 1)",
     )
     memory.add_release_argument(p)
+    add_debug_argument(p)
     return p.parse_args(argv)
 
 
@@ -109,7 +114,7 @@ def _serve_collective(args, model, shape) -> list:
     from .split import split
 
     if args.switch is None:
-        raise SystemExit("error: --switch is required without --fault-tolerant")
+        raise UserError("--switch is required without --fault-tolerant")
     dist.init_process_group("gloo")
     try:
         runner = DistributedSplit(split(model, args.switch))
@@ -166,17 +171,17 @@ def _serve_fault_tolerant(args, model, checkpoint, shape) -> list:
 
 
 def main(argv=None) -> int:
-    from .checkpoint import load_checkpoint
-    from .commands import input_shape
+    from .commands import input_shape, open_checkpoint
 
     args = _arguments(argv)
     memory.configure(args)
-    model, checkpoint = load_checkpoint(args.checkpoint)
-    shape = input_shape(args, checkpoint)
-    if args.fault_tolerant:
-        served = _serve_fault_tolerant(args, model, checkpoint, shape)
-    else:
-        served = _serve_collective(args, model, shape)
+    with reported_as_one_line(PROG, args.debug):
+        model, checkpoint = open_checkpoint(args.checkpoint)
+        shape = input_shape(args, checkpoint)
+        if args.fault_tolerant:
+            served = _serve_fault_tolerant(args, model, checkpoint, shape)
+        else:
+            served = _serve_collective(args, model, shape)
     if served and args.out:
         torch.save([dict(image=i, output=o, switch=s) for i, o, s in served], args.out)
     return 0

@@ -65,14 +65,16 @@ def calibrate(args) -> dict:
 
     from . import datasets
     from .calibrate import calibrate_batch_norm
-    from .checkpoint import load_checkpoint, save
+    from ..deploy.commands import open_checkpoint
+    from ..errors import UserError
+    from .checkpoint import save
     from .trainer import evaluate
 
-    model, checkpoint = load_checkpoint(args.checkpoint)
+    model, checkpoint = open_checkpoint(args.checkpoint)
     config = checkpoint.get("config") or {}
     dataset = args.dataset or config.get("dataset")
     if dataset is None:
-        raise SystemExit("calibrate: the checkpoint does not name its dataset; give --dataset")
+        raise UserError("the checkpoint does not name its dataset; give --dataset")
     split = datasets.load(dataset, seed=config.get("seed", 0), **config.get("dataset_kwargs", {}))
     loader = DataLoader(
         split.train,
@@ -105,9 +107,8 @@ def register(subparsers) -> None:
         "train",
         help="train every switch of a ParaDiS network jointly",
         description=TRAIN_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", choices=MODELS, default="mobilenet_v1")
+    p.add_argument("--model", choices=MODELS, default="mobilenet_v1", help="the network to train")
     p.add_argument(
         "--switches",
         type=_switch_list,
@@ -118,7 +119,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network (default 0.5)"
     )
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
     p.add_argument(
@@ -130,7 +131,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum 0.9, or AdamW"
     )
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=5e-4,
+        help="L2 penalty on the parameters",
+    )
     p.add_argument("--label-smoothing", type=float, default=0.0, help="for the teacher's cross-entropy")
     p.add_argument(
         "--distill-weight",

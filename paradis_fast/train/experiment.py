@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..errors import UserError
 from ..models._common import scaled
 from ..switches import SwitchSet
 from . import baselines, datasets, distributed, reports
@@ -58,19 +59,17 @@ def model_spec(config: TrainConfig, split: datasets.Split) -> tuple[str, dict]:
     name = config.model
     if name in SUPER_RESOLUTION:
         if split.task != "super_resolution":
-            raise ValueError(f"{name} is a super-resolution model; dataset {config.dataset!r} is for classification")
+            raise UserError(f"{name} is a super-resolution model; dataset {config.dataset!r} is for classification")
         n_feats = scaled(32, config.width_mult)
         kwargs = dict(scale=split.scale, n_feats=n_feats, block_feats=4 * n_feats, in_channels=split.in_channels)
     elif name in CLASSIFIERS:
         if split.task != "classification":
-            raise ValueError(
-                f"{name} is a classifier; dataset {config.dataset!r} is for {split.task.replace('_', '-')}"
-            )
+            raise UserError(f"{name} is a classifier; dataset {config.dataset!r} is for {split.task.replace('_', '-')}")
         kwargs = dict(num_classes=split.num_classes, width_mult=config.width_mult, in_channels=split.in_channels)
         if name != "resnet20":
             kwargs["small_input"] = split.train[0][0].shape[-1] < 64
     else:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(CLASSIFIERS + SUPER_RESOLUTION)}")
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(CLASSIFIERS + SUPER_RESOLUTION)}")
     return name, {**kwargs, **config.model_kwargs}
 
 
@@ -86,7 +85,7 @@ def trained_switches(config: TrainConfig) -> list[str]:
 def _loaders(split: datasets.Split, config: TrainConfig, context: distributed.Context, generator: torch.Generator):
     per_rank = distributed.per_rank_batch(config.batch_size, context)
     if per_rank > len(split.train):
-        raise ValueError(f"batch size {config.batch_size} exceeds the {len(split.train)} training examples")
+        raise UserError(f"batch size {config.batch_size} exceeds the {len(split.train)} training examples")
     if context.distributed:
         sampler = DistributedSampler(
             split.train, context.world_size, context.rank, shuffle=True, seed=config.seed, drop_last=True
@@ -158,13 +157,13 @@ def build(config: TrainConfig, context: distributed.Context = distributed.Contex
 
 def _resume(trainer: Trainer, config: TrainConfig, name: str, switches: list[str]) -> None:
     if not config.out:
-        raise ValueError("--resume continues the run in --out DIR: give --out")
+        raise UserError("--resume continues the run in --out DIR: give --out")
     path = os.path.join(config.out, CHECKPOINT)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        raise UserError(f"--resume: no checkpoint at {path}; start without --resume")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint["model"] != name or checkpoint["switches"] != switches:
-        raise ValueError(
+        raise UserError(
             f"--resume: {path} holds {checkpoint['model']} with switches {checkpoint['switches']}, "
             f"not {name} with {switches}"
         )
@@ -192,6 +191,11 @@ def _train(config: TrainConfig, context: distributed.Context, log) -> dict:
     )
     input_shape = split.train[0][0].shape
     write = bool(config.out) and context.is_main
+    if trainer.epoch >= config.epochs:
+        log(
+            f"nothing to train: {config.out} already holds {trainer.epoch} of {config.epochs} epochs "
+            "(raise --epochs to train on); its results:"
+        )
 
     def on_epoch_end(t: Trainer) -> None:
         if write:
@@ -229,7 +233,7 @@ def _individual(config: TrainConfig, context: distributed.Context, log) -> dict:
 def run(config: TrainConfig, log=_print) -> dict:
     """Train as ``config`` says (under torchrun: data-parallel); returns the metrics.json content."""
     if config.baseline not in (None, *baselines.BASELINES):
-        raise ValueError(f"unknown baseline {config.baseline!r}; choose from {', '.join(baselines.BASELINES)}")
+        raise UserError(f"unknown baseline {config.baseline!r}; choose from {', '.join(baselines.BASELINES)}")
     context = distributed.setup()
     try:
         if config.baseline == "individual":
