@@ -22,6 +22,7 @@ from paradis_fast.models import (
     wdsr_a,
     wdsr_b,
 )
+from paradis_fast.models._common import kept_strides
 from paradis_fast.nn import SlicedConv2d, SwitchBatchNorm2d
 
 SWITCHES = ("1x1.0", "2x0.5", "4x0.25", "0.5+0.25+0.25", "3x1/3", "1x0.5")
@@ -422,3 +423,42 @@ def test_torch_compile_fullgraph_of_a_channels_last_model(name):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "strides, size, kept",
+    [
+        ([1, 2, 2, 2, 2], 8, [1, 2, 2, 1, 1]),  # 8 -> 4 -> 2, then kept at 2x2
+        ([1, 2, 2, 2, 2], 32, [1, 2, 2, 2, 2]),  # stock schedule: 32 -> 2
+        ([2, 2, 2, 2, 2, 2], 224, [2, 2, 2, 2, 2, 2]),
+        ([1, 2, 2], 3, [1, 2, 1]),  # ceil(3 / 2) = 2 is still allowed
+        ([2, 2], 1, [1, 1]),
+        ([1, 2, 2], None, [1, 2, 2]),
+    ],
+)
+def test_kept_strides_stop_downsampling_at_2x2(strides, size, kept):
+    assert kept_strides(strides, size) == kept
+
+
+@pytest.mark.parametrize(
+    "build, size, small_input",
+    [(mobilenet_v1, 8, True), (resnet20, 8, None), (resnet50, 9, True), (resnet50, 16, False)],
+)
+def test_input_size_keeps_the_last_feature_map_at_2x2(build, size, small_input):
+    kwargs = dict(num_classes=5, switches=["1x1.0", "2x0.5"], width_mult=0.25, input_size=size)
+    if small_input is not None:
+        kwargs["small_input"] = small_input
+    model = build(**kwargs).eval()
+    seen = []
+    pool = model.avgpool.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-2:]))
+    with torch.no_grad():
+        assert model(torch.randn(3, 3, size, size)).shape == (2, 3, 5)
+    pool.remove()
+    assert min(seen[0]) == 2
+
+
+@pytest.mark.parametrize("build, size", [(mobilenet_v1, 32), (mobilenet_v1, 224), (resnet20, 32), (resnet50, 64)])
+def test_input_size_leaves_large_enough_images_to_the_stock_schedule(build, size):
+    strides = [m.stride for m in build(switches=["1x1.0"]).modules() if isinstance(m, SlicedConv2d)]
+    sized = [m.stride for m in build(switches=["1x1.0"], input_size=size).modules() if isinstance(m, SlicedConv2d)]
+    assert sized == strides

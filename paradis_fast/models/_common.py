@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import nn
 
 from ..nn import SlicedConv2d, SwitchBatchNorm2d
@@ -13,6 +15,29 @@ DEFAULT_SWITCHES = ("1x1.0", "2x0.5", "4x0.25")
 def scaled(channels: int, width_mult: float) -> int:
     """``int(channels * width_mult)``, at least 8 so every default switch gets non-empty slices."""
     return max(8, int(channels * width_mult))
+
+
+MIN_FEATURE_SIZE = 2
+
+
+def kept_strides(strides: Sequence[int], input_size: int | None) -> list[int]:
+    """``strides`` of a network's stages, with each stride 2 that would shrink a feature map from
+    ``input_size`` below `MIN_FEATURE_SIZE` turned into 1.
+
+    On 8-16 px images (digits) a stock schedule ends at 1x1 several stages early: the 3x3 layers
+    then see a single pixel and training is several times slower (README, recipe). Images large
+    enough for the stock schedule keep it exactly.
+    """
+    if input_size is None:
+        return list(strides)
+    kept = []
+    for stride in strides:
+        smaller = -(-input_size // stride)
+        if stride > 1 and smaller < MIN_FEATURE_SIZE:
+            stride, smaller = 1, input_size
+        kept.append(stride)
+        input_size = smaller
+    return kept
 
 
 def conv_bn(

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..nn import DepthwiseConv2d, SwitchBatchNorm2d, Switchable
 from ..switches import SwitchSet, SwitchSetLike
-from ._common import DEFAULT_SWITCHES, conv_bn, init_weights, scaled
+from ._common import DEFAULT_SWITCHES, conv_bn, init_weights, kept_strides, scaled
 
 # (output channels, stride) of the 13 depthwise-separable blocks.
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *((512, 1),) * 5, (1024, 2), (1024, 1))
@@ -35,11 +35,13 @@ class MobileNetV1(Switchable):
         width_mult: float = 1.0,
         small_input: bool = False,
         in_channels: int = 3,
+        input_size: int | None = None,
     ):
         super().__init__(switches)
         channels = scaled(32, width_mult)
-        layers = [conv_bn(in_channels, channels, 3, self.switches, stride=1 if small_input else 2, input_shared=True)]
-        for out_channels, stride in BLOCKS:
+        stem_stride, *strides = kept_strides([1 if small_input else 2, *(s for _, s in BLOCKS)], input_size)
+        layers = [conv_bn(in_channels, channels, 3, self.switches, stride=stem_stride, input_shared=True)]
+        for (out_channels, _), stride in zip(BLOCKS, strides):
             out_channels = scaled(out_channels, width_mult)
             layers.append(depthwise_separable(channels, out_channels, self.switches, stride))
             channels = out_channels
@@ -61,10 +63,13 @@ def mobilenet_v1(
     width_mult: float = 1.0,
     small_input: bool = False,
     in_channels: int = 3,
+    input_size: int | None = None,
 ) -> MobileNetV1:
     """MobileNet v1: a 3x3 stride-2 stem and 13 depthwise-separable blocks (64 ... 1024 channels).
 
     Channel counts are ``max(8, int(c * width_mult))``. ``small_input=True`` (28-32 px images such as
     CIFAR or MNIST) makes the stem stride 1, so the last feature map is 2x2 instead of 1x1.
+    ``input_size`` (the image side), when given, keeps every feature map at least 2x2 on smaller
+    images such as 8x8 digits (`kept_strides`).
     """
-    return MobileNetV1(num_classes, switches, width_mult, small_input, in_channels)
+    return MobileNetV1(num_classes, switches, width_mult, small_input, in_channels, input_size)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..nn import Switchable, SwitchBatchNorm2d
 from ..switches import SwitchSet, SwitchSetLike
-from ._common import DEFAULT_SWITCHES, conv_bn, init_weights, scaled
+from ._common import DEFAULT_SWITCHES, conv_bn, init_weights, kept_strides, scaled
 
 
 def _shortcut(in_planes: int, out_planes: int, switches: SwitchSet, stride: int) -> nn.Module:
@@ -65,7 +65,8 @@ class ResNet(Switchable):
 
     ``large_stem``: 7x7 stride-2 conv + 3x3 stride-2 max pool (ImageNet); else a 3x3 stride-1 conv
     (28-32 px images). Stage i has ``blocks[i]`` blocks of ``planes[i]`` planes; every stage after
-    the first halves the resolution.
+    the first halves the resolution (unless ``input_size`` is so small that a feature map would
+    shrink below 2x2: `kept_strides`).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class ResNet(Switchable):
         num_classes: int,
         switches: SwitchSetLike,
         in_channels: int = 3,
+        input_size: int | None = None,
     ):
         super().__init__(switches)
         if large_stem:
@@ -87,10 +89,12 @@ class ResNet(Switchable):
             self.stem = conv_bn(in_channels, stem_channels, 3, self.switches, input_shared=True)
             self.maxpool = nn.Identity()
         stages, in_planes = [], stem_channels
-        for i, (count, width) in enumerate(zip(blocks, planes)):
+        stem_size = None if input_size is None else -(-input_size // 4) if large_stem else input_size
+        stage_strides = kept_strides([1] + [2] * (len(blocks) - 1), stem_size)
+        for count, width, stage_stride in zip(blocks, planes, stage_strides):
             stage = []
             for j in range(count):
-                stage.append(block(in_planes, width, self.switches, stride=2 if i > 0 and j == 0 else 1))
+                stage.append(block(in_planes, width, self.switches, stride=stage_stride if j == 0 else 1))
                 in_planes = width * block.expansion
             stages.append(nn.Sequential(*stage))
         self.layers = nn.Sequential(*stages)
@@ -111,21 +115,28 @@ def resnet50(
     width_mult: float = 1.0,
     small_input: bool = False,
     in_channels: int = 3,
+    input_size: int | None = None,
 ) -> ResNet:
     """ResNet-50: Bottleneck blocks [3, 4, 6, 3], planes 64/128/256/512 (times ``width_mult``).
 
-    ``small_input=True`` (28-32 px images): 3x3 stride-1 stem and no max pool.
+    ``small_input=True`` (28-32 px images): 3x3 stride-1 stem and no max pool. ``input_size``: see
+    `ResNet`.
     """
     planes = [scaled(p, width_mult) for p in (64, 128, 256, 512)]
+    stem = scaled(64, width_mult)
     return ResNet(
-        Bottleneck, (3, 4, 6, 3), planes, scaled(64, width_mult), not small_input, num_classes, switches, in_channels
+        Bottleneck, (3, 4, 6, 3), planes, stem, not small_input, num_classes, switches, in_channels, input_size
     )
 
 
 def resnet20(
-    num_classes: int = 10, switches: SwitchSetLike = DEFAULT_SWITCHES, width_mult: float = 1.0, in_channels: int = 3
+    num_classes: int = 10,
+    switches: SwitchSetLike = DEFAULT_SWITCHES,
+    width_mult: float = 1.0,
+    in_channels: int = 3,
+    input_size: int | None = None,
 ) -> ResNet:
     """CIFAR ResNet-20: 3x3 stem, 3 stages of 3 BasicBlocks with 16/32/64 planes (times ``width_mult``),
-    projection (1x1 conv + BN) shortcuts where the shape changes."""
+    projection (1x1 conv + BN) shortcuts where the shape changes. ``input_size``: see `ResNet`."""
     planes = [scaled(p, width_mult) for p in (16, 32, 64)]
-    return ResNet(BasicBlock, (3, 3, 3), planes, planes[0], False, num_classes, switches, in_channels)
+    return ResNet(BasicBlock, (3, 3, 3), planes, planes[0], False, num_classes, switches, in_channels, input_size)

@@ -65,9 +65,12 @@ def model_spec(config: TrainConfig, split: datasets.Split) -> tuple[str, dict]:
     elif name in CLASSIFIERS:
         if split.task != "classification":
             raise UserError(f"{name} is a classifier; dataset {config.dataset!r} is for {split.task.replace('_', '-')}")
-        kwargs = dict(num_classes=split.num_classes, width_mult=config.width_mult, in_channels=split.in_channels)
+        size = split.train[0][0].shape[-1]
+        kwargs = dict(
+            num_classes=split.num_classes, width_mult=config.width_mult, in_channels=split.in_channels, input_size=size
+        )
         if name != "resnet20":
-            kwargs["small_input"] = split.train[0][0].shape[-1] < 64
+            kwargs["small_input"] = size < 64
     else:
         raise UserError(f"unknown model {name!r}; choose from {', '.join(CLASSIFIERS + SUPER_RESOLUTION)}")
     return name, {**kwargs, **config.model_kwargs}
