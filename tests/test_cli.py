@@ -38,7 +38,10 @@ def checkpoint(tmp_path):
     "argv, message",
     [
         (["--dataset", "imagefolder:/nonexistent"], "dataset 'imagefolder': /nonexistent is not a directory"),
-        (["--dataset", "nope"], "unknown dataset 'nope'; choose from digits, mnist5k, photos, cifar10:PATH, imagefolder:PATH"),
+        (
+            ["--dataset", "nope"],
+            "unknown dataset 'nope'; choose from digits, mnist5k, photos, cifar10:PATH, imagefolder:PATH",
+        ),
         (["--model", "wdsr_a"], "wdsr_a is a super-resolution model; dataset 'digits' is for classification"),
         (["--batch-size", "100000"], "batch size 100000 exceeds the 1438 training examples"),
         (["--resume"], "--resume continues the run in --out DIR: give --out"),
@@ -69,7 +72,10 @@ def test_missing_optional_package_names_the_install(capsys, monkeypatch):
 def test_missing_checkpoint_is_named(capsys, tmp_path, command):
     extra = {"plan": ["--capacities", "1"], "export": ["--switch", "1x1.0", "--out", str(tmp_path)], "calibrate": []}
     line = error_line(capsys, main, [command, "--checkpoint", str(tmp_path / "none.pt"), *extra[command]])
-    assert line == f"python -m paradis_fast {command}: error: cannot open checkpoint {tmp_path}/none.pt: No such file or directory"
+    assert (
+        line
+        == f"python -m paradis_fast {command}: error: cannot open checkpoint {tmp_path}/none.pt: No such file or directory"
+    )
 
 
 def test_files_that_are_not_checkpoints_are_named(capsys, tmp_path):
@@ -89,7 +95,10 @@ def test_calibrate_needs_a_dataset_when_the_checkpoint_names_none(capsys, checkp
 
 def test_serve_reports_user_errors_in_one_line(capsys, checkpoint):
     line = error_line(capsys, serve_main, ["--checkpoint", str(checkpoint), "--switch", "1x1.0"])
-    assert line == "python -m paradis_fast.deploy.serve: error: the checkpoint records no input shape; pass --input-shape C,H,W"
+    assert (
+        line
+        == "python -m paradis_fast.deploy.serve: error: the checkpoint records no input shape; pass --input-shape C,H,W"
+    )
 
 
 def test_debug_shows_the_traceback():

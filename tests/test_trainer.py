@@ -20,7 +20,7 @@ from paradis_fast.train.calibrate import calibrate_batch_norm
 from paradis_fast.train.checkpoint import load_checkpoint
 from paradis_fast.train.experiment import build
 from paradis_fast.train.precision import Precision, cpu_capabilities, default_precision
-from paradis_fast.train.trainer import warmup_cosine
+from paradis_fast.train.trainer import make_optimizer, parameter_groups, warmup_cosine
 
 TINY = dict(model="mobilenet_v1", dataset="digits", width_mult=0.25, batch_size=128, quiet=True)
 
@@ -240,3 +240,19 @@ def test_train_command_takes_precision(tmp_path, capsys):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["precision"]["name"] == "bf16"
     assert all(v.dtype == torch.float32 for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_weight_decay_spares_biases_norms_and_depthwise_filters():
+    model = mobilenet_v1(10, ["1x1.0", "2x0.5"], width_mult=0.25, small_input=True)
+    decayed, free = parameter_groups(model, 1e-3)
+    assert (decayed["weight_decay"], free["weight_decay"]) == (1e-3, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    free_names = {names[id(p)] for p in free["params"]}
+    assert decayed_names | free_names == set(names.values()) and not decayed_names & free_names
+    sliced = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, SlicedConv2d)}
+    assert decayed_names == sliced | {"classifier.weight"}
+    assert "features.1.0.0.weight" in free_names  # the first depthwise filter
+    assert any(isinstance(m, SwitchBatchNorm2d) for m in model.modules())
+    optimizer = make_optimizer("sgd", model, 0.1, 1e-3)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-3, 0.0]

@@ -2,6 +2,15 @@
 
 from .experiment import TrainConfig, run
 from .loss import InplaceDistillationLoss, SuperResolutionLoss
-from .trainer import Trainer, evaluate, fit
+from .trainer import Trainer, evaluate, fit, parameter_groups
 
-__all__ = ["InplaceDistillationLoss", "SuperResolutionLoss", "TrainConfig", "Trainer", "evaluate", "fit", "run"]
+__all__ = [
+    "InplaceDistillationLoss",
+    "SuperResolutionLoss",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "fit",
+    "parameter_groups",
+    "run",
+]

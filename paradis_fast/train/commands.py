@@ -120,13 +120,18 @@ def register(subparsers) -> None:
         "--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network (default 0.5)"
     )
     p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 0.05 x batch size / 32 for sgd, 1e-3 for adamw)",
+    )
     p.add_argument(
         "--warmup",
         type=float,
-        default=0.15,
-        help="fraction of the steps spent in linear warm-up before the cosine decay (default 0.15)",
+        default=0.05,
+        help="fraction of the steps spent in linear warm-up before the cosine decay (default 0.05)",
     )
     p.add_argument(
         "--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum 0.9, or AdamW"
@@ -135,7 +140,7 @@ def register(subparsers) -> None:
         "--weight-decay",
         type=float,
         default=5e-4,
-        help="L2 penalty on the parameters",
+        help="L2 on convolution and linear weights (none on BatchNorm, biases, depthwise)",
     )
     p.add_argument("--label-smoothing", type=float, default=0.0, help="for the teacher's cross-entropy")
     p.add_argument(

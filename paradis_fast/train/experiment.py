@@ -35,9 +35,9 @@ class TrainConfig:
     dataset: str = "digits"
     width_mult: float = 0.5
     epochs: int = 10
-    batch_size: int = 64
-    lr: float | None = None  # None: 0.05 for SGD, 1e-3 for AdamW
-    warmup: float = 0.15
+    batch_size: int = 32
+    lr: float | None = None  # None: `default_lr`
+    warmup: float = 0.05
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
@@ -99,6 +99,11 @@ def _loaders(split: datasets.Split, config: TrainConfig, context: distributed.Co
     return train, DataLoader(split.val, batch_size=256)
 
 
+def default_lr(optimizer: str, batch_size: int) -> float:
+    """SGD: 0.05 per 32 images, scaled linearly with the batch (Goyal et al. 2017); AdamW: 1e-3."""
+    return 1e-3 if optimizer == "adamw" else 0.05 * batch_size / 32
+
+
 def _criterion(config: TrainConfig, task: str):
     if task == "super_resolution":
         return SuperResolutionLoss(distill_weight=config.distill_weight or 0.0)
@@ -131,8 +136,8 @@ def build(config: TrainConfig, context: distributed.Context = distributed.Contex
     model = build_model(name, switches, kwargs).to(context.device)
     generator = torch.Generator().manual_seed(config.seed)
     train, val = _loaders(split, config, context, generator)
-    lr = config.lr if config.lr is not None else {"sgd": 0.05, "adamw": 1e-3}.get(config.optimizer, 0.05)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), lr, config.weight_decay)
+    lr = config.lr if config.lr is not None else default_lr(config.optimizer, config.batch_size)
+    optimizer = make_optimizer(config.optimizer, model, lr, config.weight_decay)
     total = config.epochs * len(train)
     scheduler = warmup_cosine(optimizer, total, max(1, int(config.warmup * total)))
     chooser = baselines.Sandwich(model.switches) if config.baseline == "slimmable" else None
