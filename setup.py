@@ -4,10 +4,31 @@ FORCE_CUDA=1). Build without isolation: the extension compiles against the insta
 
 import glob
 import os
+import sys
+import time
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+BUILD_SECONDS = 90  # a fresh CPU-only build on 2 quiet cores; the figures are in bench/README.md
+
+
+class TimedBuildExtension(BuildExtension):
+    """BuildExtension that says on stderr what it compiles, how long that takes, and how long it took:
+    the compile is a minute or more with no output of its own (pip shows it with -v)."""
+
+    def build_extensions(self) -> None:
+        for ext in self.extensions:
+            print(
+                f"paradis_fast: compiling {ext.name} ({len(ext.sources)} C++/CUDA sources); a fresh build takes "
+                f"about {BUILD_SECONDS} s on 2 quiet cores, longer with CUDA kernels or busy cores",
+                file=sys.stderr,
+                flush=True,
+            )
+        started = time.perf_counter()
+        super().build_extensions()
+        print(f"paradis_fast: built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
 
 def extension():
@@ -44,5 +65,5 @@ setup(
         "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "expecttest"],
     },
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": TimedBuildExtension},
 )

@@ -8,10 +8,13 @@ packages). The batch dimension is dynamic. The manifest says how the files compo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
-from typing import Sequence
+import warnings
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +27,40 @@ FORMATS = {"torch-export": ".pt2", "onnx": ".onnx"}
 MANIFEST = "manifest.json"
 
 
+# Messages of torch that exporting a split triggers and that say nothing wrong about its files; silenced
+# only around the export calls (_quiet), never for the rest of the process.
+_IGNORED_WARNINGS = (
+    # torch.export.save takes a weight that is not row-major contiguous for a slice of a larger tensor:
+    # the parts' channels_last stem weights cover their whole storage, so the bytes written are complete.
+    (UserWarning, r"No complete tensor found in the group"),
+    # torch's own pytree deprecation, raised when torch.onnx copies its tree specs.
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # torch.onnx: the fusion's inputs share the one batch axis, which keeps the name "batch" as asked.
+    (UserWarning, r"# The axis name: .* will not be used, since it shares the same shape constraints"),
+)
+# logger name -> start of the messages dropped: torch.onnx logs every torchvision op it cannot register.
+_IGNORED_LOGS = {"torch.onnx._internal.exporter._registration": "torchvision is not installed"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Drop the messages above while exporting; every other warning and log record passes."""
+    filters = [
+        (logging.getLogger(name), lambda record, prefix=prefix: not record.getMessage().startswith(prefix))
+        for name, prefix in _IGNORED_LOGS.items()
+    ]
+    with warnings.catch_warnings():
+        for category, message in _IGNORED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        for logger, drop in filters:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger, drop in filters:
+                logger.removeFilter(drop)
+
+
 def _input_names(module: nn.Module, inputs: tuple) -> list[str]:
     return list(inspect.signature(module.forward).parameters)[: len(inputs)]
 
@@ -32,20 +69,21 @@ def _write(module: nn.Module, inputs: tuple, path: str, fmt: str) -> None:
     batch = torch.export.Dim("batch", min=1)
     names = _input_names(module, inputs)
     dynamic_shapes = {name: {0: batch} for name in names}
-    if fmt == "torch-export":
-        torch.export.save(torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes), path)
-    else:
-        torch.onnx.export(
-            module,
-            inputs,
-            path,
-            dynamo=True,
-            input_names=names,
-            output_names=["output"],
-            dynamic_shapes=dynamic_shapes,
-            external_data=False,
-            verbose=False,
-        )
+    with _quiet():
+        if fmt == "torch-export":
+            torch.export.save(torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes), path)
+        else:
+            torch.onnx.export(
+                module,
+                inputs,
+                path,
+                dynamo=True,
+                input_names=names,
+                output_names=["output"],
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                verbose=False,
+            )
 
 
 @torch.no_grad()

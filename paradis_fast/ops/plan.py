@@ -7,13 +7,40 @@ custom ops as flat int lists so that torch.compile treats them as constants.
 from __future__ import annotations
 
 import functools
+from typing import Callable, TypeVar
+
+import torch
 
 from ..switches import SwitchSet
 
 BLOCK_FIELDS = 5
 
+F = TypeVar("F", bound=Callable)
 
-@functools.lru_cache(maxsize=4096)
+
+def cached_outside_tracing(maxsize: int) -> Callable[[F], F]:
+    """functools.lru_cache for eager calls; while torch.compile / torch.export trace, the plain function.
+
+    Dynamo cannot use an lru_cache: it warns at every cached call it traces and runs the wrapped function
+    anyway. The wrapped function must be pure (same arguments, same result), so both paths agree; the
+    cached one keeps ``cache_info`` and ``cache_clear``."""
+
+    def decorate(function: F) -> F:
+        cached = functools.lru_cache(maxsize=maxsize)(function)
+
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return function(*args, **kwargs)
+            return cached(*args, **kwargs)
+
+        call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
+        return call
+
+    return decorate
+
+
+@cached_outside_tracing(maxsize=4096)
 def conv_blocks(switches: SwitchSet, in_channels: int, out_channels: int, input_shared: bool) -> tuple[int, ...]:
     """Flat block table of a sliced convolution; the stem (input_shared) reads every input channel."""
     blocks: list[int] = []
@@ -31,7 +58,7 @@ def iter_blocks(blocks):
         yield tuple(blocks[k : k + BLOCK_FIELDS])
 
 
-@functools.lru_cache(maxsize=4096)
+@cached_outside_tracing(maxsize=4096)
 def covered_channels(switches: SwitchSet, channels: int) -> tuple[int, ...]:
     """How many leading channels each switch covers (validating that no slice is empty)."""
     return tuple(switch.slices(channels)[-1][1] for switch in switches)

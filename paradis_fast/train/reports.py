@@ -38,25 +38,37 @@ def file_name(switch: str) -> str:
     return re.sub(r"[^0-9A-Za-z.+x-]", "_", switch)
 
 
+def history_figure(history: list[dict], switch: str, metric: str):
+    """A matplotlib Figure of one switch's validation metric over epochs, built without pyplot (no global
+    backend or figure state of the caller changes). Each epoch is a marked point on an integer epoch
+    axis; a 1-epoch run shows its one point with its value beside it."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    values = [row["switches"][switch] for row in history]
+    figure = Figure(figsize=(4, 3))
+    axes = figure.add_subplot()
+    axes.plot(epochs, values, marker="o")
+    if len(epochs) == 1:
+        axes.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+        axes.set_xticks(epochs)
+        axes.annotate(f"{values[0]:.4g}", (epochs[0], values[0]), xytext=(6, 6), textcoords="offset points")
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"switch {switch}")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
 def plot_history(out: str, history: list[dict], metric: str) -> list[str]:
-    """``plots/<switch>.png``: the switch's validation metric over epochs. Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``plots/<switch>.png``: the switch's validation metric over epochs (history_figure). Returns the paths."""
     folder = os.path.join(out, "plots")
     os.makedirs(folder, exist_ok=True)
     paths = []
-    epochs = [row["epoch"] for row in history]
     for switch in history[0]["switches"] if history else []:
-        figure, axes = plt.subplots(figsize=(4, 3))
-        axes.plot(epochs, [row["switches"][switch] for row in history], marker="o")
-        axes.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"switch {switch}")
-        axes.grid(alpha=0.3)
-        figure.tight_layout()
         path = os.path.join(folder, f"{file_name(switch)}.png")
-        figure.savefig(path, dpi=80)
-        plt.close(figure)
+        history_figure(history, switch, metric).savefig(path, dpi=80)
         paths.append(path)
     return paths
