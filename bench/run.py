@@ -28,8 +28,13 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# Kineto prints its USDT markers (profiler_start / profiler_stop) and stage lines to stderr at every
+# profile (paradis_op_calls); levels 0-5 print some of them, 6 none. Read when the profiler starts; set
+# before torch loads so that any first use sees it. A level set by the caller wins.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules next to this file
 
@@ -201,61 +206,56 @@ def time_layer(kind, name, fns, inputs, grad_out, flops, args, extra=None):
     return rows
 
 
+def conv_inputs(layer: suites.ConvLayer, switches: SwitchSet, args):
+    """x and the weight of a conv layer (requiring grad), and a gradient of its output; seeded per layer."""
+    g = torch.Generator(device=args.device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=args.device, dtype=args.dtype)
+
+    x = randn(len(switches) * layer.batch, layer.c_in, layer.size, layer.size).requires_grad_()
+    w = randn(layer.c_out, layer.c_in, layer.kernel, layer.kernel).requires_grad_()
+    grad_out = randn(x.shape[0], layer.c_out, layer.out_size, layer.out_size)
+    return (x, w), grad_out
+
+
 def run_conv(args, switches):
     rows = []
     layers = suites.QUICK_CONV_LAYERS if args.quick else suites.CONV_LAYERS
     for layer in layers:
-        g = torch.Generator(device=args.device).manual_seed(0)
-        x = torch.randn(
-            len(switches) * layer.batch,
-            layer.c_in,
-            layer.size,
-            layer.size,
-            generator=g,
-            device=args.device,
-            dtype=args.dtype,
-            requires_grad=True,
-        )
-        w = torch.randn(
-            layer.c_out,
-            layer.c_in,
-            layer.kernel,
-            layer.kernel,
-            generator=g,
-            device=args.device,
-            dtype=args.dtype,
-            requires_grad=True,
-        )
-        grad_out = torch.randn(
-            x.shape[0], layer.c_out, layer.out_size, layer.out_size, generator=g, device=args.device, dtype=args.dtype
-        )
+        inputs, grad_out = conv_inputs(layer, switches, args)
         fns, extra = conv_methods(layer, switches, args)
-        extra = runnable(extra, (x, w), grad_out, args)
+        extra = runnable(extra, inputs, grad_out, args)
         started = time.perf_counter()
-        rows += time_layer("sliced_conv2d", layer.name, fns, (x, w), grad_out, conv_flops(layer, switches), args, extra)
+        rows += time_layer("sliced_conv2d", layer.name, fns, inputs, grad_out, conv_flops(layer, switches), args, extra)
         print(f"  {layer.name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return rows
+
+
+def bn_inputs(layer: suites.BNLayer, switches: SwitchSet, args):
+    """x (as a convolution's output), per-switch weight and bias (requiring grad), and a gradient of the output."""
+    S = len(switches)
+    x = torch.randn(
+        S * layer.batch,
+        layer.channels,
+        layer.size,
+        layer.size,
+        device=args.device,
+        dtype=args.autocast or args.dtype,  # a convolution's output
+        requires_grad=True,
+    )
+    w = (1 + 0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
+    b = (0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
+    return (x, w, b), torch.randn_like(x)
 
 
 def run_bn(args, switches):
     rows = []
     for layer in suites.QUICK_BN_LAYERS if args.quick else suites.BN_LAYERS:
-        S = len(switches)
-        x = torch.randn(
-            S * layer.batch,
-            layer.channels,
-            layer.size,
-            layer.size,
-            device=args.device,
-            dtype=args.autocast or args.dtype,  # a convolution's output
-            requires_grad=True,
-        )
-        w = (1 + 0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
-        b = (0.1 * torch.randn(S, layer.channels, device=args.device, dtype=args.dtype)).requires_grad_()
-        grad_out = torch.randn_like(x)
+        inputs, grad_out = bn_inputs(layer, switches, args)
         # memory-bound: no GEMM bound
         rows += time_layer(
-            "switch_batch_norm+relu", layer.name, bn_methods(layer, switches, args), (x, w, b), grad_out, 0, args
+            "switch_batch_norm+relu", layer.name, bn_methods(layer, switches, args), inputs, grad_out, 0, args
         )
     return rows
 
@@ -288,6 +288,30 @@ def paradis_op_calls(model, x, target, criterion, args) -> str:
     return "; ".join(report)
 
 
+def per_switch_step(model, x, target, switches: SwitchSet, args, backward: bool, channels_last: bool):
+    """(a): one forward(+backward) per switch, per-switch loops inside each layer (the SLIMMABLE_LOOP
+    backend), NCHW as slimmable implementations run; (b) the same loop channels_last."""
+    model.channels_last = channels_last
+    with use_backend(SLIMMABLE_LOOP):
+        for switch in switches:
+            model.set_active([switch])
+            with autocast(args):
+                loss = F.cross_entropy(model(x)[0], target)
+            if backward:
+                loss.backward()
+    model.set_active(None)
+    model.channels_last = None
+
+
+def paradis_step(model, x, target, criterion, args, backward: bool, low_precision: bool = True):
+    """(d): all switches in one forward(+backward), in the model's own layout (channels_last on CPU),
+    under --dtype autocast unless low_precision is False."""
+    with torch.autocast(args.device, enabled=low_precision and args.autocast is not None, dtype=args.autocast):
+        loss = criterion(model(x), target)
+    if backward:
+        loss.backward()
+
+
 def run_train(args, switches):
     rows, notes = [], []
     for name in suites.TRAIN_MODELS:
@@ -295,33 +319,14 @@ def run_train(args, switches):
         x = torch.randn(suites.TRAIN_BATCH, 3, 32, 32, device=args.device, dtype=args.dtype)
         target = torch.randint(0, 10, (suites.TRAIN_BATCH,), device=args.device)
         criterion = InplaceDistillationLoss(teacher=switches.widest)
-
-        def loop_step(backward: bool, channels_last: bool):
-            # (a): one forward(+backward) per switch, per-switch loops inside each layer, NCHW as
-            # slimmable implementations run; (b) the same loop channels_last
-            model.channels_last = channels_last
-            with use_backend(SLIMMABLE_LOOP):
-                for switch in switches:
-                    model.set_active([switch])
-                    with autocast(args):
-                        loss = F.cross_entropy(model(x)[0], target)
-                    if backward:
-                        loss.backward()
-            model.set_active(None)
-            model.channels_last = None
-
-        def paradis_step(backward: bool, low_precision: bool = True):
-            with torch.autocast(args.device, enabled=low_precision and args.autocast is not None, dtype=args.autocast):
-                loss = criterion(model(x), target)  # the model's own layout (channels_last on CPU)
-            if backward:
-                loss.backward()
-
+        loop = functools.partial(per_switch_step, model, x, target, switches, args)
+        paradis = functools.partial(paradis_step, model, x, target, criterion, args)
         groups = {
             phase: {
-                "a": functools.partial(loop_step, backward, False),
-                "b:loop" + NHWC: functools.partial(loop_step, backward, True),
-                "d" + model_layout(args): functools.partial(paradis_step, backward),
-                **({FP32_STEP: functools.partial(paradis_step, backward, False)} if args.autocast else {}),
+                "a": functools.partial(loop, backward, False),
+                "b:loop" + NHWC: functools.partial(loop, backward, True),
+                "d" + model_layout(args): functools.partial(paradis, backward),
+                **({FP32_STEP: functools.partial(paradis, backward, False)} if args.autocast else {}),
             }
             for phase, backward in (("fwd", False), ("fwd+bwd", True))
         }
@@ -438,26 +443,40 @@ def headroom(table, baseline="a", target=2.0, kind="sliced_conv2d"):
     return lines
 
 
-def plot(table, path):
-    import matplotlib
+# What each speed-up bar compares (d) paradis_fast with, in the plot's legend.
+BASELINES = {
+    "a": "(a) a loop over switches and sub-networks, as slimmable code runs",
+    "b": "(b) the fastest other plain PyTorch way (grouped or masked conv, stacked BN, loop channels_last)",
+    "c": "(c) torch.compile of the loop (a)",
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot(table, path):
+    """results.png: per layer and training step (forward+backward), the speed-up of (d) over each
+    baseline the run timed, and (d)'s fraction of the dense-matmul rate."""
+    from matplotlib.figure import Figure
 
     keys = [k for k in table if k[2] == "fwd+bwd"]
     labels = [f"{name}" for _, name, _ in keys]
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.6 * len(keys)), 9), sharex=True)
-    width = 0.27
-    for i, m in enumerate(("a", "b", "c")):
-        values = [table[k].get(f"d_vs_{m}", 0) for k in keys]
-        axes[0].bar([j + (i - 1) * width for j in range(len(keys))], values, width, label=f"paradis vs ({m})")
+    drawn = [m for m in BASELINES if any(f"d_vs_{m}" in table[k] for k in keys)]
+    fig = Figure(figsize=(max(8, 0.6 * len(keys)), 9))
+    axes = fig.subplots(2, 1, sharex=True)
+    width = 0.8 / max(len(drawn), 1)
+    for i, m in enumerate(drawn):
+        values = [table[k].get(f"d_vs_{m}", float("nan")) for k in keys]  # nan: no bar where (m) did not run
+        offset = (i - (len(drawn) - 1) / 2) * width
+        axes[0].bar([j + offset for j in range(len(keys))], values, width, label=f"over {BASELINES[m]}")
     axes[0].axhline(1, color="k", lw=0.8)
-    axes[0].set_ylabel("speedup, forward+backward")
-    axes[0].legend()
+    axes[0].set_ylabel("speed-up of (d) paradis_fast (x),\nforward+backward, median time")
+    if drawn:  # above the bars, which may reach any height
+        axes[0].legend(
+            title="speed-up of (d) paradis_fast", fontsize=8, title_fontsize=8, loc="lower left", bbox_to_anchor=(0, 1)
+        )
     axes[1].bar(range(len(keys)), [100 * table[k].get("frac_mm", 0) for k in keys], color="tab:green")
     axes[1].axhline(60, color="r", ls="--", lw=0.8, label="60% target")
-    axes[1].set_ylabel("% of dense torch.mm rate")
-    axes[1].legend()
+    axes[1].set_ylabel("(d)'s rate, % of a dense torch.mm\nof the same FLOPs")
+    axes[1].set_xlabel("layer (op, shape, input size) or training step, forward+backward")
+    axes[1].legend(fontsize=8)
     axes[1].set_xticks(range(len(keys)))
     axes[1].set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
@@ -467,7 +486,9 @@ def plot(table, path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a subset of layers, fewer repeats, no torch.compile (< 2 min)"
+        "--quick",
+        action="store_true",
+        help="6 conv layers, 2 BN layers, 3 repeats, no torch.compile (33 s on 2 quiet cores; minutes beside other work)",
     )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -500,17 +521,22 @@ def precision(args) -> str:
     return f"{args.dtype_name} autocast" if args.autocast else "float32"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    memory.configure(args)
-    if SLIMMABLE_LOOP not in backends.available_backends(device=args.device):  # the training-step baseline
+def register_slimmable_loop(device: str):
+    """The per-switch loops of plain.py as the paradis backend SLIMMABLE_LOOP, unless registered already."""
+    if SLIMMABLE_LOOP not in backends.available_backends(device=device):
         backends.register_backend(
             backends.Backend(
                 SLIMMABLE_LOOP, ("cpu", "cuda"), backends.OPS, implementation=plain.SlimmableLoop, automatic=False
             )
         )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    memory.configure(args)
+    register_slimmable_loop(args.device)  # the training-step baseline
     switches = SwitchSet(suites.SWITCHES)
     os.makedirs(args.out, exist_ok=True)
     info = timing.machine(args.device)
