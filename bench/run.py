@@ -1,7 +1,7 @@
 """Benchmark of paradis_fast against the plain PyTorch ways, for every op and a training step.
 
     python bench/run.py [--quick] [--out DIR] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--threads N]
-                        [--no-compile]
+                        [--no-compile] [--random N [--seed S]]
 
 For each layer of the suite (bench/suites.py) and each of forward and forward+backward, the median
 time of (a) the slimmable-style loop, (b) the best single-call plain alternative (grouped or
@@ -14,6 +14,8 @@ the trainer's does (--release-freed-memory: glibc's default, which page-faults f
 With --dtype bf16 or fp16 every method runs under torch.autocast in that dtype (float32 weights, the
 BatchNorms' inputs in the low dtype as a convolution under autocast gives them), the bound is the
 dense matmul in that dtype, and the training step is also timed in float32 for the step's speed-up.
+With --random N, N random conv and N random BN layers (suites.random_conv_layers, each with its own
+switch set, named in the table) replace the suite's, so that the speed is measured beyond the suite.
 Prints the ratio table and writes results.csv, machine.json and results.png to --out.
 """
 
@@ -219,10 +221,15 @@ def conv_inputs(layer: suites.ConvLayer, switches: SwitchSet, args):
     return (x, w), grad_out
 
 
-def run_conv(args, switches):
+def own_switches(layer, switches: SwitchSet) -> SwitchSet:
+    """The layer's own switch set (a random layer's), else the run's."""
+    return SwitchSet(layer.switches) if layer.switches else switches
+
+
+def run_conv(args, run_switches):
     rows = []
-    layers = suites.QUICK_CONV_LAYERS if args.quick else suites.CONV_LAYERS
-    for layer in layers:
+    for layer in args.conv_layers:
+        switches = own_switches(layer, run_switches)
         inputs, grad_out = conv_inputs(layer, switches, args)
         fns, extra = conv_methods(layer, switches, args)
         extra = runnable(extra, inputs, grad_out, args)
@@ -249,9 +256,10 @@ def bn_inputs(layer: suites.BNLayer, switches: SwitchSet, args):
     return (x, w, b), torch.randn_like(x)
 
 
-def run_bn(args, switches):
+def run_bn(args, run_switches):
     rows = []
-    for layer in suites.QUICK_BN_LAYERS if args.quick else suites.BN_LAYERS:
+    for layer in args.bn_layers:
+        switches = own_switches(layer, run_switches)
         inputs, grad_out = bn_inputs(layer, switches, args)
         # memory-bound: no GEMM bound
         rows += time_layer(
@@ -384,16 +392,18 @@ def fmt(value, spec):
     return format(value, spec) if value is not None else "-".rjust(width)
 
 
-def print_table(table, out=sys.stdout):
+def print_table(table, out=None):
+    """The ratio table, to out (None: the sys.stdout of the call, as print has it)."""
+    width = max([30, *(len(name) + 1 for _, name, _ in table)])  # random layers' names are long
     header = (
-        f"{'op':<24}{'layer':<30}{'pass':<9}{'a ms':>9}{'b ms':>9}{'c ms':>9}{'d ms':>9}"
+        f"{'op':<24}{'layer':<{width}}{'pass':<9}{'a ms':>9}{'b ms':>9}{'c ms':>9}{'d ms':>9}"
         f"{'d/a':>7}{'d/b':>7}{'d/c':>7}{'GF/s':>7}{'%mm':>6}"
     )
     print(header, file=out)
     print("-" * len(header), file=out)
     for (kind, name, phase), e in table.items():
         print(
-            f"{kind:<24}{name:<30}{phase:<9}"
+            f"{kind:<24}{name:<{width}}{phase:<9}"
             + "".join(fmt(e.get(m), "9.2f") for m in ("a", "b", "c", "d"))
             + "".join(fmt(e.get(f"d_vs_{m}"), "7.2f") for m in ("a", "b", "c"))
             + fmt(e.get("gflops"), "7.0f")
@@ -403,7 +413,8 @@ def print_table(table, out=sys.stdout):
 
 
 def summary(table):
-    """Medians over each suite of the speedups and of the fraction of the dense-GEMM rate."""
+    """Medians over each suite of the speedups and of the fraction of the dense-GEMM rate, and the worst
+    speedup (the minimum), since a median hides the layers where (d) loses."""
     lines = []
     for kind in dict.fromkeys(k for k, _, _ in table):
         for phase in ("fwd", "fwd+bwd"):
@@ -412,7 +423,7 @@ def summary(table):
             for m in ("a", "b", "c"):
                 values = [e[f"d_vs_{m}"] for e in entries if f"d_vs_{m}" in e]
                 if values:
-                    parts.append(f"d vs {m} {statistics.median(values):.2f}x")
+                    parts.append(f"d vs {m} {statistics.median(values):.2f}x (worst {min(values):.2f}x)")
             fracs = [e["frac_mm"] for e in entries if "frac_mm" in e]
             if fracs:
                 parts.append(f"{100 * statistics.median(fracs):.0f}% of dense mm")
@@ -504,6 +515,14 @@ def parse_args(argv=None):
         "--no-compile", dest="compile", action="store_false", help="skip (c), torch.compile of the loop"
     )
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per method (default 5 quick, 9 full)")
+    parser.add_argument(
+        "--random",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N random conv and N random BN layers, each with its own switch set, instead of the suite's",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the seed the --random layers are drawn from (default 0)")
     memory.add_release_argument(parser)  # every method alike; kept by default, as the trainer does
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -512,6 +531,12 @@ def parse_args(argv=None):
         args.compile = False
     args.reps = args.reps or (3 if args.quick else 9)
     args.train_reps = 2 if args.quick else 5
+    if args.random:
+        args.conv_layers = suites.random_conv_layers(args.random, args.seed)
+        args.bn_layers = suites.random_bn_layers(args.random, args.seed)
+    else:
+        args.conv_layers = suites.QUICK_CONV_LAYERS if args.quick else suites.CONV_LAYERS
+        args.bn_layers = suites.QUICK_BN_LAYERS if args.quick else suites.BN_LAYERS
     args.dtype_name, args.autocast = args.dtype, DTYPES[args.dtype]  # what the methods compute in
     args.dtype = torch.float32  # of the inputs and weights
     return args
@@ -553,9 +578,10 @@ def main(argv=None):
         train_rows, notes = run_train(args, switches)
     rows += train_rows
     table = ratio_table(rows)
+    switch_note = ", ".join(suites.SWITCHES) + (" (training step; each random layer its own)" if args.random else "")
     print(
         f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "
-        f"(c) torch.compile(a); switches {', '.join(suites.SWITCHES)}; {precision(args)}; (a) NCHW, (b) best of NCHW "
+        f"(c) torch.compile(a); switches {switch_note}; {precision(args)}; (a) NCHW, (b) best of NCHW "
         f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run\n"
     )
     print_table(table)

@@ -3,12 +3,17 @@ batch 64 for classification; WDSR body layers on 32x32 patches, batch 16)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+import random
+
+from paradis_fast import SwitchSet
+from paradis_fast.errors import UserError
 
 SWITCHES = ("1x1.0", "2x0.5", "4x0.25")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ConvLayer:
     name: str
     c_in: int
@@ -17,6 +22,7 @@ class ConvLayer:
     stride: int
     size: int  # input height = width
     batch: int  # per switch
+    switches: tuple[str, ...] = ()  # the layer's own switch set; () for the run's (SWITCHES)
 
     @property
     def padding(self) -> int:
@@ -27,12 +33,13 @@ class ConvLayer:
         return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BNLayer:
     name: str
     channels: int
     size: int
     batch: int
+    switches: tuple[str, ...] = ()  # the layer's own switch set; () for the run's (SWITCHES)
 
 
 CONV_LAYERS = (
@@ -79,3 +86,71 @@ QUICK_BN_LAYERS = (BN_LAYERS[1], BN_LAYERS[3])
 
 TRAIN_MODELS = ("mobilenet_v1", "resnet20")
 TRAIN_BATCH = 64
+
+# Switches a random layer draws its switch set from: equal and unequal widths, some too narrow for few channels.
+RANDOM_SWITCHES = (
+    "1x1.0",
+    "2x0.5",
+    "4x0.25",
+    "0.5+0.25+0.25",
+    "0.75+0.25",
+    "3x1/3",
+    "1x0.5",
+    "8x0.125",
+    "0.75+0.125+0.0625+0.0625",
+)
+# Caps on a random layer (all switches together), so that no layer of a random run takes minutes: the activations
+# of the suite's largest layers (16M elements, 64 MB in float32) and 4 GFLOP of dense forward convolution, about the
+# suite's largest (wdsr_a 3x3 32-128 @32 b16: 3.6). A draw beyond them is redrawn.
+MAX_ELEMENTS = 2**24
+MAX_FLOPS = 4 * 10**9
+
+
+def _channels(rng: random.Random) -> int:
+    """Log-uniform in 8..1024, odd counts included."""
+    return round(math.exp(rng.uniform(math.log(8), math.log(1024))))
+
+
+def _switches(rng: random.Random, *channel_counts: int) -> tuple[str, ...] | None:
+    """2-5 distinct switches of RANDOM_SWITCHES, or None where one leaves a sub-network an empty slice."""
+    switches = tuple(rng.sample(RANDOM_SWITCHES, rng.randint(2, 5)))
+    try:
+        for switch in SwitchSet(switches):
+            for channels in channel_counts:
+                switch.slices(channels)
+    except UserError:
+        return None
+    return switches
+
+
+def random_conv_layers(n: int, seed: int) -> tuple[ConvLayer, ...]:
+    """n convolution layers drawn from the seed alone (so that a run can be repeated), each with its own switch set:
+    the speed on layers a user brings, not only on the suite's."""
+    rng, layers = random.Random(seed), []
+    while len(layers) < n:
+        c_in, c_out = _channels(rng), _channels(rng)
+        kernel, stride = rng.choice((1, 3, 5)), rng.randint(1, 2)
+        size, batch = rng.randint(1, 64), rng.randint(1, 128)
+        switches = _switches(rng, c_in, c_out)
+        if switches is None:
+            continue
+        layer = ConvLayer("", c_in, c_out, kernel, stride, size, batch, switches)
+        rows = len(switches) * batch
+        elements = rows * max(c_in * size**2, c_out * layer.out_size**2)
+        flops = 2 * rows * c_in * c_out * kernel**2 * layer.out_size**2
+        if elements <= MAX_ELEMENTS and flops <= MAX_FLOPS:
+            name = f"r{len(layers)} {kernel}x{kernel} s{stride} {c_in}-{c_out} @{size} b{batch} {','.join(switches)}"
+            layers.append(dataclasses.replace(layer, name=name))
+    return tuple(layers)
+
+
+def random_bn_layers(n: int, seed: int) -> tuple[BNLayer, ...]:
+    """n BatchNorm layers drawn from the seed alone, each with its own switch set (as random_conv_layers)."""
+    rng, layers = random.Random(seed), []
+    while len(layers) < n:
+        channels, size, batch = _channels(rng), rng.randint(1, 64), rng.randint(1, 128)
+        switches = _switches(rng, channels)
+        if switches and len(switches) * batch * channels * size**2 <= MAX_ELEMENTS:
+            name = f"r{len(layers)} bn {channels} @{size} b{batch} {','.join(switches)}"
+            layers.append(BNLayer(name, channels, size, batch, switches))
+    return tuple(layers)

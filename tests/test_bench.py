@@ -142,3 +142,44 @@ def test_benchmark_suite_runs_a_few_cases():
     env = os.environ if cpu_has("avx512f") else {**os.environ, "ONEDNN_MAX_CPU_ISA": "SSE41"}
     result = subprocess.run(command, cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and f"{len(cases)} passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_random_layers_are_deterministic_in_the_seed(run):
+    import suites
+
+    for draw in (suites.random_conv_layers, suites.random_bn_layers):
+        assert draw(5, 3) == draw(5, 3)
+        assert draw(5, 3) != draw(5, 4)
+
+
+def test_random_layers_respect_the_ranges_and_caps(run):
+    import suites
+
+    conv, bn = suites.random_conv_layers(40, 7), suites.random_bn_layers(40, 7)
+    assert len({layer.name for layer in conv + bn}) == 80
+    for layer in conv:
+        assert 8 <= min(layer.c_in, layer.c_out) and max(layer.c_in, layer.c_out) <= 1024
+        assert (
+            layer.kernel in (1, 3, 5) and layer.stride in (1, 2) and 1 <= layer.size <= 64 and 1 <= layer.batch <= 128
+        )
+        assert run.conv_flops(layer, SwitchSet(layer.switches)) <= suites.MAX_FLOPS
+    for layer in bn:
+        assert 8 <= layer.channels <= 1024 and 1 <= layer.size <= 64 and 1 <= layer.batch <= 128
+    assert {layer.kernel for layer in conv} == {1, 3, 5} and any(layer.c_in % 2 for layer in conv)
+    for layer, counts in [(c, (c.c_in, c.c_out)) for c in conv] + [(b, (b.channels,)) for b in bn]:
+        switches = SwitchSet(layer.switches)  # validates: distinct, well-formed switches
+        assert 2 <= len(switches) <= 5
+        for switch in switches:
+            for channels in counts:
+                assert all(stop > start for start, stop in switch.slices(channels)), layer.name
+
+
+def test_random_run_prints_its_layers_and_the_worst_case(run, monkeypatch, capsys, tmp_path):
+    # the training step is the fixed models' whatever --random says: left out here to keep the run tiny
+    monkeypatch.setattr(run, "run_train", lambda args, switches: ([], []))
+    run.main(["--random", "2", "--seed", "1", "--reps", "1", "--no-compile", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    names = [layer.name for layer in run.suites.random_conv_layers(2, 1)]
+    rows = [line for line in out.splitlines() if line.startswith(f"{'sliced_conv2d':<24}")]  # the table's
+    assert len(rows) == 4 and all(sum(name in row for row in rows) == 2 for name in names)  # fwd, fwd+bwd each
+    assert "sliced_conv2d fwd+bwd (median of 2): d vs a " in out and "(worst " in out
