@@ -115,12 +115,10 @@ def register(subparsers) -> None:
         default=["1x1.0", "2x0.5", "4x0.25"],
         help="comma-separated switches, e.g. 1x1.0,2x0.5,0.5+0.25+0.25 (default: 1x1.0,2x0.5,4x0.25)",
     )
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(names())} (default: digits)")
-    p.add_argument(
-        "--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network (default 0.5)"
-    )
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(names())}")
+    p.add_argument("--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size")
     p.add_argument(
         "--lr",
         type=float,
@@ -131,7 +129,7 @@ def register(subparsers) -> None:
         "--warmup",
         type=float,
         default=0.05,
-        help="fraction of the steps spent in linear warm-up before the cosine decay (default 0.05)",
+        help="fraction of the steps spent in linear warm-up before the cosine decay",
     )
     p.add_argument(
         "--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum 0.9, or AdamW"
@@ -187,7 +185,7 @@ def register(subparsers) -> None:
         description=calibrate_batch_norm_doc(),
     )
     c.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
-    c.add_argument("--batches", type=int, default=20, help="training batches to average over (default 20)")
+    c.add_argument("--batches", type=int, default=20, help="training batches to average over")
     c.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's training batch size")
     c.add_argument("--dataset", default=None, help="default: the checkpoint's training dataset")
     c.add_argument("--seed", type=int, default=0, help="shuffling of the calibration batches")
