@@ -1,6 +1,7 @@
 """paradis_fast.ops.depthwise_conv2d and nn.DepthwiseConv2d against F.conv2d in float64: the
-CPU weight-gradient kernel (float32 3x3, channels a multiple of 16 and innermost, AVX-512 CPUs),
-every other case, which runs ATen's convolution, and the routing (the op on small images only)."""
+CPU weight-gradient kernels (float32 and float64, any kernel, stride, padding, dilation and layout;
+AVX-512's narrow-group kernel for float32 3x3 layers of 16k channels), ATen's forward and input
+gradient, and the routing (the op on small images only)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import cpu_has
 from paradis_fast.nn import DepthwiseConv2d
 from paradis_fast.ops import available_backends, depthwise_conv2d, use_backend
 from paradis_fast.ops.depthwise_conv import SMALL_IMAGE_PIXELS
@@ -27,9 +27,12 @@ CASES = {
     "64ch-2x2-image": (64, (2, 2), 3, 1, 1, 1, False, 5),  # a deep layer of small_input MobileNet
     "32ch-1x1-image": (32, (1, 1), 3, 1, 1, 1, True, 6),  # MobileNet on 8x8 digits; channels innermost in NCHW too
     "16ch-1x1-image-stride2": (16, (1, 1), 3, 2, 1, 1, False, 4),
-    "odd-19ch": (19, (6, 7), 3, 1, 1, 1, True, 2),  # ATen: not a multiple of 16
-    "5x5": (32, (9, 8), 5, 1, 2, 1, False, 2),  # ATen: not 3x3
-    "dilated": (16, (9, 10), 3, 1, 2, 2, True, 2),  # ATen: dilation 2
+    "odd-19ch": (19, (6, 7), 3, 1, 1, 1, True, 2),  # not a multiple of 16
+    "5x5": (32, (9, 8), 5, 1, 2, 1, False, 2),
+    "dilated": (16, (9, 10), 3, 1, 2, 2, True, 2),
+    "131ch-2x3-stride2": (131, (2, 3), 3, 2, 1, 1, True, 3),  # channel blocks of 64 and a tail of 3
+    "70ch-5x5-on-3x3": (70, (3, 3), 5, 1, 2, 1, False, 2),  # a kernel larger than the image
+    "9ch-dilated-on-2x2": (9, (2, 2), 3, 1, 2, 2, False, 3),  # taps reading only padding
 }
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -102,31 +105,32 @@ def test_weight_gradient_bit_identical_across_runs_and_threads(threads):
 
 
 @needs_native
-@pytest.mark.skipif(not cpu_has("avx512f"), reason="the depthwise weight-gradient kernel needs AVX-512F")
 @pytest.mark.parametrize(
     "case, layout",
-    [("16ch", torch.channels_last), ("32ch-1x1-image", torch.contiguous_format)],
-    ids=["nhwc", "one-pixel-nchw"],
+    [
+        ("64ch-2x2-image", torch.channels_last),
+        ("32ch-1x1-image", torch.contiguous_format),
+        ("131ch-2x3-stride2", torch.contiguous_format),
+    ],
+    ids=["nhwc", "one-pixel-nchw", "nchw"],
 )
-@pytest.mark.parametrize("isa, dnnl_calls", [("native", 0), ("baseline", 1)])
-def test_weight_gradient_skips_onednn(monkeypatch, isa, dnnl_calls, case, layout):
-    """The weight gradient alone (x needs none) runs the CPU kernel, no aten::convolution_backward,
-    unless PARADIS_CPU_ISA=baseline; both agree. One-pixel images (oneDNN's slowest case) run it in
-    either layout."""
+def test_weight_gradient_skips_onednn(monkeypatch, case, layout):
+    """On images smaller than the kernel (oneDNN's slowest case) the weight gradient alone (x needs
+    none) runs the CPU kernels, no aten::convolution_backward, in either layout; the baseline
+    kernels (PARADIS_CPU_ISA=baseline) agree with the native ones."""
     x, weight, _, geometry = make_case(case, torch.float32, layout)
     weight.requires_grad_()
-    if isa == "baseline":
-        monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
-    with torch.profiler.profile() as prof:
-        through_op(x, weight, None, **geometry).sum().backward()
-    names = [event.name for event in prof.events()]
-    assert names.count("paradis::depthwise_conv2d_backward") == 1
-    assert names.count("aten::convolution_backward") == dnnl_calls
-    grad = weight.grad
-    weight.grad = None
-    monkeypatch.setenv("PARADIS_CPU_ISA", "native" if isa == "baseline" else "baseline")
-    through_op(x, weight, None, **geometry).sum().backward()
-    torch.testing.assert_close(grad, weight.grad, rtol=1e-5, atol=1e-5)
+    grads = []
+    for isa in ("native", "baseline"):
+        monkeypatch.setenv("PARADIS_CPU_ISA", isa)
+        with torch.profiler.profile() as prof:
+            through_op(x, weight, None, **geometry).sum().backward()
+        names = [event.name for event in prof.events()]
+        assert names.count("paradis::depthwise_conv2d_backward") == 1
+        assert names.count("aten::convolution_backward") == 0
+        grads.append(weight.grad)
+        weight.grad = None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
 @needs_native

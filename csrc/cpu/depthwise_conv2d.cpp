@@ -1,19 +1,99 @@
 #include "cpu/depthwise_conv2d.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/convolution_backward.h>
-#include <ATen/ops/sum.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "layout.h"
+#include "cpu/isa.h"
 #include "cpu/narrow_group_conv.h"
 
+#include <algorithm>
 #include <array>
 #include <tuple>
 
 namespace paradis {
+namespace {
 
 using at::IntArrayRef;
 using at::Tensor;
+
+// Channels a kernel call sums at once (a few vector registers of float32).
+constexpr int64_t kBlock = 64;
+
+// A channels-innermost [images, C, height, width] tensor: the address of a pixel's channel 0.
+template <typename T>
+struct Image {
+  const T* data;
+  int64_t images, height, width, image_stride, row_stride, pixel_stride;
+  explicit Image(const Tensor& t)
+      : data(t.const_data_ptr<T>()),
+        images(t.size(0)),
+        height(t.size(2)),
+        width(t.size(3)),
+        image_stride(t.stride(0)),
+        row_stride(t.stride(2)),
+        pixel_stride(t.stride(3)) {}
+  const T* at(int64_t b, int64_t h, int64_t w) const {
+    return data + b * image_stride + h * row_stride + w * pixel_stride;
+  }
+};
+
+// The kernel window: kh x kw taps, stride, padding, dilation.
+struct Taps {
+  int64_t h, w, sh, sw, ph, pw, dh, dw;
+};
+
+// Multiversioning as in switch_batch_norm.cpp: the kernel compiled for baseline x86-64 and again
+// for AVX2 + FMA, chosen at run time.
+namespace baseline {
+#include "cpu/depthwise_grad_weight.inc"
+}  // namespace baseline
+
+#if PARADIS_X86_TARGETS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/depthwise_grad_weight.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// Where the (dilated) kernel is larger than the image, in either dimension, oneDNN's weight
+// gradient falls to a path 20-230x slower than depthwise_grad_weight (MobileNet's deep layers on
+// small inputs: 2x2 and 1x1 maps under 3x3 kernels); on larger images it is as fast or faster
+// (bench/README.md).
+bool image_smaller_than_kernel(const Tensor& x, const Taps& k) {
+  return x.size(2) < (k.h - 1) * k.dh + 1 || x.size(3) < (k.w - 1) * k.dw + 1;
+}
+
+// The weight gradient [C, 1, kh, kw] of channels-innermost grad_y and x, each (tap, block of
+// channels) summed by one thread in a fixed order: the same result on every run and thread count.
+Tensor depthwise_grad_weight(const Tensor& grad_y, const Tensor& x, IntArrayRef weight_sizes, const Taps& k) {
+  const int64_t C = x.size(1), taps = k.h * k.w, blocks = (C + kBlock - 1) / kBlock;
+  Tensor out = at::empty(weight_sizes, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_grad_weight", [&] {
+    const Image<scalar_t> gy_image(grad_y), x_image(x);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, taps * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t tap = item % taps, c0 = item / taps * kBlock, width = std::min(kBlock, C - c0);
+#if PARADIS_X86_TARGETS
+        if (avx2_fma_enabled()) {
+          avx2::grad_weight_tap(gy_image, x_image, k, tap, c0, width, o);
+          continue;
+        }
+#endif
+        baseline::grad_weight_tap(gy_image, x_image, k, tap, c0, width, o);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& grad_y, const Tensor& x,
                                                                  const Tensor& weight, IntArrayRef stride,
@@ -29,17 +109,24 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
               grad_y.scalar_type(), ", ", weight.scalar_type());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && output_mask.size() == 3,
               "depthwise_conv2d: stride, padding and dilation need 2 entries, output_mask 3");
-  const bool ours = output_mask[1] && x.scalar_type() == at::kFloat && channels_innermost(x) &&
-                    channels_innermost(grad_y) && weight.size(2) == 3 && weight.size(3) == 3 && dilation[0] == 1 &&
-                    dilation[1] == 1 && narrow_groups_fit(C, C, C);
-  const std::array<bool, 3> aten_mask{output_mask[0], output_mask[1] && !ours, output_mask[2]};
+  TORCH_CHECK(grad_y.size(0) == x.size(0) && grad_y.size(1) == C, "depthwise_conv2d: grad_y ", grad_y.sizes(),
+              " does not match x ", x.sizes());
+  const at::ScalarType dtype = x.scalar_type();
+  const Taps k{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+  const bool floating = output_mask[1] && (dtype == at::kFloat || dtype == at::kDouble);
+  const bool narrow = floating && dtype == at::kFloat && channels_innermost(x) && channels_innermost(grad_y) &&
+                      k.h == 3 && k.w == 3 && k.dh == 1 && k.dw == 1 && narrow_groups_fit(C, C, C);
+  const bool ours = floating && !narrow && image_smaller_than_kernel(x, k);
+  const std::array<bool, 3> aten_mask{output_mask[0], output_mask[1] && !narrow && !ours, output_mask[2]};
   Tensor grad_x, grad_w, grad_b;
   if (aten_mask[0] || aten_mask[1] || aten_mask[2])
     std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(grad_y, x, weight, IntArrayRef{C}, stride, padding,
                                                                 dilation, false, {0, 0}, C, aten_mask);
-  if (ours)
-    grad_w = narrow_group_conv_grad_weight(grad_y, x, C, {stride[0], stride[1], padding[0], padding[1]})
-                 .to(weight.options());
+  if (narrow)
+    grad_w = narrow_group_conv_grad_weight(grad_y, x, C, {k.sh, k.sw, k.ph, k.pw}).to(weight.options());
+  if (ours)  // channels innermost, the layout the kernel reads (a copy of these small images costs little)
+    grad_w = depthwise_grad_weight(grad_y.contiguous(at::MemoryFormat::ChannelsLast),
+                                   x.contiguous(at::MemoryFormat::ChannelsLast), weight.sizes(), k);
   return {grad_x, grad_w, grad_b};
 }
 

@@ -9,11 +9,11 @@ namespace paradis {
 
 // Gradients (grad_x, grad_weight, grad_bias) of a depthwise convolution y = conv2d(x, weight,
 // bias, groups = C): x [B, C, H, W], weight [C, 1, kh, kw]; a gradient not requested by
-// output_mask comes back undefined. The weight gradient of float32 3x3 layers with C a multiple of
-// 16 whose channels are innermost (channels_last, or one-pixel images) runs on narrow_group_conv.h's
-// AVX-512 kernel, summed in a fixed order (the same on every run): on images of a few pixels
-// oneDNN's backward takes 6-9x longer (bench/README.md). Everything else runs on ATen's
-// convolution_backward, as does the forward.
+// output_mask comes back undefined. The float32 / float64 weight gradient runs on a kernel of its
+// own where the kernel is larger than the image (any layout, stride, padding, dilation), and
+// float32 3x3 layers of 16k channels that are innermost on narrow_group_conv.h's AVX-512 kernel;
+// both sum in a fixed order (the same on every run and thread count). Everything else runs on
+// ATen's convolution_backward, as does the forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, const c10::List<bool>& output_mask);

@@ -15,6 +15,11 @@
 #define PARADIS_X86_TARGETS 0
 #endif
 
+// Before a loop across the channels of a row: its arrays never overlap. Without it GCC guards the
+// vector loop with a run-time alias check that sent the switch BatchNorm backward's first pass to
+// its scalar fallback; __restrict__ on locals inside lambdas does not help.
+#define PARADIS_NO_ALIAS _Pragma("GCC ivdep")
+
 namespace paradis {
 
 // PARADIS_CPU_ISA=baseline turns the AVX2 and AVX-512 kernels off (tests use it to check the

@@ -2,10 +2,10 @@
 of paradis_fast._C on small images.
 
 A depthwise convolution needs no slicing (channel c reads only channel c, so the stacked switches
-share it as they are), but oneDNN's backward is slow on images of a few pixels, the deep layers of a
-network fed small inputs (8x8 digits: 1x1 and 2x2 feature maps); from 4x4 up oneDNN is as fast
-(bench/README.md), so there the op is plain F.conv2d and skips the op's overhead. The forward and
-the input gradient are always ATen's.
+share it as they are), but oneDNN's weight gradient is 20-230x slower where the kernel is larger
+than the image, the deep layers of a network fed small inputs (8x8 digits: 2x2 and 1x1 feature
+maps); from 3x3 up it is as fast (bench/README.md), so on larger images the op is plain F.conv2d
+and skips the op's overhead. The forward and the input gradient are always ATen's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-// Checks the CPU depthwise convolution backward (its own weight-gradient kernel on channels_last
-// float32 3x3 layers, ATen's elsewhere) against autograd of at::conv2d in double, and that a
-// weight of the wrong shape is rejected.
+// Checks the CPU depthwise convolution backward (its own weight-gradient kernels on images smaller
+// than the kernel and, with AVX-512, on float32 layers of 16k channels; ATen's elsewhere) against
+// autograd of at::conv2d in double, and that a weight of the wrong shape is rejected.
 #include "cpu/depthwise_conv2d.h"
 #include "expect.h"
 
@@ -46,7 +46,9 @@ int main() {
   const std::vector<Case> cases = {
       {"32 channels", 3, 32, 7, 9, 1, 1},
       {"16 channels, stride 2, padding 2", 2, 16, 9, 6, 2, 2},
-      {"odd channels (ATen)", 2, 19, 5, 5, 1, 1},
+      {"odd channels", 2, 19, 5, 5, 1, 1},
+      {"2x2 images, 70 channels", 5, 70, 2, 2, 1, 1},
+      {"1x3 images, stride 2", 3, 40, 1, 3, 2, 1},
   };
   for (const Case& c : cases)
     for (const auto dtype : {at::kFloat, at::kDouble})
