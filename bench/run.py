@@ -117,6 +117,18 @@ def model_layout(args) -> str:
     return NHWC if args.device == "cpu" else ""
 
 
+def onednn_pointwise_hazard(args) -> bool:
+    """On CPUs without AVX-512, oneDNN's AVX2 weight gradient of channels_last 1x1 convolutions
+    segfaults, aborts or hangs on some shapes (bench/README.md; paradis_fast avoids it): the plain
+    ways whose backward reaches it are left out there, and run NCHW only."""
+    return args.device == "cpu" and torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+def onednn_breaks_on(layer: suites.ConvLayer, args) -> bool:
+    """Whether the channels_last (b) variants of a layer are left out (onednn_pointwise_hazard)."""
+    return layer.kernel == 1 and onednn_pointwise_hazard(args)
+
+
 def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
     blocks = plain.blocks_by_switch(switches, layer.c_in, layer.c_out)
     masks = plain.block_masks(torch.ones(layer.c_out, layer.c_in, device=args.device, dtype=args.dtype), blocks)
@@ -125,10 +137,11 @@ def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
     b_variants = {"b:masked": lambda x, w: plain.masked_conv(x, w, masks, stride, padding)}
     if all(plain.equal_widths(switch) for switch in blocks):
         b_variants["b:grouped"] = lambda x, w: plain.grouped_conv(x, w, blocks, stride, padding)
+    nhwc_variants = {} if onednn_breaks_on(layer, args) else {**b_variants, "b:loop": loop}
     fns = {
         "a": loop,
         **b_variants,
-        **{name + NHWC: fn for name, fn in {**b_variants, "b:loop": loop}.items()},
+        **{name + NHWC: fn for name, fn in nhwc_variants.items()},
         "d" + model_layout(args): lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding),
     }
     if args.compile:
@@ -332,7 +345,11 @@ def run_train(args, switches):
         groups = {
             phase: {
                 "a": functools.partial(loop, backward, False),
-                "b:loop" + NHWC: functools.partial(loop, backward, True),
+                **(
+                    {}
+                    if backward and onednn_pointwise_hazard(args)
+                    else {"b:loop" + NHWC: functools.partial(loop, backward, True)}
+                ),
                 "d" + model_layout(args): functools.partial(paradis, backward),
                 **({FP32_STEP: functools.partial(paradis, backward, False)} if args.autocast else {}),
             }

@@ -38,7 +38,8 @@ def test_conv_methods_agree(run, kernel, stride):
     args = run.parse_args(["--reps", "1", "--no-compile"])
     layer = suites.ConvLayer("tiny", 8, 12, kernel, stride, 6, 2)
     fns, _ = run.conv_methods(layer, SWITCHES, args)
-    assert {"a", "d@nhwc", "b:loop@nhwc", "b:masked", "b:masked@nhwc", "b:grouped"} <= set(fns)
+    nhwc_plain = set() if run.onednn_breaks_on(layer, args) else {"b:loop@nhwc", "b:masked@nhwc"}
+    assert {"a", "d@nhwc", "b:masked", "b:grouped", *nhwc_plain} <= set(fns)
     x = torch.randn(len(SWITCHES) * layer.batch, layer.c_in, layer.size, layer.size, requires_grad=True)
     w = torch.randn(layer.c_out, layer.c_in, kernel, kernel, requires_grad=True)
     grad_out = torch.randn(x.shape[0], layer.c_out, layer.out_size, layer.out_size)

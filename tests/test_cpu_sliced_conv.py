@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import conv_oracle
 import test_sliced_conv as conv_tests
 from conftest import cpu_has
 from paradis_fast import SwitchSet
@@ -85,10 +86,13 @@ LARGE_CASES = {
 }
 
 
+@pytest.mark.parametrize("path", ["auto", "native", "masked"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(LARGE_CASES))
-def test_large_image_paths_match_oracle(name, dtype, layout):
+def test_large_image_paths_match_oracle(monkeypatch, name, dtype, layout, path):
+    """Every path the per-shape choice can pick (and the choice itself) against the oracle."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", path)
     conv_case = LARGE_CASES[name]
     x, weight, bias, g = conv_tests.make_inputs(conv_case, dtype)
     x = x.contiguous(memory_format=layout)
@@ -165,6 +169,7 @@ def test_narrow_group_units_skip_onednn(monkeypatch, isa, dnnl_calls):
     """The 2x0.5 and 4x0.25 units of a 16-channel 3x3 layer (nhwc f32) run on the narrow-group
     kernels, not oneDNN; only the dense 1x1.0 unit calls aten::convolution(_backward), unless
     PARADIS_CPU_ISA=baseline, where all three do and the results agree."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "native")  # the fixed rules, not the per-shape choice
     switches = SwitchSet(["1x1.0", "2x0.5", "4x0.25"])
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3 * 4, 16, 10, 13, generator=g).contiguous(memory_format=torch.channels_last)
@@ -211,6 +216,7 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
     convolution or GEMM, on images of more than 16 pixels or with at least 1024 pixel rows per
     switch; on fewer rows of small images on BLAS; under PARADIS_CPU_ISA=baseline on ATen, with the
     same results."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "native")  # the fixed rules, not the per-shape choice
     x, weight, grad_y, blocks = _pointwise_problem(["1x1.0", "2x0.5", "0.5+0.25+0.25"], batch, 40, 36, hw, seed=4)
     bias = torch.randn(36, generator=torch.Generator().manual_seed(4))
 
@@ -230,45 +236,37 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.skipif(
-    not cpu_has("avx512f"), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them"
-)
+@pytest.mark.parametrize("isa", ["native", "baseline"])
 @pytest.mark.parametrize(
-    "hw, stride, dnnl_in_baseline",
-    [((13, 12), (2, 3), True), ((9, 8), (3, 3), False)],
-    ids=["stride2x3-28px", "stride3-9px"],
+    "hw, stride",
+    [((13, 12), (2, 3)), ((9, 8), (3, 3)), ((40, 37), (2, 2))],
+    ids=["stride2x3-28px", "stride3-9px", "stride2-380px"],
 )
-def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch, hw, stride, dnnl_in_baseline):
-    """A channels_last 1x1 layer of stride > 1 gathers its stride grid and runs as a stride-1 layer:
-    no ATen convolution; its input gradient is exactly zero off the grid; the same results as
-    oneDNN's strided convolution (PARADIS_CPU_ISA=baseline, where the 28-pixel grid goes there)."""
-    switches, g = SwitchSet(["1x1.0", "2x0.5", "0.5+0.25+0.25"]), torch.Generator().manual_seed(10)
+def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch, hw, stride, isa):
+    """A channels_last 1x1 layer of stride > 1 gathers its stride grid and runs as a stride-1 layer
+    on any CPU and image size (pointwise GEMM kernels or BLAS): no ATen convolution; its input
+    gradient is exactly zero off the grid; forward and gradients match the float64 oracle."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "native")  # the fixed rules, not the per-shape choice
+    monkeypatch.setenv("PARADIS_CPU_ISA", isa)
+    names, g = ["1x1.0", "2x0.5", "0.5+0.25+0.25"], torch.Generator().manual_seed(10)
     x = torch.randn(6, 20, *hw, generator=g).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(18, 20, 1, 1, generator=g), torch.randn(18, generator=g)
-    blocks, geometry = list(conv_blocks(switches, 20, 18, False)), (list(stride), [0, 0], [1, 1], False)
-    grad_y = torch.randn(KERNEL.sliced_conv2d(x, weight, bias, blocks, 3, *geometry).shape, generator=g)
-
-    def run():
-        with torch.profiler.profile() as prof:
-            y = KERNEL.sliced_conv2d(x, weight, bias, blocks, 3, *geometry)
-            grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, True])
-        return (y, *grads), {event.name for event in prof.events()} & {
-            "aten::convolution",
-            "aten::convolution_backward",
-        }
-
-    native, dnnl_calls = run()
-    assert not dnnl_calls
-    assert native[0].is_contiguous(memory_format=torch.channels_last)
-    assert native[1].is_contiguous(memory_format=torch.channels_last)
+    blocks, geometry = list(conv_blocks(SwitchSet(names), 20, 18, False)), (list(stride), [0, 0], [1, 1], False)
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    want_y = conv_oracle.oracle(*leaves, names, list(stride), [0, 0], [1, 1], False)
+    grad_y = torch.randn(want_y.shape, generator=g)
+    want = (want_y, *torch.autograd.grad(want_y, leaves, grad_y.double()))
+    with torch.profiler.profile() as prof:
+        y = KERNEL.sliced_conv2d(x, weight, bias, blocks, 3, *geometry)
+        grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, True])
+    assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::convolution_backward"}
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
     off_grid = torch.ones(hw, dtype=torch.bool)
     off_grid[:: stride[0], :: stride[1]] = False
-    assert native[1][:, :, off_grid].eq(0).all() and native[1][:, :, ~off_grid].ne(0).any()
-    monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
-    baseline, dnnl_calls = run()
-    assert bool(dnnl_calls) == dnnl_in_baseline
-    for got, want, what in zip(native, baseline, ("forward", "grad x", "grad weight", "grad bias")):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
+    assert grads[0][:, :, off_grid].eq(0).all() and grads[0][:, :, ~off_grid].ne(0).any()
+    for got, expected, what in zip((y, *grads), want, ("forward", "grad x", "grad weight", "grad bias")):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.skipif(

@@ -1,6 +1,7 @@
 #include "cpu/sliced_conv2d.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
@@ -9,15 +10,19 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include "layout.h"
 #include "cpu/isa.h"
+#include "cpu/measured_choice.h"
 #include "cpu/narrow_group_conv.h"
 #include "cpu/pointwise_gemm.h"
 
 #include <algorithm>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -34,7 +39,9 @@
 // kernels, AVX-512 and float32, in place: channels_last 1x1 layers with many pixel rows on
 // pointwise_gemm.h's (faster than oneDNN on narrow blocks, and no unit output copied), 3x3 units of
 // 1-, 4- or 8-channel groups, which oneDNN runs at a fraction of its dense rate, on
-// narrow_group_conv.h's.
+// narrow_group_conv.h's. Those fixed rules make the "native" path; on a layer shape's first call it
+// is timed against the "masked" path (one dense convolution per switch, fastest on small layers)
+// and the faster runs from then on (measured_choice.h).
 namespace paradis {
 namespace {
 
@@ -200,6 +207,34 @@ Problem validate(const Tensor& x, const Tensor& weight, IntArrayRef table, int64
   return {g, blocks};
 }
 
+// A channels_last [N, C, H, W] tensor as the [N*H*W, C] matrix it is in memory (a view).
+Tensor pixel_rows(const Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+// On CPUs without AVX-512 oneDNN runs channels_last 1x1 weight gradients on an AVX2 kernel that
+// hangs or crashes on some shapes (bench/README.md): there the units and the masked path take the
+// weight gradient of such layers from BLAS (pointwise_grad_weight) and only the rest from oneDNN.
+bool onednn_pointwise_hazard(const Geometry& g, const Tensor& x) {
+  return channels_innermost(x) && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+         !avx512_enabled();
+}
+
+// The weight gradient [C_out, C_in, 1, 1] of a stride-1 1x1 convolution of channels-innermost x
+// (channel slices of the stacked tensors too): one GEMM over the pixel rows.
+Tensor pointwise_grad_weight(const Tensor& grad_y, const Tensor& x) {
+  return at::mm(pixel_rows(grad_y).t(), pixel_rows(x)).view({grad_y.size(1), x.size(1), 1, 1});
+}
+
+// pointwise_grad_weight of a unit of `groups` equal blocks side by side: [groups * out width,
+// in width, 1, 1], as oneDNN's grouped weight gradient returns it.
+Tensor unit_pointwise_grad_weight(const Tensor& grad_y, const Tensor& x, int64_t groups) {
+  if (groups == 1) return pointwise_grad_weight(grad_y, x);
+  const int64_t ow = grad_y.size(1) / groups, iw = x.size(1) / groups;
+  std::vector<Tensor> pieces;
+  for (int64_t k = 0; k < groups; ++k)
+    pieces.push_back(pointwise_grad_weight(grad_y.narrow(1, k * ow, ow), x.narrow(1, k * iw, iw)));
+  return at::cat(pieces);
+}
+
 // Whether a unit runs on the narrow-group kernels (narrow_group_conv.h) instead of oneDNN: 3x3
 // float32 channels_last layers, groups of 1, 4 or 8 channels.
 bool runs_narrow(const Geometry& g, const UnitView& v, const Tensor& x) {
@@ -237,7 +272,8 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
     const bool narrow = runs_narrow(g, v, x);
     const bool narrow_x =
         grad_x.defined() && narrow && narrow_groups_fit_grad_input(v.count, v.in_width, v.out_width, window(g));
-    const bool dnnl_x = grad_x.defined() && !narrow_x, dnnl_w = grad_weight.defined() && !narrow;
+    const bool blas_w = grad_weight.defined() && onednn_pointwise_hazard(g, x);
+    const bool dnnl_x = grad_x.defined() && !narrow_x, dnnl_w = grad_weight.defined() && !narrow && !blas_w;
     const std::vector<int64_t> bias_sizes{v.out_width};
     Tensor gx, gw, gb;
     if (dnnl_x || dnnl_w || grad_bias.defined())
@@ -245,6 +281,7 @@ void backward_units(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
           gys, xs, v.weight, grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw},
           {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, v.count, {dnnl_x, dnnl_w, grad_bias.defined()});
     if (grad_weight.defined() && narrow) gw = narrow_group_conv_grad_weight(gys, xs, v.count, window(g));
+    if (blas_w) gw = unit_pointwise_grad_weight(gys, xs, v.count);
     if (grad_x.defined()) {
       const Tensor target = grad_x.narrow(0, v.first.x0, g.B).narrow(1, v.first.i0, v.in_width);
       if (narrow_x)
@@ -312,25 +349,25 @@ bool runs_on_blas(const Geometry& g, const Tensor& x) {
 
 bool runs_as_gemms(const Geometry& g, const Tensor& x) { return runs_on_blas(g, x) || runs_on_pointwise_gemm(g, x); }
 
-// A 1x1 layer of stride > 1 (no padding) reads only the pixels on its stride's grid: gathered into
-// a compact image, it is a stride-1 layer (the geometry returned) that runs as GEMMs where
-// runs_as_gemms says; its input gradient is that layer's, put back on the grid, zero elsewhere.
-// oneDNN ran these layers at 15-25% of the dense-GEMM rate (ResNet's shortcuts; bench/README.md).
+// A channels-innermost 1x1 layer of stride > 1 (no padding) reads only the pixels on its stride's
+// grid: gathered into a compact image, it is a stride-1 layer (the geometry returned) that runs as
+// GEMMs, on pointwise_gemm.h's kernels where runs_on_pointwise_gemm says, else one BLAS GEMM per
+// block at any image size; its input gradient is that layer's, put back on the grid, zero
+// elsewhere. oneDNN ran these layers at 15-25% of the dense-GEMM rate (ResNet's shortcuts), and its
+// AVX2 weight gradient of them hangs or crashes on some shapes (bench/README.md).
 std::optional<Geometry> gathered_pointwise(const Geometry& g, const Tensor& x) {
   if (g.kh != 1 || g.kw != 1 || g.ph != 0 || g.pw != 0 || (g.sh == 1 && g.sw == 1) || g.shared) return std::nullopt;
   Geometry compact = g;
   compact.H = g.Ho;
   compact.W = g.Wo;
   compact.sh = compact.sw = compact.dh = compact.dw = 1;
-  if (!runs_as_gemms(compact, x)) return std::nullopt;
+  if (!pointwise_layer(compact, x)) return std::nullopt;
   return compact;
 }
 
 // The pixels of t on the stride grid of a 1x1 layer (a view).
 Tensor on_grid(const Tensor& t, const Geometry& g) { return t.slice(2, 0, g.H, g.sh).slice(3, 0, g.W, g.sw); }
 
-// A channels_last [N, C, H, W] tensor as the [N*H*W, C] matrix it is in memory (a view).
-Tensor pixel_rows(const Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
 // The block's piece of a pixel_rows matrix: the B images from row `first` on, channels [c0, c1).
 Tensor block_rows(const Tensor& rows, const Geometry& g, int64_t first, int64_t c0, int64_t c1) {
@@ -406,6 +443,107 @@ void backward_gemms(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
   }
 }
 
+// One dense convolution per switch with the weight (and bias) outside the switch's blocks zeroed:
+// it computes the zero blocks too (k times the FLOPs of a kx(1/k) switch) but makes S oneDNN calls
+// instead of one per unit, and on small layers, where a call's fixed cost outweighs its arithmetic,
+// that is the fastest way there is (plain.masked_conv of bench/, the best plain way on many of them).
+Tensor block_of(const Tensor& t, const Block& b) {
+  return t.dim() == 1 ? t.narrow(0, b.o0, b.o1 - b.o0) : t.narrow(0, b.o0, b.o1 - b.o0).narrow(1, b.i0, b.i1 - b.i0);
+}
+
+// t (a weight or bias) with everything outside switch s's blocks zero.
+Tensor switch_masked(const Tensor& t, const std::vector<Block>& blocks, int64_t s) {
+  Tensor out = at::zeros_like(t);
+  for (const Block& b : blocks)
+    if (b.s == s) block_of(out, b).copy_(block_of(t, b));
+  return out;
+}
+
+void forward_masked(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y, const Geometry& g,
+                    const std::vector<Block>& blocks) {
+  for (int64_t s = 0; s < g.S; ++s) {
+    const Tensor b = bias.defined() ? switch_masked(bias, blocks, s) : Tensor();
+    y.narrow(0, s * g.B, g.B)
+        .copy_(at::convolution(x.narrow(0, s * g.B, g.B), switch_masked(weight, blocks, s), b, {g.sh, g.sw},
+                               {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, 1));
+  }
+}
+
+// As backward_units: grad_x rows written (zero where the masked weight reads nothing), the blocks'
+// weight and bias gradients added in a fixed order.
+void backward_masked(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& grad_x,
+                     const Tensor& grad_weight, const Tensor& grad_bias, const Geometry& g,
+                     const std::vector<Block>& blocks) {
+  const std::vector<int64_t> bias_sizes{g.C_out};
+  const bool blas_w = grad_weight.defined() && onednn_pointwise_hazard(g, x);
+  for (int64_t s = 0; s < g.S; ++s) {
+    const Tensor gys = grad_y.narrow(0, s * g.B, g.B), xs = x.narrow(0, s * g.B, g.B);
+    auto [gx, gw, gb] = at::convolution_backward(
+        gys, xs, switch_masked(weight, blocks, s), grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+        {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, 1,
+        {grad_x.defined(), grad_weight.defined() && !blas_w, grad_bias.defined()});
+    if (blas_w) gw = pointwise_grad_weight(gys, xs);
+    if (grad_x.defined()) grad_x.narrow(0, s * g.B, g.B).copy_(gx);
+    for (const Block& b : blocks) {
+      if (b.s != s) continue;
+      if (grad_weight.defined()) block_of(grad_weight, b).add_(block_of(gw, b));
+      if (grad_bias.defined()) block_of(grad_bias, b).add_(block_of(gb, b));
+    }
+  }
+}
+
+// The paths a layer may run on: "native" (the fixed rules above: the package's GEMM and narrow-group
+// kernels, BLAS, oneDNN's units) and "masked"; measured_choice.h picks per shape.
+enum Path : size_t { kNative = 0, kMasked = 1 };
+
+MeasuredChoices& choices() {
+  static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", {"native", "masked"});
+  return instance;
+}
+
+// input_shared layers (a network's stem) have one path: each output channel computed once.
+constexpr const char* kSharedRule = "input_shared: one oneDNN convolution per distinct output range";
+
+// What the native rules run for a non-input_shared layer.
+const char* native_rule(const Geometry& g, const Tensor& x, bool gathered) {
+  if (runs_on_pointwise_gemm(g, x)) return gathered ? "stride grid gathered, pointwise GEMM kernels" : "pointwise GEMM kernels";
+  if (gathered || runs_on_blas(g, x)) return gathered ? "stride grid gathered, BLAS GEMM per block" : "BLAS GEMM per block";
+  return "units (narrow-group kernels or oneDNN grouped convolutions)";
+}
+
+// The key a decision is cached under: everything the paths' speed depends on. phase: 0 for the
+// forward, 1 + the output_mask bits for a backward.
+ChoiceKey choice_key(int64_t phase, const Geometry& g, const std::vector<Block>& blocks, const Tensor& x) {
+  ChoiceKey key{phase, g.S, g.B, g.C_in, g.C_out, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.shared,
+                static_cast<int64_t>(x.scalar_type()), kernel_format(x) == at::MemoryFormat::ChannelsLast,
+                at::get_num_threads(), avx512_enabled(), pointwise_gemm_enabled()};
+  for (const Block& b : blocks) key.insert(key.end(), {b.s, b.i0, b.i1, b.o0, b.o1});
+  return key;
+}
+
+int64_t backward_phase(bool need_x, bool need_w, bool need_b) { return 1 + need_x + 2 * need_w + 4 * need_b; }
+
+// The key in words, for explain.
+std::string choice_words(int64_t phase, const Geometry& g, const std::vector<Block>& blocks, const Tensor& x,
+                         const char* rule) {
+  std::ostringstream words;
+  if (phase == 0) {
+    words << "forward";
+  } else {
+    const int64_t mask = phase - 1;
+    words << "backward (grad x " << (mask & 1 ? "yes" : "no") << ", weight " << (mask & 2 ? "yes" : "no") << ", bias "
+          << (mask & 4 ? "yes" : "no") << ")";
+  }
+  words << " " << g.kh << "x" << g.kw << " stride " << g.sh << "x" << g.sw << " padding " << g.ph << "x" << g.pw
+        << " dilation " << g.dh << "x" << g.dw << ", x [" << (g.shared ? g.B : g.S * g.B) << ", " << g.C_in << ", "
+        << g.H << ", " << g.W << "] " << x.scalar_type()
+        << (kernel_format(x) == at::MemoryFormat::ChannelsLast ? " channels_last" : " NCHW") << " -> " << g.C_out
+        << " channels, " << g.S << " switches, blocks";
+  for (const Block& b : blocks) words << " " << b.s << ":" << b.i0 << "-" << b.i1 << ">" << b.o0 << "-" << b.o1;
+  words << ", " << at::get_num_threads() << " threads; native = " << rule;
+  return words.str();
+}
+
 bool reduced_precision(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 // Whether a bfloat16 / float16 call computes in float32 on the float32 kernels (isa.h).
@@ -446,27 +584,43 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   const Tensor xc = x.contiguous(format), wc = weight.contiguous();
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
   const auto options = xc.options().memory_format(format);
-  Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
-  zero_uncovered(y, g, blocks, false);
-  if (runs_as_gemms(g, xc)) {
-    forward_gemms(xc, wc, bc, y, g, blocks);
+  if (input_shared) {
+    // every switch reads the same image, so each output channel is computed once (into a scratch
+    // when several switches need it) and copied into the rows of each switch
+    const auto shared_forward = [&](size_t) {
+      Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
+      zero_uncovered(y, g, blocks, false);
+      const bool dedupe = g.S > 1;
+      const Tensor target = dedupe ? at::empty({g.B, g.C_out, g.Ho, g.Wo}, options) : y;
+      forward_units(xc, wc, bc, target, g, dedupe ? shared_output_blocks(g, blocks) : blocks);
+      if (dedupe) {
+        for (const Block& b : blocks)
+          y.narrow(0, b.y0, g.B).narrow(1, b.o0, b.o1 - b.o0).copy_(target.narrow(1, b.o0, b.o1 - b.o0));
+      }
+      return y;
+    };
+    return choices().run<Tensor>(choice_key(0, g, blocks, xc), {"native"}, shared_forward,
+                                 [&] { return choice_words(0, g, blocks, xc, kSharedRule); });
+  }
+  const std::optional<Geometry> compact = gathered_pointwise(g, xc);
+  const Geometry& run_g = compact ? *compact : g;
+  const Tensor run_x = compact ? on_grid(xc, g).contiguous(format) : xc;
+  const char* rule = native_rule(run_g, run_x, compact.has_value());
+  const auto run = [&](size_t path) {
+    Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
+    if (path == kMasked) {
+      forward_masked(run_x, wc, bc, y, run_g, blocks);
+      return y;
+    }
+    zero_uncovered(y, g, blocks, false);
+    if (compact || runs_as_gemms(run_g, run_x))
+      forward_gemms(run_x, wc, bc, y, run_g, blocks);
+    else
+      forward_units(run_x, wc, bc, y, run_g, blocks);
     return y;
-  }
-  if (const auto compact = gathered_pointwise(g, xc)) {
-    forward_gemms(on_grid(xc, g).contiguous(format), wc, bc, y, *compact, blocks);
-    return y;
-  }
-  // input_shared: every switch reads the same image, so each output channel is computed once
-  // (into a scratch when several switches need it) and copied into the rows of each switch.
-  const bool dedupe = input_shared && g.S > 1;
-  const Tensor target = dedupe ? at::empty({g.B, g.C_out, g.Ho, g.Wo}, options) : y;
-  const std::vector<Block> computed = dedupe ? shared_output_blocks(g, blocks) : blocks;
-  forward_units(xc, wc, bc, target, g, computed);
-  if (dedupe) {
-    for (const Block& b : blocks)
-      y.narrow(0, b.y0, g.B).narrow(1, b.o0, b.o1 - b.o0).copy_(target.narrow(1, b.o0, b.o1 - b.o0));
-  }
-  return y;
+  };
+  return choices().run<Tensor>(choice_key(0, g, blocks, xc), {"native", "masked"}, run,
+                               [&] { return choice_words(0, g, blocks, xc, rule); });
 }
 
 std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad_y, const Tensor& x,
@@ -494,32 +648,48 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
   check_dtype(x);
   const at::MemoryFormat format = kernel_format(x);
   const Tensor gyc = grad_y.contiguous(format), xc = x.contiguous(format), wc = weight.contiguous();
-  if (input_shared) return shared_backward(gyc, xc, wc, g, blocks, output_mask);
-  const std::optional<Geometry> compact = gathered_pointwise(g, xc);
-  Tensor grad_x, grad_w, grad_b;
-  if (need_x && compact) {  // written on the stride grid only
-    grad_x = at::empty(xc.sizes(), xc.options().memory_format(format)).zero_();
-  } else if (need_x) {  // the units write the covered inputs; the others get zero
-    grad_x = at::empty(xc.sizes(), xc.options().memory_format(format));
-    zero_uncovered(grad_x, g, blocks, true);
+  const int64_t phase = backward_phase(need_x, need_w, need_b);
+  if (input_shared) {
+    return choices().run<std::tuple<Tensor, Tensor, Tensor>>(
+        choice_key(phase, g, blocks, xc), {"native"},
+        [&](size_t) { return shared_backward(gyc, xc, wc, g, blocks, output_mask); },
+        [&] { return choice_words(phase, g, blocks, xc, kSharedRule); });
   }
-  if (need_w) grad_w = at::zeros(wc.sizes(), wc.options().dtype(accumulation(wc)));
-  if (need_b) grad_b = at::zeros({g.C_out}, wc.options().dtype(accumulation(wc)));
-  if (compact) {
-    Tensor compact_grad_x;
+  const std::optional<Geometry> compact = gathered_pointwise(g, xc);
+  const Geometry& run_g = compact ? *compact : g;
+  const Tensor run_x = compact ? on_grid(xc, g).contiguous(format) : xc;
+  const char* rule = native_rule(run_g, run_x, compact.has_value());
+  const auto run = [&](size_t path) {
+    Tensor grad_x, grad_w, grad_b;
+    // the gradient of run_x: the units write the inputs they cover (the others get zero); a
+    // gathered layer's is put back on the stride grid of a zeroed grad_x
+    Tensor run_grad_x;
     if (need_x) {
-      compact_grad_x = at::empty({g.S * g.B, g.C_in, g.Ho, g.Wo}, xc.options().memory_format(format));
-      zero_uncovered(compact_grad_x, *compact, blocks, true);
+      run_grad_x = at::empty(run_x.sizes(), run_x.options().memory_format(format));
+      if (path != kMasked) zero_uncovered(run_grad_x, run_g, blocks, true);
     }
-    backward_gemms(gyc, on_grid(xc, g).contiguous(format), wc, compact_grad_x, grad_w, grad_b, *compact, blocks);
-    if (need_x) on_grid(grad_x, g).copy_(compact_grad_x);
-  } else if (runs_as_gemms(g, xc))
-    backward_gemms(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
-  else
-    backward_units(gyc, xc, wc, grad_x, grad_w, grad_b, g, blocks);
-  const auto in_weight_dtype = [&](const Tensor& t) { return t.defined() ? t.to(wc.scalar_type()) : t; };
-  return {grad_x, in_weight_dtype(grad_w), in_weight_dtype(grad_b)};
+    if (need_w) grad_w = at::zeros(wc.sizes(), wc.options().dtype(accumulation(wc)));
+    if (need_b) grad_b = at::zeros({g.C_out}, wc.options().dtype(accumulation(wc)));
+    if (path == kMasked)
+      backward_masked(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
+    else if (compact || runs_as_gemms(run_g, run_x))
+      backward_gemms(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
+    else
+      backward_units(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
+    if (need_x && compact) {
+      grad_x = at::empty(xc.sizes(), xc.options().memory_format(format)).zero_();
+      on_grid(grad_x, g).copy_(run_grad_x);
+    } else {
+      grad_x = run_grad_x;
+    }
+    const auto in_weight_dtype = [&](const Tensor& t) { return t.defined() ? t.to(wc.scalar_type()) : t; };
+    return std::tuple<Tensor, Tensor, Tensor>{grad_x, in_weight_dtype(grad_w), in_weight_dtype(grad_b)};
+  };
+  return choices().run<std::tuple<Tensor, Tensor, Tensor>>(choice_key(phase, g, blocks, xc), {"native", "masked"}, run,
+                                                           [&] { return choice_words(phase, g, blocks, xc, rule); });
 }
+
+std::vector<std::string> sliced_conv2d_decisions() { return choices().describe(); }
 
 TORCH_LIBRARY_IMPL(paradis, CPU, m) {
   m.impl("sliced_conv2d", TORCH_FN(sliced_conv2d_forward_cpu));

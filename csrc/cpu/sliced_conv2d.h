@@ -4,7 +4,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace paradis {
 
@@ -27,5 +29,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef blocks,
     int64_t num_switches, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool input_shared,
     const c10::List<bool>& output_mask);
+
+// Each layer shape's path: the CPU op measures its candidate paths on a shape's first forward and
+// first backward call and runs the faster from then on (PARADIS_CPU_CONV_PATH=native or =masked
+// forces one). One line per shape seen in this process, the most recently run first.
+std::vector<std::string> sliced_conv2d_decisions();
 
 }  // namespace paradis

@@ -1,0 +1,122 @@
+"""The CPU sliced_conv2d's per-shape choice between its paths (csrc/cpu/measured_choice.h): measured
+on a shape's first call, kept after, forced by PARADIS_CPU_CONV_PATH, reported by
+paradis_fast.ops.explain. Every path's numbers are checked against the float64 oracle in
+test_cpu_sliced_conv.py (test_large_image_paths_match_oracle runs each forced)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paradis_fast import SwitchSet
+from paradis_fast.ops import available_backends, explain, sliced_conv2d, use_backend
+from paradis_fast.ops.plan import conv_blocks
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in available_backends("sliced_conv2d"),
+    reason="paradis_fast._C has no CPU sliced_conv2d kernel (extension not built)",
+)
+SWITCHES = ["1x1.0", "0.5+0.25+0.25", "3x1/3"]
+
+
+def layer(c_in, c_out, hw, seed, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(SWITCHES) * batch, c_in, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randn(c_out, c_in, 3, 3, generator=g)
+
+
+def forward_backward(x, weight):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    y = sliced_conv2d(*leaves, None, SWITCHES, 1, 1)
+    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+    return y.detach(), leaves[0].grad, leaves[1].grad
+
+
+def test_first_call_measures_both_paths_and_later_calls_keep_the_winner(monkeypatch):
+    monkeypatch.delenv("PARADIS_CPU_CONV_PATH", raising=False)
+    x, weight = layer(23, 17, (5, 7), seed=1)  # a shape no other test runs
+    report = explain(x, weight, SWITCHES, 1, 1)
+    lines = report.splitlines()
+    assert lines[0] == "sliced_conv2d: cpu backend"
+    assert lines[1].lstrip().split(" ")[0] in ("native", "masked") and "for forward 3x3" in lines[1]
+    assert "for backward (grad x yes, weight yes, bias no) 3x3" in lines[2]
+    for line in lines[1:]:
+        assert "(measured on the first call: native " in line and ", masked " in line and "x [6, 23, 5, 7]" in line
+    first = forward_backward(x, weight)
+    for _ in range(2):
+        for got, want in zip(forward_backward(x, weight), first):
+            assert torch.equal(got, want)
+    assert explain(x, weight, SWITCHES, 1, 1) == report  # the same choice, measured once
+
+
+@pytest.mark.parametrize("path, dense_calls", [("masked", len(SWITCHES)), ("native", 5)])
+def test_forced_path_runs_and_is_reported(monkeypatch, path, dense_calls):
+    """masked: one dense oneDNN convolution per switch; native (this layer): one oneDNN convolution
+    per unit, 1 + 3 + 1 of them (the dense switch, the unequal 0.5+0.25+0.25's three blocks, the
+    equal 3x1/3 as one grouped convolution)."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", path)
+    x, weight = layer(24, 18, (6, 6), seed=2)
+    weight = weight.requires_grad_()
+    monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")  # no narrow-group kernels: units are oneDNN calls
+    with torch.profiler.profile() as prof:
+        sliced_conv2d(x, weight, None, SWITCHES, 1, 1).sum().backward()
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::convolution") == dense_calls
+    assert names.count("aten::convolution_backward") == dense_calls
+    assert f"  {path} (forced by PARADIS_CPU_CONV_PATH) for forward" in explain(x, weight, SWITCHES, 1, 1)
+
+
+def test_input_shared_stem_has_one_path(monkeypatch):
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "masked")
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    report = explain(x, torch.randn(16, 3, 3, 3), SWITCHES, 1, 1, input_shared=True)
+    assert report.count("native (the only path) for") == 2 and "input_shared" in report
+
+
+def test_unknown_path_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "fastest")
+    x, weight = layer(8, 8, (4, 4), seed=3)
+    with pytest.raises(RuntimeError, match="PARADIS_CPU_CONV_PATH=fastest names no path; the paths are native, masked"):
+        sliced_conv2d(x, weight, None, SWITCHES, 1, 1)
+
+
+def test_explain_names_backends_without_a_choice():
+    x, weight = layer(8, 8, (4, 4), seed=4)
+    with use_backend("reference"):
+        assert (
+            explain(x, weight, SWITCHES, 1, 1) == "sliced_conv2d: reference backend (one path per op, nothing measured)"
+        )
+
+
+def test_kernel_choice_of_a_direct_op_call_is_reported_too(monkeypatch):
+    """torch.ops.paradis.sliced_conv2d (as torch.compile and torch.export record it) decides the
+    same way: the decision list names its shape."""
+    monkeypatch.delenv("PARADIS_CPU_CONV_PATH", raising=False)
+    from paradis_fast import _C
+
+    x, weight = layer(11, 13, (3, 9), seed=5)
+    blocks = list(conv_blocks(SwitchSet(SWITCHES), 11, 13, False))
+    torch.ops.paradis.sliced_conv2d(x, weight, None, blocks, 3, [1, 1], [1, 1], [1, 1], False)
+    assert "for forward 3x3 stride 1x1 padding 1x1 dilation 1x1, x [6, 11, 3, 9]" in _C.sliced_conv2d_decisions()[0]
+
+
+@pytest.mark.parametrize("path", ["native", "masked"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_weight_gradient_comes_from_blas_without_avx512(monkeypatch, stride, path):
+    """Without AVX-512 (PARADIS_CPU_ISA=baseline stands in for such a CPU) oneDNN's channels_last
+    1x1 weight gradient hangs or crashes on some shapes: on either path the weight gradient of a
+    channels_last 1x1 layer is a BLAS GEMM (the masked path: one per switch), and right."""
+    monkeypatch.setenv("PARADIS_CPU_ISA", "baseline")
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", path)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 7, 12, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(19, 7, 1, 1, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, weight)]
+    with torch.profiler.profile() as prof:
+        sliced_conv2d(*leaves, None, SWITCHES, stride).sum().backward()
+    mm_calls = [event.name for event in prof.events()].count("aten::mm")
+    assert mm_calls == len(SWITCHES) if path == "masked" else mm_calls > 0
+    double = [t.double().requires_grad_() for t in (x, weight)]
+    with use_backend("reference"):
+        sliced_conv2d(*double, None, SWITCHES, stride).sum().backward()
+    torch.testing.assert_close(leaves[1].grad, double[1].grad.float(), rtol=1e-4, atol=1e-4)
