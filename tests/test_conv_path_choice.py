@@ -38,10 +38,12 @@ def test_first_call_measures_both_paths_and_later_calls_keep_the_winner(monkeypa
     report = explain(x, weight, SWITCHES, 1, 1)
     lines = report.splitlines()
     assert lines[0] == "sliced_conv2d: cpu backend"
-    assert lines[1].lstrip().split(" ")[0] in ("native", "masked") and "for forward 3x3" in lines[1]
-    assert "for backward (grad x yes, weight yes, bias no) 3x3" in lines[2]
-    for line in lines[1:]:
-        assert "(measured on the first call: native " in line and ", masked " in line and "x [6, 23, 5, 7]" in line
+    given = [line for line in lines[1:] if "Float channels_last ->" in line]
+    assert len(given) == 2 and "for forward 3x3" in given[0]
+    assert "for backward (grad x yes, weight yes, bias no) 3x3" in given[1]
+    for line in given:
+        assert line.lstrip().split(" ")[0] in ("native", "masked", "relayout") and "x [6, 23, 5, 7]" in line
+        assert "(measured on the first call: native " in line and ", masked " in line and ", relayout " in line
     first = forward_backward(x, weight)
     for _ in range(2):
         for got, want in zip(forward_backward(x, weight), first):
@@ -120,3 +122,34 @@ def test_pointwise_weight_gradient_comes_from_blas_without_avx512(monkeypatch, s
     with use_backend("reference"):
         sliced_conv2d(*double, None, SWITCHES, stride).sum().backward()
     torch.testing.assert_close(leaves[1].grad, double[1].grad.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_layers_may_run_on_copies_in_the_other_layout(monkeypatch, layout):
+    """A third candidate runs the op on copies of x and grad_y in the other layout (which choose
+    again there, between native and masked); forced, it returns outputs and gradients in x's layout
+    equal to the oracle's, and explain shows both decisions."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "relayout")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 10, 7, 5, generator=g).contiguous(memory_format=layout)
+    weight = torch.randn(14, 10, 3, 3, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, weight)]
+    y = sliced_conv2d(*leaves, None, SWITCHES, 1, 1)
+    grad_y = torch.randn(y.shape, generator=g)
+    y.backward(grad_y)
+    assert y.is_contiguous(memory_format=layout) and leaves[0].grad.is_contiguous(memory_format=layout)
+    double = [t.double().requires_grad_() for t in (x, weight)]
+    with use_backend("reference"):
+        want = sliced_conv2d(*double, None, SWITCHES, 1, 1)
+    want.backward(grad_y.double())
+    for got, expected in ((y, want), (leaves[0].grad, double[0].grad), (leaves[1].grad, double[1].grad)):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
+    lines = explain(x, weight, SWITCHES, 1, 1).splitlines()[1:]
+    given, other = ("NCHW", "channels_last") if layout == torch.contiguous_format else ("channels_last", "NCHW")
+    forward = sorted(lines[:2], key=lambda line: f"Float {other}" in line)
+    backward = sorted(lines[2:], key=lambda line: f"Float {other}" in line)
+    assert len(lines) == 4 and all(" for forward" in line for line in forward)
+    for given_line, other_line in (forward, backward):
+        assert given_line.lstrip().startswith("relayout (forced by PARADIS_CPU_CONV_PATH)")
+        assert f"Float {given} ->" in given_line and f"Float {other} ->" in other_line
+        assert "measured on the first call: native" in other_line and "relayout " not in other_line

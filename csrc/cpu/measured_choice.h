@@ -14,6 +14,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -73,15 +74,7 @@ class MeasuredChoices {
       remember(key, Decision{names, {}, only, names.size() == 1 ? "" : env_, "", 0}, describe_key);
       return run_candidate(only);
     }
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      const auto found = decisions_.find(key);
-      if (found != decisions_.end() && found->second.forced_by.empty() && !found->second.ms.empty() &&
-          found->second.names == names) {
-        found->second.last_use = ++calls_;
-        return run_candidate(found->second.chosen);
-      }
-    }
+    if (const auto chosen = measured_before(key, names)) return run_candidate(*chosen);
     std::vector<Result> results;
     for (size_t i = 0; i < names.size(); ++i) results.push_back(run_candidate(i));
     std::vector<double> ms(names.size(), std::numeric_limits<double>::infinity());
@@ -128,6 +121,18 @@ class MeasuredChoices {
     for (size_t i = 0; i < names.size(); ++i)
       if (names[i] == value) return i;
     return names.size();
+  }
+
+  // The candidate measured fastest for key with these candidates, marked used; none if not measured.
+  // (The candidates run outside the lock: a candidate may call the op again, as relayout does.)
+  std::optional<size_t> measured_before(const ChoiceKey& key, const std::vector<std::string>& names) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = decisions_.find(key);
+    if (found == decisions_.end() || !found->second.forced_by.empty() || found->second.ms.empty() ||
+        found->second.names != names)
+      return std::nullopt;
+    found->second.last_use = ++calls_;
+    return found->second.chosen;
   }
 
   // Stores decision under key (its words built only when new or changed) and marks it used.

@@ -493,12 +493,37 @@ void backward_masked(const Tensor& grad_y, const Tensor& x, const Tensor& weight
 }
 
 // The paths a layer may run on: "native" (the fixed rules above: the package's GEMM and narrow-group
-// kernels, BLAS, oneDNN's units) and "masked"; measured_choice.h picks per shape.
-enum Path : size_t { kNative = 0, kMasked = 1 };
+// kernels, BLAS, oneDNN's units), "masked", and "relayout": x and grad_y copied to the other
+// memory format (NCHW <-> channels_last) and the op called on the copies, choosing again there
+// between native and masked, the results copied back -- most of the fast paths are channels_last,
+// and oneDNN's channels_last kernels have slow cases NCHW has not (kernels larger than the image);
+// measured_choice.h picks per shape.
+enum Path : size_t { kNative = 0, kMasked = 1, kRelayout = 2 };
 
 MeasuredChoices& choices() {
-  static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", {"native", "masked"});
+  static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", {"native", "masked", "relayout"});
   return instance;
+}
+
+// Set while the op runs on relayout's copies, which do not relayout again.
+thread_local bool in_relayout = false;
+
+struct RelayoutScope {
+  RelayoutScope() { in_relayout = true; }
+  ~RelayoutScope() { in_relayout = false; }
+};
+
+// x's layout swapped: NCHW <-> channels_last.
+at::MemoryFormat other_format(const Tensor& x) {
+  return kernel_format(x) == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::Contiguous
+                                                            : at::MemoryFormat::ChannelsLast;
+}
+
+// The candidates for x (contiguous in its kernel format); one-pixel images are the same memory in
+// both layouts.
+std::vector<std::string> candidates(const Tensor& x) {
+  if (in_relayout || x.size(2) * x.size(3) == 1) return {"native", "masked"};
+  return {"native", "masked", "relayout"};
 }
 
 // input_shared layers (a network's stem) have one path: each output channel computed once.
@@ -607,6 +632,12 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   const Tensor run_x = compact ? on_grid(xc, g).contiguous(format) : xc;
   const char* rule = native_rule(run_g, run_x, compact.has_value());
   const auto run = [&](size_t path) {
+    if (path == kRelayout) {
+      const RelayoutScope scope;
+      return sliced_conv2d_forward_cpu(xc.contiguous(other_format(xc)), weight, bias, table, num_switches, stride,
+                                       padding, dilation, input_shared)
+          .contiguous(format);
+    }
     Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
     if (path == kMasked) {
       forward_masked(run_x, wc, bc, y, run_g, blocks);
@@ -619,7 +650,7 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
       forward_units(run_x, wc, bc, y, run_g, blocks);
     return y;
   };
-  return choices().run<Tensor>(choice_key(0, g, blocks, xc), {"native", "masked"}, run,
+  return choices().run<Tensor>(choice_key(0, g, blocks, xc), candidates(xc), run,
                                [&] { return choice_words(0, g, blocks, xc, rule); });
 }
 
@@ -660,6 +691,14 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
   const Tensor run_x = compact ? on_grid(xc, g).contiguous(format) : xc;
   const char* rule = native_rule(run_g, run_x, compact.has_value());
   const auto run = [&](size_t path) {
+    if (path == kRelayout) {
+      const RelayoutScope scope;
+      const at::MemoryFormat other = other_format(xc);
+      auto [grad_x, grad_w, grad_b] =
+          sliced_conv2d_backward_cpu(gyc.contiguous(other), xc.contiguous(other), weight, table, num_switches, stride,
+                                     padding, dilation, input_shared, output_mask);
+      return std::tuple<Tensor, Tensor, Tensor>{grad_x.defined() ? grad_x.contiguous(format) : grad_x, grad_w, grad_b};
+    }
     Tensor grad_x, grad_w, grad_b;
     // the gradient of run_x: the units write the inputs they cover (the others get zero); a
     // gathered layer's is put back on the stride grid of a zeroed grad_x
@@ -685,7 +724,7 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
     const auto in_weight_dtype = [&](const Tensor& t) { return t.defined() ? t.to(wc.scalar_type()) : t; };
     return std::tuple<Tensor, Tensor, Tensor>{grad_x, in_weight_dtype(grad_w), in_weight_dtype(grad_b)};
   };
-  return choices().run<std::tuple<Tensor, Tensor, Tensor>>(choice_key(phase, g, blocks, xc), {"native", "masked"}, run,
+  return choices().run<std::tuple<Tensor, Tensor, Tensor>>(choice_key(phase, g, blocks, xc), candidates(xc), run,
                                                            [&] { return choice_words(phase, g, blocks, xc, rule); });
 }
 

@@ -1,7 +1,7 @@
 """explain — which path sliced_conv2d runs for a layer, and why (issue 19: the choice is visible).
 
 The CPU kernel measures its candidate paths on a layer shape's first forward and first backward
-call and keeps the faster (csrc/cpu/measured_choice.h); other backends have one path per op.
+call and keeps the fastest (csrc/cpu/measured_choice.h); other backends have one path per op.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import checks, layout
 from .backends import backend_for
+from .plan import conv_blocks
 from .sliced_conv import OP, sliced_conv2d
 from ..switches import SwitchSetLike
 
@@ -25,7 +27,8 @@ def explain(
     input_shared: bool = False,
 ) -> str:
     """The backend that serves ``sliced_conv2d(x, weight, bias, switches, ...)`` and, on the CPU
-    kernel, the path its forward and its backward run, with the times that chose them.
+    kernel, the path its forward and its backward run, with the times that chose them (a layer
+    that runs on copies in the other layout also shows the choice made for the copies).
 
     Runs one forward and backward on detached copies of the tensors (so a shape's measuring first
     call happens here, not in the caller's first step)."""
@@ -37,5 +40,21 @@ def explain(
         return f"{OP}: {backend.name} backend (one path per op, nothing measured)"
     from paradis_fast import _C
 
-    backward, forward = _C.sliced_conv2d_decisions()[:2]
-    return f"{OP}: cpu backend\n  {forward}\n  {backward}"
+    switch_set = checks.switch_set(switches)
+    table = conv_blocks(switch_set, weight.shape[1], weight.shape[0], bool(input_shared))
+    blocks = " ".join(f"{s}:{i0}-{i1}>{o0}-{o1}" for s, i0, i1, o0, o1 in zip(*[iter(table)] * 5))
+    (sh, sw), (ph, pw), (dh, dw) = (
+        checks.pair(OP, name, v, 1) for name, v in zip(("stride", "padding", "dilation"), (stride, padding, dilation))
+    )
+    window = f"{weight.shape[2]}x{weight.shape[3]} stride {sh}x{sw} padding {ph}x{pw} dilation {dh}x{dw}, "
+    shape = window + f"x [{x.shape[0]}, {x.shape[1]}, {x.shape[2]}, {x.shape[3]}]"
+    layer = f"-> {weight.shape[0]} channels, {len(switch_set)} switches, blocks {blocks},"
+    lines = [line for line in _C.sliced_conv2d_decisions() if shape in line and layer in line]
+    given = "channels_last" if layout.memory_format(x) == torch.channels_last else "NCHW"
+    shown = []
+    for phase in (" for forward", " for backward"):
+        here = [line for line in lines if phase in line]
+        first = [line for line in here if f" {given} ->" in line]
+        # the copies' own choice, where the layer runs on copies in the other layout
+        shown += first + ([line for line in here if line not in first] if first[0].startswith("relayout") else [])
+    return "\n".join([f"{OP}: cpu backend", *(f"  {line}" for line in shown)])
