@@ -32,14 +32,14 @@ PyObject* sliced_conv2d_decisions(PyObject*, PyObject*) {
   return list;
 }
 
-PyMethodDef methods[] = {
-    {"sliced_conv2d_decisions", sliced_conv2d_decisions, METH_NOARGS,
-     "The CPU sliced_conv2d's path per layer shape seen, the most recently run first."},
-    {nullptr, nullptr, 0, nullptr}};
+PyMethodDef methods[] = {{"sliced_conv2d_decisions", sliced_conv2d_decisions, METH_NOARGS,
+                          "The CPU sliced_conv2d's path per layer shape seen, the most recently run first."},
+                         {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr, nullptr, nullptr};
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -122,8 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
   if (aten_mask[0] || aten_mask[1] || aten_mask[2])
     std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(grad_y, x, weight, IntArrayRef{C}, stride, padding,
                                                                 dilation, false, {0, 0}, C, aten_mask);
-  if (narrow)
-    grad_w = narrow_group_conv_grad_weight(grad_y, x, C, {k.sh, k.sw, k.ph, k.pw}).to(weight.options());
+  if (narrow) grad_w = narrow_group_conv_grad_weight(grad_y, x, C, {k.sh, k.sw, k.ph, k.pw}).to(weight.options());
   if (ours)  // channels innermost, the layout the kernel reads (a copy of these small images costs little)
     grad_w = depthwise_grad_weight(grad_y.contiguous(at::MemoryFormat::ChannelsLast),
                                    x.contiguous(at::MemoryFormat::ChannelsLast), weight.sizes(), k);

@@ -368,7 +368,6 @@ std::optional<Geometry> gathered_pointwise(const Geometry& g, const Tensor& x) {
 // The pixels of t on the stride grid of a 1x1 layer (a view).
 Tensor on_grid(const Tensor& t, const Geometry& g) { return t.slice(2, 0, g.H, g.sh).slice(3, 0, g.W, g.sw); }
 
-
 // The block's piece of a pixel_rows matrix: the B images from row `first` on, channels [c0, c1).
 Tensor block_rows(const Tensor& rows, const Geometry& g, int64_t first, int64_t c0, int64_t c1) {
   const int64_t pixels = g.Ho * g.Wo;
@@ -479,9 +478,9 @@ void backward_masked(const Tensor& grad_y, const Tensor& x, const Tensor& weight
   for (int64_t s = 0; s < g.S; ++s) {
     const Tensor gys = grad_y.narrow(0, s * g.B, g.B), xs = x.narrow(0, s * g.B, g.B);
     auto [gx, gw, gb] = at::convolution_backward(
-        gys, xs, switch_masked(weight, blocks, s), grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-        {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, 1,
-        {grad_x.defined(), grad_weight.defined() && !blas_w, grad_bias.defined()});
+        gys, xs, switch_masked(weight, blocks, s),
+        grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw}, {g.ph, g.pw},
+        {g.dh, g.dw}, false, {0, 0}, 1, {grad_x.defined(), grad_weight.defined() && !blas_w, grad_bias.defined()});
     if (blas_w) gw = pointwise_grad_weight(gys, xs);
     if (grad_x.defined()) grad_x.narrow(0, s * g.B, g.B).copy_(gx);
     for (const Block& b : blocks) {
@@ -531,17 +530,37 @@ constexpr const char* kSharedRule = "input_shared: one oneDNN convolution per di
 
 // What the native rules run for a non-input_shared layer.
 const char* native_rule(const Geometry& g, const Tensor& x, bool gathered) {
-  if (runs_on_pointwise_gemm(g, x)) return gathered ? "stride grid gathered, pointwise GEMM kernels" : "pointwise GEMM kernels";
-  if (gathered || runs_on_blas(g, x)) return gathered ? "stride grid gathered, BLAS GEMM per block" : "BLAS GEMM per block";
+  if (runs_on_pointwise_gemm(g, x))
+    return gathered ? "stride grid gathered, pointwise GEMM kernels" : "pointwise GEMM kernels";
+  if (gathered || runs_on_blas(g, x))
+    return gathered ? "stride grid gathered, BLAS GEMM per block" : "BLAS GEMM per block";
   return "units (narrow-group kernels or oneDNN grouped convolutions)";
 }
 
 // The key a decision is cached under: everything the paths' speed depends on. phase: 0 for the
 // forward, 1 + the output_mask bits for a backward.
 ChoiceKey choice_key(int64_t phase, const Geometry& g, const std::vector<Block>& blocks, const Tensor& x) {
-  ChoiceKey key{phase, g.S, g.B, g.C_in, g.C_out, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.shared,
-                static_cast<int64_t>(x.scalar_type()), kernel_format(x) == at::MemoryFormat::ChannelsLast,
-                at::get_num_threads(), avx512_enabled(), pointwise_gemm_enabled()};
+  ChoiceKey key{phase,
+                g.S,
+                g.B,
+                g.C_in,
+                g.C_out,
+                g.H,
+                g.W,
+                g.kh,
+                g.kw,
+                g.sh,
+                g.sw,
+                g.ph,
+                g.pw,
+                g.dh,
+                g.dw,
+                g.shared,
+                static_cast<int64_t>(x.scalar_type()),
+                kernel_format(x) == at::MemoryFormat::ChannelsLast,
+                at::get_num_threads(),
+                avx512_enabled(),
+                pointwise_gemm_enabled()};
   for (const Block& b : blocks) key.insert(key.end(), {b.s, b.i0, b.i1, b.o0, b.o1});
   return key;
 }

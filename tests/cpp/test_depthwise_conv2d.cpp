@@ -44,10 +44,8 @@ void run(const Case& c, at::ScalarType dtype, at::MemoryFormat format) {
 int main() {
   at::manual_seed(0);
   const std::vector<Case> cases = {
-      {"32 channels", 3, 32, 7, 9, 1, 1},
-      {"16 channels, stride 2, padding 2", 2, 16, 9, 6, 2, 2},
-      {"odd channels", 2, 19, 5, 5, 1, 1},
-      {"2x2 images, 70 channels", 5, 70, 2, 2, 1, 1},
+      {"32 channels", 3, 32, 7, 9, 1, 1},          {"16 channels, stride 2, padding 2", 2, 16, 9, 6, 2, 2},
+      {"odd channels", 2, 19, 5, 5, 1, 1},         {"2x2 images, 70 channels", 5, 70, 2, 2, 1, 1},
       {"1x3 images, stride 2", 3, 40, 1, 3, 2, 1},
   };
   for (const Case& c : cases)
