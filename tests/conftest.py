@@ -7,7 +7,8 @@
   argument is parametrized over them (see `pytest_generate_tests`);
 - backend parametrisation: the fixtures `conv_backend` / `bn_backend` run a test once per backend
   in `available_backends(op)` (today 'reference'; 'cpu' and others appear once they are built),
-  with that backend forced through `use_backend` for the whole test.
+  with that backend forced through `use_backend` for the whole test;
+- PARADIS_CPU_CONV_PATH=native unless set (below).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ if not cpu_has("avx512f"):
     # plain ATen ops only; none of 6 with oneDNN off; bench/README.md): there the tests run ATen's
     # own convolutions. Hosts with AVX-512 keep oneDNN.
     torch.backends.mkldnn.enabled = False
+
+# The CPU convolution's per-shape path is chosen by timing (csrc/cpu/measured_choice.h), so two
+# layer shapes may round differently from run to run; the suite runs the fixed rules unless a test
+# sets the variable itself (the choice's own tests, and the oracle matrix over every path).
+os.environ.setdefault("PARADIS_CPU_CONV_PATH", "native")
 
 # --------------------------------------------------------------------------------------------
 # switches

@@ -224,7 +224,9 @@ def test_set_active_selects_and_orders_switches(name):
         every = model(x)
         subset = model.set_active(["4x0.25", "1x1.0"])(x)
         assert model.set_active(None)(x).shape[0] == len(SWITCHES)
-    torch.testing.assert_close(subset, every[[2, 0]])
+    # a subset of switches is another layer shape, whose CPU convolution path (measured per shape)
+    # may sum in another order
+    torch.testing.assert_close(subset, every[[2, 0]], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", WITH_BN)
