@@ -588,6 +588,20 @@ std::string choice_words(int64_t phase, const Geometry& g, const std::vector<Blo
   return words.str();
 }
 
+// What the native and masked paths run on: a strided 1x1 layer's gathered stride grid
+// (gathered_pointwise) with its stride-1 geometry, else the layer itself.
+struct RunInput {
+  std::optional<Geometry> compact;
+  Geometry g;
+  Tensor x;
+};
+
+RunInput run_input(const Geometry& g, const Tensor& x, at::MemoryFormat format) {
+  const std::optional<Geometry> compact = gathered_pointwise(g, x);
+  if (!compact) return {compact, g, x};
+  return {compact, *compact, on_grid(x, g).contiguous(format)};
+}
+
 bool reduced_precision(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 // Whether a bfloat16 / float16 call computes in float32 on the float32 kernels (isa.h).
@@ -646,9 +660,10 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
     return choices().run<Tensor>(choice_key(0, g, blocks, xc), {"native"}, shared_forward,
                                  [&] { return choice_words(0, g, blocks, xc, kSharedRule); });
   }
-  const std::optional<Geometry> compact = gathered_pointwise(g, xc);
-  const Geometry& run_g = compact ? *compact : g;
-  const Tensor run_x = compact ? on_grid(xc, g).contiguous(format) : xc;
+  const RunInput in = run_input(g, xc, format);
+  const std::optional<Geometry>& compact = in.compact;
+  const Geometry& run_g = in.g;
+  const Tensor& run_x = in.x;
   const char* rule = native_rule(run_g, run_x, compact.has_value());
   const auto run = [&](size_t path) {
     if (path == kRelayout) {
@@ -705,9 +720,10 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
         [&](size_t) { return shared_backward(gyc, xc, wc, g, blocks, output_mask); },
         [&] { return choice_words(phase, g, blocks, xc, kSharedRule); });
   }
-  const std::optional<Geometry> compact = gathered_pointwise(g, xc);
-  const Geometry& run_g = compact ? *compact : g;
-  const Tensor run_x = compact ? on_grid(xc, g).contiguous(format) : xc;
+  const RunInput in = run_input(g, xc, format);
+  const std::optional<Geometry>& compact = in.compact;
+  const Geometry& run_g = in.g;
+  const Tensor& run_x = in.x;
   const char* rule = native_rule(run_g, run_x, compact.has_value());
   const auto run = [&](size_t path) {
     if (path == kRelayout) {
