@@ -304,7 +304,8 @@ def paradis_op_calls(model, x, target, criterion, args) -> str:
     if depthwise:
         report.append(
             f"depthwise_conv2d: {names.count('paradis::depthwise_conv2d_backward')}/{depthwise} backward "
-            "calls through the op (images of <= 16 pixels; larger ones are F.conv2d's)"
+            "calls through the op (images of <= 16 pixels, strided layers, low precision on CPU; the rest are "
+            "F.conv2d's)"
         )
     return "; ".join(report)
 

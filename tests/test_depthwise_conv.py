@@ -1,7 +1,8 @@
 """paradis_fast.ops.depthwise_conv2d and nn.DepthwiseConv2d against F.conv2d in float64: the
-CPU weight-gradient kernels (float32 and float64, any kernel, stride, padding, dilation and layout;
-AVX-512's narrow-group kernel for float32 3x3 layers of 16k channels), ATen's forward and input
-gradient, and the routing (the op on small images only)."""
+CPU gradient kernels (weight gradient on images smaller than the kernel, bfloat16 / float16 input
+gradient of strided layers; any kernel, stride, padding, dilation and layout; AVX-512's
+narrow-group kernel for float32 3x3 layers of 16k channels), ATen's forward and other gradients,
+and the routing (the op on small images, strided layers and low-precision tensors only)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,18 @@ CASES = {
     "70ch-5x5-on-3x3": (70, (3, 3), 5, 1, 2, 1, False, 2),  # a kernel larger than the image
     "9ch-dilated-on-2x2": (9, (2, 2), 3, 1, 2, 2, False, 3),  # taps reading only padding
 }
-TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    # bfloat16 has 8 bits of mantissa; ATen's CPU float16 gradients round partial sums to float16
+    # (our kernels sum in float32), so the absolute error follows the terms' size, not the result's
+    torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2),
+    torch.float16: dict(rtol=4e-3, atol=1.6e-2),
+}
+# The op's own gradient kernels: float32 sums rounded once to the dtype (1 ulp, plus the rounding
+# of the oracle's result to the dtype).
+FLOAT32_SUMS = {torch.bfloat16: dict(rtol=8e-3, atol=8e-3), torch.float16: dict(rtol=1e-3, atol=1e-3)}
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def make_case(name, dtype, layout, seed=0):
@@ -46,18 +58,22 @@ def make_case(name, dtype, layout, seed=0):
     return x, weight, b, dict(stride=stride, padding=padding, dilation=dilation)
 
 
-def forward_backward(fn, x, weight, bias, grad_y_seed=1):
+def grad_y_for(y, dtype):
+    """The output gradient of the tests: seeded, with values representable in dtype (the case's)."""
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype).to(y.dtype)
+
+
+def forward_backward(fn, x, weight, bias, dtype=None):
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
     y = fn(*leaves)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_y_seed), dtype=torch.float64).to(y.dtype)
-    y.backward(grad_y)
+    y.backward(grad_y_for(y, dtype or y.dtype))
     return [y.detach()] + [t.grad for t in leaves]
 
 
 def oracle(x, weight, bias, geometry):
     """F.conv2d in float64, gradients by autograd."""
     double = [t.double() if t is not None else None for t in (x, weight, bias)]
-    return forward_backward(lambda *t: F.conv2d(*t, **geometry, groups=x.shape[1]), *double)
+    return forward_backward(lambda *t: F.conv2d(*t, **geometry, groups=x.shape[1]), *double, dtype=x.dtype)
 
 
 def through_op(x, weight, bias=None, stride=1, padding=0, dilation=1):
@@ -69,7 +85,7 @@ ENTRIES = {"public": depthwise_conv2d, "op": pytest.param(through_op, marks=need
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
 @pytest.mark.parametrize("entry", ENTRIES.values(), ids=list(ENTRIES))
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_float64_oracle(name, entry, dtype, layout):
@@ -134,6 +150,53 @@ def test_weight_gradient_skips_onednn(monkeypatch, case, layout):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["32ch-stride2-bias", "16ch-stride2-pad2", "131ch-2x3-stride2"])
+def test_low_precision_strided_input_gradient_skips_onednn(monkeypatch, case, layout, dtype):
+    """The bfloat16 / float16 input gradient of a strided layer (x alone needs one) runs the CPU
+    kernel, no aten::convolution_backward, in x's layout; the baseline kernels agree with the
+    native ones and both with the float64 oracle."""
+    x, weight, bias, geometry = make_case(case, dtype, layout)
+    x.requires_grad_()
+    want = oracle(x, weight, bias, geometry)[1]
+    for isa in ("native", "baseline"):
+        monkeypatch.setenv("PARADIS_CPU_ISA", isa)
+        with torch.profiler.profile() as prof:
+            y = through_op(x, weight, bias, **geometry)
+            (grad_x,) = torch.autograd.grad(y, x, grad_y_for(y, dtype))
+        names = [event.name for event in prof.events()]
+        assert names.count("paradis::depthwise_conv2d_backward") == 1
+        assert names.count("aten::convolution_backward") == 0
+        assert grad_x.dtype == dtype and grad_x.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(grad_x, want.to(dtype), **TOLERANCE[dtype])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["16ch", "5x5", "dilated", "odd-19ch"])
+def test_low_precision_without_onednn_sums_in_float32(monkeypatch, case, layout, dtype):
+    """Where oneDNN does not compute the dtype (here: turned off), every low-precision gradient,
+    stride 1 too, runs the CPU kernels (ATen's would round partial sums to the dtype): no
+    aten::convolution_backward, float32 sums within the dtype's rounding of the float64 oracle,
+    through the public function as through the op, baseline kernels included."""
+    x, weight, bias, geometry = make_case(case, dtype, layout)
+    want = oracle(x, weight, bias, geometry)
+    for isa in ("native", "baseline"):
+        monkeypatch.setenv("PARADIS_CPU_ISA", isa)
+        with torch.backends.mkldnn.flags(enabled=False), torch.profiler.profile() as prof:
+            got = forward_backward(lambda *t: depthwise_conv2d(*t, **geometry), x, weight, bias)
+        names = [event.name for event in prof.events()]
+        assert names.count("paradis::depthwise_conv2d_backward") == 1
+        assert names.count("aten::convolution_backward") == 0
+        for what, g, w in zip(("y", "grad x", "grad weight", "grad bias"), got, want):
+            assert g is None or g.dtype == dtype, what
+            tolerance = TOLERANCE[dtype] if what == "y" else FLOAT32_SUMS[dtype]
+            torch.testing.assert_close(g, w.to(dtype), **tolerance, msg=lambda m: f"{isa} {what}: {m}")
+
+
+@needs_native
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_opcheck(layout):
     x, weight, bias, _ = make_case("32ch-stride2-bias", torch.float32, layout)
@@ -144,22 +207,26 @@ def test_opcheck(layout):
 
 
 @pytest.mark.parametrize(
-    "case, backend, through_op",
+    "case, backend, through_op, dtype",
     [
-        ("64ch-2x2-image", None, NATIVE),
-        ("32ch-1x1-image", "cpu", NATIVE),
-        ("64ch-2x2-image", "reference", False),
-        ("16ch", None, False),
+        ("64ch-2x2-image", None, NATIVE, torch.float32),
+        ("32ch-1x1-image", "cpu", NATIVE, torch.float32),
+        ("64ch-2x2-image", "reference", False, torch.float32),
+        ("16ch", None, False, torch.float32),
+        ("16ch-stride2-pad2", None, NATIVE, torch.float32),
+        ("16ch", None, NATIVE, torch.bfloat16),
     ],
-    ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image"],
+    ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image", "large-image-strided", "bf16"],
 )
-def test_routing(case, backend, through_op):
-    """Small images on the cpu backend go through the paradis op;
-    larger images and backends with no depthwise kernel (reference) are F.conv2d itself."""
-    x, weight, _, geometry = make_case(case, torch.float32, torch.channels_last)
+def test_routing(case, backend, through_op, dtype):
+    """Small images, strided layers and low-precision tensors on the cpu backend go through the
+    paradis op; larger float32 images of stride 1 and backends with no depthwise kernel
+    (reference) are F.conv2d itself."""
+    x, weight, _, geometry = make_case(case, dtype, torch.channels_last)
     with use_backend(backend), torch.profiler.profile() as prof:
         y = depthwise_conv2d(x, weight, None, **geometry)
-    assert y.shape[2] * y.shape[3] <= SMALL_IMAGE_PIXELS or not through_op
+    small_or_strided = y.shape[2] * y.shape[3] <= SMALL_IMAGE_PIXELS or geometry["stride"] > 1
+    assert small_or_strided or dtype != torch.float32 or not through_op
     assert any(event.name == "paradis::depthwise_conv2d" for event in prof.events()) == through_op
     torch.testing.assert_close(y, F.conv2d(x, weight, None, **geometry, groups=x.shape[1]))
 

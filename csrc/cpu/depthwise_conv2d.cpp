@@ -1,6 +1,8 @@
 #include "cpu/depthwise_conv2d.h"
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <vector>
 
 namespace paradis {
 namespace {
@@ -46,19 +49,22 @@ struct Taps {
   int64_t h, w, sh, sw, ph, pw, dh, dw;
 };
 
-// Multiversioning as in switch_batch_norm.cpp: the kernel compiled for baseline x86-64 and again
-// for AVX2 + FMA, chosen at run time.
+// Multiversioning as in switch_batch_norm.cpp: the kernels compiled for baseline x86-64 and again
+// for AVX2 + FMA; on_isa(kernel(...)) calls the copy the CPU takes.
 namespace baseline {
-#include "cpu/depthwise_grad_weight.inc"
+#include "cpu/depthwise_grad.inc"
 }  // namespace baseline
 
 #if PARADIS_X86_TARGETS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-#include "cpu/depthwise_grad_weight.inc"
+#include "cpu/depthwise_grad.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#define on_isa(...) (avx2_fma_enabled() ? avx2::__VA_ARGS__ : baseline::__VA_ARGS__)
+#else
+#define on_isa(...) baseline::__VA_ARGS__
 #endif
 
 // Where the (dilated) kernel is larger than the image, in either dimension, oneDNN's weight
@@ -74,19 +80,41 @@ bool image_smaller_than_kernel(const Tensor& x, const Taps& k) {
 Tensor depthwise_grad_weight(const Tensor& grad_y, const Tensor& x, IntArrayRef weight_sizes, const Taps& k) {
   const int64_t C = x.size(1), taps = k.h * k.w, blocks = (C + kBlock - 1) / kBlock;
   Tensor out = at::empty(weight_sizes, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_grad_weight", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "depthwise_conv2d_grad_weight", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const Image<scalar_t> gy_image(grad_y), x_image(x);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, taps * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t tap = item % taps, c0 = item / taps * kBlock, width = std::min(kBlock, C - c0);
-#if PARADIS_X86_TARGETS
-        if (avx2_fma_enabled()) {
-          avx2::grad_weight_tap(gy_image, x_image, k, tap, c0, width, o);
-          continue;
-        }
-#endif
-        baseline::grad_weight_tap(gy_image, x_image, k, tap, c0, width, o);
+        on_isa(grad_weight_tap<scalar_t, acc_t>(gy_image, x_image, k, tap, c0, width, o));
+      }
+    });
+  });
+  return out;
+}
+
+// The input gradient, channels_last, of channels-innermost grad_y: each (input row, block of
+// channels) by one thread, every input pixel summing its taps in a fixed order.
+Tensor depthwise_grad_input(const Tensor& grad_y, const Tensor& weight, IntArrayRef x_sizes, const Taps& k) {
+  const int64_t B = x_sizes[0], C = x_sizes[1], H = x_sizes[2], W = x_sizes[3];
+  const int64_t taps = k.h * k.w, blocks = (C + kBlock - 1) / kBlock;
+  Tensor out = at::empty(x_sizes, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(), "depthwise_conv2d_grad_input", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> w(blocks * taps * kBlock, acc_t(0));  // per block of channels, tap-major
+    const Tensor wc = weight.contiguous();
+    const scalar_t* wd = wc.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t tap = 0; tap < taps; ++tap)
+        w[(c / kBlock * taps + tap) * kBlock + c % kBlock] = static_cast<acc_t>(wd[c * taps + tap]);
+    const Image<scalar_t> gy_image(grad_y);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t block = item % blocks, row = item / blocks, c0 = block * kBlock;
+        on_isa(grad_input_row<scalar_t, acc_t>(gy_image, k, w.data() + block * taps * kBlock, row / H, row % H, c0,
+                                               std::min(kBlock, C - c0), o + row * W * C, C, W));
       }
     });
   });
@@ -113,19 +141,29 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
               " does not match x ", x.sizes());
   const at::ScalarType dtype = x.scalar_type();
   const Taps k{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
-  const bool floating = output_mask[1] && (dtype == at::kFloat || dtype == at::kDouble);
-  const bool narrow = floating && dtype == at::kFloat && channels_innermost(x) && channels_innermost(grad_y) &&
+  const bool low_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
+  // Without oneDNN computing the dtype, ATen's bfloat16 / float16 gradients round their partial
+  // sums to that dtype (and run 2-75x slower than these kernels): all three come from here then.
+  const bool all_own = low_precision && !(at::globalContext().userEnabledMkldnn() && at::hasMKLDNN() &&
+                                          low_precision_native(dtype == at::kBFloat16));
+  const bool narrow = output_mask[1] && dtype == at::kFloat && channels_innermost(x) && channels_innermost(grad_y) &&
                       k.h == 3 && k.w == 3 && k.dh == 1 && k.dw == 1 && narrow_groups_fit(C, C, C);
-  const bool ours = floating && !narrow && image_smaller_than_kernel(x, k);
-  const std::array<bool, 3> aten_mask{output_mask[0], output_mask[1] && !narrow && !ours, output_mask[2]};
+  const bool own_grad_w = output_mask[1] && !narrow && (all_own || image_smaller_than_kernel(x, k));
+  const bool own_grad_x = output_mask[0] && low_precision && (all_own || k.sh > 1 || k.sw > 1);
+  const bool own_grad_b = output_mask[2] && all_own;
+  const std::array<bool, 3> aten_mask{output_mask[0] && !own_grad_x, output_mask[1] && !narrow && !own_grad_w,
+                                      output_mask[2] && !own_grad_b};
   Tensor grad_x, grad_w, grad_b;
   if (aten_mask[0] || aten_mask[1] || aten_mask[2])
     std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(grad_y, x, weight, IntArrayRef{C}, stride, padding,
                                                                 dilation, false, {0, 0}, C, aten_mask);
   if (narrow) grad_w = narrow_group_conv_grad_weight(grad_y, x, C, {k.sh, k.sw, k.ph, k.pw}).to(weight.options());
-  if (ours)  // channels innermost, the layout the kernel reads (a copy of these small images costs little)
-    grad_w = depthwise_grad_weight(grad_y.contiguous(at::MemoryFormat::ChannelsLast),
-                                   x.contiguous(at::MemoryFormat::ChannelsLast), weight.sizes(), k);
+  // channels innermost, the layout the kernels read (a copy of small images costs little)
+  const Tensor grad_y_cl = own_grad_w || own_grad_x ? grad_y.contiguous(at::MemoryFormat::ChannelsLast) : Tensor();
+  if (own_grad_w)
+    grad_w = depthwise_grad_weight(grad_y_cl, x.contiguous(at::MemoryFormat::ChannelsLast), weight.sizes(), k);
+  if (own_grad_x) grad_x = depthwise_grad_input(grad_y_cl, weight, x.sizes(), k).contiguous(x.suggest_memory_format());
+  if (own_grad_b) grad_b = grad_y.sum({0, 2, 3}, false, at::kFloat).to(dtype);
   return {grad_x, grad_w, grad_b};
 }
 

@@ -9,11 +9,14 @@ namespace paradis {
 
 // Gradients (grad_x, grad_weight, grad_bias) of a depthwise convolution y = conv2d(x, weight,
 // bias, groups = C): x [B, C, H, W], weight [C, 1, kh, kw]; a gradient not requested by
-// output_mask comes back undefined. The float32 / float64 weight gradient runs on a kernel of its
-// own where the kernel is larger than the image (any layout, stride, padding, dilation), and
-// float32 3x3 layers of 16k channels that are innermost on narrow_group_conv.h's AVX-512 kernel;
-// both sum in a fixed order (the same on every run and thread count). Everything else runs on
-// ATen's convolution_backward, as does the forward.
+// output_mask comes back undefined. Kernels of its own (any layout, stride, padding, dilation;
+// float32 sums for bfloat16 / float16) compute the weight gradient where the kernel is larger
+// than the image, the bfloat16 / float16 input gradient of strided layers (oneDNN's is 10-90x
+// slower there), and all three low-precision gradients where oneDNN does not compute that dtype
+// (isa.h's low_precision_native, or oneDNN off); float32 3x3 layers of 16k channels that are
+// innermost take narrow_group_conv.h's AVX-512 weight gradient. These sum in a fixed order (the
+// same on every run and thread count). Everything else runs on ATen's convolution_backward, as
+// does the forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, const c10::List<bool>& output_mask);

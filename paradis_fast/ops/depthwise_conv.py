@@ -1,15 +1,20 @@
-"""depthwise_conv2d — the depthwise convolution of MobileNet's blocks, with the CPU weight gradient
-of paradis_fast._C on small images.
+"""depthwise_conv2d — the depthwise convolution of MobileNet's blocks, with paradis_fast._C's CPU
+gradient kernels where oneDNN's are slow.
 
 A depthwise convolution needs no slicing (channel c reads only channel c, so the stacked switches
 share it as they are), but oneDNN's weight gradient is 20-230x slower where the kernel is larger
 than the image, the deep layers of a network fed small inputs (8x8 digits: 2x2 and 1x1 feature
-maps); from 3x3 up it is as fast (bench/README.md), so on larger images the op is plain F.conv2d
-and skips the op's overhead. The forward and the input gradient are always ATen's.
+maps), and its bfloat16 / float16 input gradient of strided layers 10-60x slower than the op's
+kernel (bench/README.md); where oneDNN does not compute bfloat16 / float16 (CPUs without AVX-512,
+oneDNN off), ATen's gradients round their partial sums to that dtype and run 2-75x slower than the
+op's float32-accumulating kernels. Small images, strided layers and low-precision CPU tensors
+therefore run through the op, which chooses per gradient; other layers are plain F.conv2d and
+skip the op's overhead. The forward is always ATen's.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -18,8 +23,10 @@ from .backends import backend_for
 from .plan import conv_output_size
 
 OP = "depthwise_conv2d"
-# Output images of at most this many pixels run through the op (see above).
+# Output images of at most this many pixels run through the op (see above), as do strided layers
+# and low-precision CPU tensors.
 SMALL_IMAGE_PIXELS = 16
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @library.register_fake(OP)
@@ -37,8 +44,8 @@ def _(grad_y, x, weight, stride, padding, dilation, output_mask):
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for x ``[N, C, H, W]`` and
-    weight ``[C, 1, kh, kw]``: on small images through the backend serving the op (on CPU the
-    paradis op, whose weight gradient is paradis_fast's kernel); F.conv2d itself otherwise."""
+    weight ``[C, 1, kh, kw]``: on small images and strided layers through the backend serving the op
+    (on CPU the paradis op, with paradis_fast's gradient kernels); F.conv2d itself otherwise."""
     checks.tensors(OP, x=x, weight=weight, bias=bias)
     if not checks.autocast_unifies(x, weight, bias):
         checks.same_dtype(OP, x=x, weight=weight, bias=bias)
@@ -58,6 +65,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     ]
     if min(out_hw) < 1:
         raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
-    if out_hw[0] * out_hw[1] > SMALL_IMAGE_PIXELS:
+    low_precision_cpu = x.device.type == "cpu" and x.dtype in LOW_PRECISION
+    if out_hw[0] * out_hw[1] > SMALL_IMAGE_PIXELS and stride == [1, 1] and not low_precision_cpu:
         return F.conv2d(x, weight, bias, stride, padding, dilation, channels)
     return backend_for(OP, x.device).function(OP)(x, weight, bias, stride, padding, dilation)
