@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 
 from ..errors import UserError
+
+_SIZE = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def _positive_list(cast, example: str):
@@ -20,6 +25,39 @@ def _positive_list(cast, example: str):
         return values
 
     return parse
+
+
+def _sizes(text: str) -> list[float]:
+    """An argparse type: comma-separated positive byte counts, e.g. ``8MB,512MiB`` or ``8000000``."""
+    values = []
+    for item in text.split(","):
+        match = _SIZE.match(item)
+        if match is None:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not a size such as 8MB, 512KiB or 8000000")
+        number, unit = match.groups()
+        values.append(float(number) * _SIZE_UNITS.get((unit or "").lower(), 1))
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be positive")
+    return values
+
+
+def _size(text: str) -> float:
+    """An argparse type: one positive byte count, e.g. ``125MB``."""
+    values = _sizes(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one size, not a list")
+    return values[0]
+
+
+def _positive(text: str) -> float:
+    """An argparse type: one positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
+    return value
 
 
 def open_checkpoint(path: str):
@@ -51,11 +89,23 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> None:
-    from .plan import part_flops, plan
+    from .plan import part_costs, plan
 
     model, checkpoint = open_checkpoint(args.checkpoint)
-    flops = part_flops(model, model.switches, input_shape(args, checkpoint))
-    result = plan(args.capacities, model.switches, checkpoint["accuracy"], flops)
+    costs = part_costs(model, model.switches, input_shape(args, checkpoint))
+    memory = args.memory[0] if args.memory is not None and len(args.memory) == 1 else args.memory
+    result = plan(
+        args.capacities,
+        model.switches,
+        checkpoint["accuracy"],
+        costs.flops,
+        min_accuracy=args.min_accuracy,
+        latency_budget=args.latency_budget,
+        bandwidth=args.bandwidth,
+        exchanged_bytes=costs.exchanged_bytes,
+        memory=memory,
+        part_bytes=costs.part_bytes,
+    )
     print(f"devices of capacity {', '.join(f'{c:g}' for c in args.capacities)}: run switch {result.switch}")
     print(result.table())
 
@@ -73,13 +123,42 @@ def run_export(args) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="choose the switch whose slowest device finishes first")
+    p = subparsers.add_parser(
+        "plan", help="choose the switch: the fastest, or the most accurate within a latency budget"
+    )
     add_checkpoint_arguments(p)
     p.add_argument(
         "--capacities",
         type=_positive_list(float, "2,1,1"),
         required=True,
-        help="relative speed of each device, e.g. 2,1,1",
+        help="speed of each device, relative (2,1,1) or in FLOP/s (2e9,1e9,1e9: times are then in seconds)",
+    )
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help="exclude switches whose accuracy in the checkpoint is below this or unknown",
+    )
+    p.add_argument(
+        "--latency-budget",
+        type=_positive,
+        default=None,
+        help="time per image allowed, in the capacities' unit (seconds for FLOP/s): the most accurate switch "
+        "within it wins",
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=_size,
+        default=None,
+        help="bytes per time unit between devices, e.g. 125MB (per second for FLOP/s capacities); "
+        "default: communication not counted",
+    )
+    p.add_argument(
+        "--memory",
+        type=_sizes,
+        default=None,
+        help="memory of each device for the weights, e.g. 8MB or 8MB,4MB,4MB (one per device; kB, MB, GB, "
+        "KiB, MiB, GiB or bytes)",
     )
     p.set_defaults(run=run_plan)
 

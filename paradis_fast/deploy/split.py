@@ -187,12 +187,14 @@ class Fusion(nn.Module):
 
 @dataclass(frozen=True)
 class PartStats:
-    """Per image: parameters of the part, FLOPs (2 per multiply-add of its convs and linears;
-    element-wise ops not counted) and the bytes of the partial output it sends."""
+    """Parameters of the part; per image, FLOPs (2 per multiply-add of its convs and linears;
+    element-wise ops not counted) and the bytes of the partial output it sends; the bytes of its
+    parameters (the weights its device must hold, besides activations)."""
 
     params: int
     flops: int
     bytes_sent: int
+    param_bytes: int
 
 
 def _count_flops(module: nn.Module, image: Tensor) -> tuple[int, Tensor]:
@@ -241,8 +243,14 @@ class Split(nn.Module):
         stats = []
         for part in self.parts:
             flops, output = _count_flops(part, image)
+            parameters = list(part.parameters())
             stats.append(
-                PartStats(sum(p.numel() for p in part.parameters()), flops, output.numel() * output.element_size())
+                PartStats(
+                    sum(p.numel() for p in parameters),
+                    flops,
+                    output.numel() * output.element_size(),
+                    sum(p.numel() * p.element_size() for p in parameters),
+                )
             )
         return stats
 
