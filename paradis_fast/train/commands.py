@@ -68,6 +68,7 @@ def calibrate(args) -> dict:
     from ..deploy.commands import open_checkpoint
     from ..errors import UserError
     from .checkpoint import save
+    from .experiment import dataset_arguments, val_loader
     from .trainer import evaluate
 
     model, checkpoint = open_checkpoint(args.checkpoint)
@@ -75,14 +76,14 @@ def calibrate(args) -> dict:
     dataset = args.dataset or config.get("dataset")
     if dataset is None:
         raise UserError("the checkpoint does not name its dataset; give --dataset")
-    split = datasets.load(dataset, seed=config.get("seed", 0), **config.get("dataset_kwargs", {}))
+    split = datasets.load(dataset, seed=config.get("seed", 0), **dataset_arguments(config))
     loader = DataLoader(
         split.train,
         batch_size=args.batch_size or config.get("batch_size", 64),
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    val = DataLoader(split.val, batch_size=256)
+    val = val_loader(split.val)
     before = evaluate(model, val, split.task, split.scale)
     used = calibrate_batch_norm(model, loader, args.batches)
     after = evaluate(model, val, split.task, split.scale)
@@ -116,6 +117,28 @@ def register(subparsers) -> None:
         help="comma-separated switches, e.g. 1x1.0,2x0.5,0.5+0.25+0.25 (default: 1x1.0,2x0.5,4x0.25)",
     )
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(names())}")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the square images of imagefolder:PATH (default 224; training: random-resized crops "
+        "and flips, validation: shorter side resized to size/0.875, centre crop) and of srfolder:PATH's "
+        "high-resolution training patches (default 96); the other datasets have a fixed size and reject it",
+    )
+    p.add_argument(
+        "--scale",
+        type=int,
+        choices=(2, 3, 4),
+        default=None,
+        help="super-resolution factor of photos and srfolder:PATH (default: 2)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader processes that decode and augment images, worth it for image folders; 0 reads "
+        "them in the training process (memory is pinned when training on a GPU)",
+    )
     p.add_argument("--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size")

@@ -1,12 +1,14 @@
 """Datasets through one registry: bundled ones that need no network, and users' own data on disk.
 
-``load("digits")``, ``load("mnist5k")``, ``load("photos")`` (super-resolution), and
-``load("imagefolder:PATH")`` / ``load("cifar10:PATH")`` for data on disk. Every split is
+``load("digits")``, ``load("mnist5k")``, ``load("photos")`` (super-resolution), and for data on
+disk ``load("cifar10:PATH")`` and image folders (image_folders.py): ``load("imagefolder:PATH")``
+for classes, ``load("srfolder:PATH")`` for super-resolution. Every split is
 deterministic in ``seed``; a missing or malformed path raises `DatasetError` naming the problem.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from typing import Callable, NamedTuple
@@ -17,7 +19,6 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import UserError, require
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
@@ -133,60 +134,13 @@ def photos(
 
 
 # ----------------------------------------------------------------------------------------------
-# users' data on disk
-class ImageFiles(Dataset):
-    """Image files loaded with PIL on access, RGB, resized to ``size`` x ``size``, scaled to [-1, 1]."""
-
-    def __init__(self, samples: list[tuple[str, int]], size: int):
-        require("PIL.Image", "reading image files", "pillow")  # fail before training, not at the first batch
-        self.samples, self.size = samples, size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-                pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        except OSError as error:
-            raise DatasetError(f"cannot read image {path}: {error}") from error
-        pixels = pixels.reshape(self.size, self.size, 3).permute(2, 0, 1).float()
-        return pixels / 127.5 - 1, label
-
-
+# users' data on disk (image folders: image_folders.py)
 def _existing_dir(path: str, name: str) -> str:
     if not path:
         raise DatasetError(f"dataset '{name}' needs a path: '{name}:PATH'")
     if not os.path.isdir(path):
         raise DatasetError(f"dataset '{name}': {path} is not a directory")
     return path
-
-
-def imagefolder(path: str, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Split:
-    """ImageNet-style class folders ``PATH/<class>/<image>``; classes in sorted order, and a
-    deterministic per-class validation split (at least one image per class when it has two)."""
-    root = _existing_dir(path, "imagefolder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise DatasetError(f"dataset 'imagefolder': {root} has no class folders (expected PATH/<class>/<image>)")
-    train, val = [], []
-    for label, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise DatasetError(
-                f"dataset 'imagefolder': class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
-        order = _permutation(len(files), seed).tolist()
-        n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction))) if len(files) > 1 else 0
-        samples = [(os.path.join(folder, files[i]), label) for i in order]
-        val += samples[:n_val]
-        train += samples[n_val:]
-    return Split(ImageFiles(train, image_size), ImageFiles(val, image_size), len(classes), 3)
 
 
 def _cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,18 +181,37 @@ def cifar10(path: str, seed: int = 0) -> Split:
 
 
 BUNDLED: dict[str, Callable[..., Split]] = {"digits": digits, "mnist5k": mnist5k, "photos": photos}
-ON_DISK: dict[str, Callable[..., Split]] = {"imagefolder": imagefolder, "cifar10": cifar10}
+
+
+def _on_disk() -> dict[str, Callable[..., Split]]:
+    from .image_folders import imagefolder, srfolder  # that module imports this one, so not at the top
+
+    return {"cifar10": cifar10, "imagefolder": imagefolder, "srfolder": srfolder}
 
 
 def names() -> list[str]:
-    return sorted(BUNDLED) + [f"{name}:PATH" for name in sorted(ON_DISK)]
+    return sorted(BUNDLED) + [f"{name}:PATH" for name in sorted(_on_disk())]
+
+
+def _taking(argument: str) -> list[str]:
+    """The registry spellings of the datasets whose loader has ``argument``."""
+    loaders = {**BUNDLED, **{f"{name}:PATH": loader for name, loader in _on_disk().items()}}
+    return [name for name, loader in sorted(loaders.items()) if argument in inspect.signature(loader).parameters]
 
 
 def load(spec: str, seed: int = 0, **kwargs) -> Split:
-    """Load a dataset by its registry spelling: a bundled name, or ``name:PATH`` for data on disk."""
+    """Load a dataset by its registry spelling: a bundled name, or ``name:PATH`` for data on disk.
+    ``kwargs`` go to its loader; one it does not take (e.g. ``image_size`` for digits) is an error."""
     name, has_path, path = spec.partition(":")
+    on_disk = _on_disk()
     if name in BUNDLED and not has_path:
-        return BUNDLED[name](seed=seed, **kwargs)
-    if name in ON_DISK:
-        return ON_DISK[name](path, seed=seed, **kwargs)
-    raise DatasetError(f"unknown dataset {spec!r}; choose from {', '.join(names())}")
+        loader, args = BUNDLED[name], ()
+    elif name in on_disk:
+        loader, args = on_disk[name], (path,)
+    else:
+        raise DatasetError(f"unknown dataset {spec!r}; choose from {', '.join(names())}")
+    for argument in kwargs:
+        if argument not in inspect.signature(loader).parameters:
+            flag = "--" + argument.replace("_", "-")
+            raise DatasetError(f"dataset {name!r} takes no {argument} ({flag}); {', '.join(_taking(argument))} do")
+    return loader(*args, seed=seed, **kwargs)

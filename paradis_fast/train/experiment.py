@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..errors import UserError
 from ..models._common import scaled
@@ -52,6 +52,23 @@ class TrainConfig:
     precision: str | None = None  # fp32, bf16 or fp16; None: bf16 where the device computes it fast
     model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"n_blocks": 4}
     dataset_kwargs: dict = field(default_factory=dict)  # extra loader arguments, e.g. {"patch": 32}
+    image_size: int | None = None  # image folders' side (None: the loader's default); others take none
+    scale: int | None = None  # super-resolution factor (None: the loader's default, 2)
+    workers: int = 0  # DataLoader worker processes; 0 reads the data in the training process
+
+
+def dataset_arguments(config: dict) -> dict:
+    """`datasets.load`'s keyword arguments for a run's config (as a dict, also a checkpoint's):
+    ``dataset_kwargs`` plus ``image_size`` and ``scale`` where given."""
+    given = {name: config.get(name) for name in ("image_size", "scale") if config.get(name) is not None}
+    return {**config.get("dataset_kwargs", {}), **given}
+
+
+def _input_shape(split: datasets.Split) -> torch.Size:
+    """One training input's shape, read without advancing the global generator that random crops
+    draw from: a resumed run must draw what an uninterrupted one does."""
+    with torch.random.fork_rng(devices=[]):
+        return split.train[0][0].shape
 
 
 def model_spec(config: TrainConfig, split: datasets.Split) -> tuple[str, dict]:
@@ -65,7 +82,7 @@ def model_spec(config: TrainConfig, split: datasets.Split) -> tuple[str, dict]:
     elif name in CLASSIFIERS:
         if split.task != "classification":
             raise UserError(f"{name} is a classifier; dataset {config.dataset!r} is for {split.task.replace('_', '-')}")
-        size = split.train[0][0].shape[-1]
+        size = _input_shape(split)[-1]
         kwargs = dict(
             num_classes=split.num_classes, width_mult=config.width_mult, in_channels=split.in_channels, input_size=size
         )
@@ -85,18 +102,30 @@ def trained_switches(config: TrainConfig) -> list[str]:
     return [str(s) for s in baselines.slimmable_switches(config.switches)]
 
 
+def val_loader(dataset, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches of 256, or of ``dataset.eval_batch_size`` (1 for whole images of different sizes)."""
+    batch_size = getattr(dataset, "eval_batch_size", 256)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+
+
 def _loaders(split: datasets.Split, config: TrainConfig, context: distributed.Context, generator: torch.Generator):
     per_rank = distributed.per_rank_batch(config.batch_size, context)
     if per_rank > len(split.train):
         raise UserError(f"batch size {config.batch_size} exceeds the {len(split.train)} training examples")
+    if config.workers < 0:
+        raise UserError(f"--workers {config.workers}: give 0 (read in the training process) or more")
+    # workers are started afresh each epoch, seeded from `generator`, so a resumed run draws the same crops
+    options = dict(num_workers=config.workers, pin_memory=context.device.type == "cuda")
     if context.distributed:
         sampler = DistributedSampler(
             split.train, context.world_size, context.rank, shuffle=True, seed=config.seed, drop_last=True
         )
-        train = DataLoader(split.train, batch_size=per_rank, sampler=sampler, drop_last=True)
+        train = DataLoader(split.train, batch_size=per_rank, sampler=sampler, drop_last=True, **options)
     else:
-        train = DataLoader(split.train, batch_size=per_rank, shuffle=True, drop_last=True, generator=generator)
-    return train, DataLoader(split.val, batch_size=256)
+        train = DataLoader(
+            split.train, batch_size=per_rank, shuffle=True, drop_last=True, generator=generator, **options
+        )
+    return train, val_loader(split.val, **options)
 
 
 def default_lr(optimizer: str, batch_size: int) -> float:
@@ -115,8 +144,11 @@ def _criterion(config: TrainConfig, task: str):
 
 def bicubic_psnr(split: datasets.Split) -> float:
     """Validation PSNR of plain bicubic upscaling, the floor for super-resolution."""
-    lr, hr = split.val.tensors
-    return psnr(datasets.upscale(lr, split.scale), hr, shave=split.scale).mean().item()
+    if isinstance(split.val, TensorDataset):
+        lr, hr = split.val.tensors
+        return psnr(datasets.upscale(lr, split.scale), hr, shave=split.scale).mean().item()
+    scores = [psnr(datasets.upscale(lr[None], split.scale), hr[None], shave=split.scale) for lr, hr in split.val]
+    return torch.cat(scores).mean().item()  # image by image: whole images differ in size
 
 
 def _silent(*_):
@@ -130,7 +162,7 @@ def _print(line: str) -> None:
 def build(config: TrainConfig, context: distributed.Context = distributed.Context(), log=_print):
     """The data, model and trainer of a run (resumed from ``config.out`` when ``config.resume``)."""
     torch.manual_seed(config.seed)
-    split = datasets.load(config.dataset, seed=config.seed, **config.dataset_kwargs)
+    split = datasets.load(config.dataset, seed=config.seed, **dataset_arguments(dataclasses.asdict(config)))
     name, kwargs = model_spec(config, split)
     switches = trained_switches(config)
     model = build_model(name, switches, kwargs).to(context.device)
@@ -197,7 +229,7 @@ def _train(config: TrainConfig, context: distributed.Context, log) -> dict:
         + (f", baseline {config.baseline}" if config.baseline else "")
         + (f", {context.world_size} processes" if context.distributed else "")
     )
-    input_shape = split.train[0][0].shape
+    input_shape = _input_shape(split)
     write = bool(config.out) and context.is_main
     if trainer.epoch >= config.epochs:
         log(

@@ -188,6 +188,10 @@ class Trainer:
         with self.precision.autocast():
             return evaluate(self.model.set_active(None), self.val_loader, self.task, self.scale, self.device)
 
+    def unreadable_files(self) -> int:
+        """Image files skipped so far because they cannot be decoded (datasets that read files count them)."""
+        return sum(getattr(loader.dataset, "unreadable", 0) for loader in (self.train_loader, self.val_loader))
+
     def fit(self, epochs: int, on_epoch_end: Callable | None = None) -> dict[str, float]:
         """Train from ``self.epoch`` up to ``epochs``; returns the last evaluation of every switch."""
         scores = self.history[-1]["switches"] if self.history else {}
@@ -202,10 +206,12 @@ class Trainer:
             unit = "%" if self.task == "classification" else " dB"
             factor = 100 if self.task == "classification" else 1
             shown = "  ".join(f"{name} {value * factor:.2f}{unit}" for name, value in scores.items())
-            skipped = record["skipped_steps"]
+            skipped, unreadable = record["skipped_steps"], self.unreadable_files()
             self.log(
                 f"epoch {self.epoch}/{epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s  "
-                f"val {self.metric}  {shown}" + (f"  ({skipped} steps skipped: inf/nan gradients)" if skipped else "")
+                f"val {self.metric}  {shown}"
+                + (f"  ({skipped} steps skipped: inf/nan gradients)" if skipped else "")
+                + (f"  (skipped {unreadable} unreadable file{'s' * (unreadable != 1)})" if unreadable else "")
             )
         return scores
 
