@@ -22,13 +22,14 @@ def cpu_capabilities() -> dict:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether the device computes bfloat16 faster than float32: GPUs with bfloat16 tensor cores
-    (Ampere on), CPUs with AMX-BF16 or AVX512-BF16 units; elsewhere bfloat16 is emulated."""
+    """Whether the device trains faster in bfloat16 than in float32: GPUs with bfloat16 tensor cores
+    (Ampere on), CPUs with AMX-BF16 tiles. AVX512-BF16 alone (dot products of twice float32's rate)
+    does not pay for autocast's casts on the small models and batches this package trains by
+    default (bench/README.md), and elsewhere bfloat16 is emulated."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        units = cpu_capabilities()
-        return bool(units.get("avx512_bf16") or units.get("amx_bf16"))
+        return bool(cpu_capabilities().get("amx_bf16"))
     return False
 
 
