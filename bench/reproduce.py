@@ -2,19 +2,26 @@
 
     python bench/reproduce.py            # full: 3 seeds, <= 40 min on 2 cores
     python bench/reproduce.py --quick    # smoke run, <= 3 min (numbers not meaningful)
+    python bench/reproduce.py --dataset imagefolder:/data/imagenet --image-size 224   # classification only
+    python bench/reproduce.py --dataset imagefolder:/data/imagenet --image-size 224 --sr-dataset srfolder:/data/DIV2K
 
-Classification: MobileNet v1 (small_input) on mnist5k, switches 1x1.0, 2x0.5, 4x0.25 and
+Classification: MobileNet v1 (small_input) on mnist5k, or --model on --dataset (any dataset the
+trainer reads: cifar10:PATH, imagefolder:PATH at --image-size), switches 1x1.0, 2x0.5, 4x0.25 and
 0.5+0.25+0.25, each method trained with every seed by the package's own trainer:
 - claim 1: each ParaDiS switch vs the same structure trained individually (``--baseline individual``);
 - claim 2: ParaDiS vs a universally slimmable network (``--baseline slimmable``) at equal FLOPs per
   image: switch kxw (cost sum w_j^2 of the full network) vs slimmable 1xW with W = sqrt(sum w_j^2);
 - claim 3: ParaDiS kxw on k devices vs the slimmable 1xw that fits one such device (same cost per
   device), which is what one device can run when the network cannot be distributed.
-Super-resolution: WDSR-A x2 on the bundled photos, PSNR of each switch vs bicubic upscaling and
-vs the structure trained individually.
+Super-resolution: WDSR-A x2 on the bundled photos (or --sr-dataset srfolder:PATH, patches of
+--sr-image-size HR pixels), PSNR of each switch vs bicubic upscaling and vs the structure trained
+individually. --dataset without --sr-dataset runs the classification part only: the bundled photos
+say nothing about the data given (--only super-resolution still runs them).
 
 Writes reproduce.md (the tables), reproduce.json (every run's numbers) and reproduce.png to --out.
-Jobs run in parallel worker processes (``--workers``, one thread each).
+Jobs run in parallel worker processes (``--workers``, one thread each), each reading its data with
+``--data-workers`` DataLoader processes (the trainer's ``--workers``). Every dataset is loaded once
+before training, so a bad folder or option fails at once, in one line.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -32,10 +40,13 @@ from multiprocessing import get_context
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from paradis_fast.errors import reported_as_one_line  # noqa: E402
 from paradis_fast.switches import Switch  # noqa: E402
 from paradis_fast.train.baselines import equal_cost_width, relative_cost  # noqa: E402
+from paradis_fast.train.experiment import SUPER_RESOLUTION  # noqa: E402
 
 SWITCHES = ["1x1.0", "2x0.5", "4x0.25", "0.5+0.25+0.25"]
+CLASSIFIERS = {"mobilenet_v1": "MobileNet v1", "resnet20": "ResNet-20", "resnet50": "ResNet-50"}
 
 
 @dataclass
@@ -43,12 +54,17 @@ class Profile:
     """Sizes of a reproduction run."""
 
     seeds: list = field(default_factory=lambda: [0, 1, 2])
+    model: str = "mobilenet_v1"
     dataset: str = "mnist5k"
     data: dict = field(default_factory=dict)  # the dataset's loader arguments
+    image_size: int | None = None  # image folders' side (None: the loader's default)
+    data_workers: int = 0  # DataLoader processes of each run (TrainConfig.workers)
     width_mult: float = 0.25
     epochs: int = 8
     batch_size: int = 64
     sr_seeds: list = field(default_factory=lambda: [0, 1, 2])
+    sr_dataset: str = "photos"
+    sr_image_size: int | None = None  # srfolder's HR patch side (None: its default)
     sr_width_mult: float = 0.5
     sr_blocks: int = 4
     sr_epochs: int = 20
@@ -75,8 +91,10 @@ TASKS = ("classification", "super-resolution")
 def _jobs(profile: Profile, tasks=TASKS) -> list[dict]:
     """Every training run of the reproduction's ``tasks``, as TrainConfig fields."""
     classify = dict(
-        model="mobilenet_v1",
+        model=profile.model,
         dataset=profile.dataset,
+        image_size=profile.image_size,
+        workers=profile.data_workers,
         switches=SWITCHES,
         width_mult=profile.width_mult,
         epochs=profile.epochs,
@@ -86,7 +104,9 @@ def _jobs(profile: Profile, tasks=TASKS) -> list[dict]:
     )
     resolve = dict(
         model="wdsr_a",
-        dataset="photos",
+        dataset=profile.sr_dataset,
+        image_size=profile.sr_image_size,
+        workers=profile.data_workers,
         switches=SWITCHES,
         width_mult=profile.sr_width_mult,
         epochs=profile.sr_epochs,
@@ -109,6 +129,21 @@ def _jobs(profile: Profile, tasks=TASKS) -> list[dict]:
     return jobs
 
 
+def _model_inputs(jobs: list[dict]) -> dict[str, dict]:
+    """Each model's builder arguments for its data, from loading each dataset once before any training:
+    a missing folder, a folder without images or an option the dataset does not take fails here."""
+    from paradis_fast.train import TrainConfig
+    from paradis_fast.train.datasets import load
+    from paradis_fast.train.experiment import dataset_arguments, model_spec
+
+    inputs = {}
+    for job in jobs:
+        if job["model"] not in inputs:
+            config = TrainConfig(**job)
+            inputs[job["model"]] = model_spec(config, load(config.dataset, **dataset_arguments(job)))[1]
+    return inputs
+
+
 def _train(fields: dict) -> dict:
     import torch
 
@@ -126,11 +161,15 @@ def _method(config: dict) -> str:
     return config["baseline"] or "paradis"
 
 
-def _collect(runs: list[dict], model: str) -> dict:
-    """{method: {switch: [metric per seed]}} for one model family."""
+def _task(config: dict) -> str:
+    return "super-resolution" if config["model"] in SUPER_RESOLUTION else "classification"
+
+
+def _collect(runs: list[dict], task: str) -> dict:
+    """{method: {switch: [metric per seed]}} for one task."""
     table: dict = {}
     for r in runs:
-        if r["config"]["model"] != model:
+        if _task(r["config"]) != task:
             continue
         for switch, values in r["result"]["switches"].items():
             table.setdefault(_method(r["config"]), {}).setdefault(switch, []).extend(values.values())
@@ -160,7 +199,7 @@ def _slim(width) -> str:
 
 def analyse(runs: list[dict]) -> dict:
     """The claims' tables as rows of numbers (accuracy in %, PSNR in dB)."""
-    acc = {m: {s: _stats(v, 100) for s, v in sw.items()} for m, sw in _collect(runs, "mobilenet_v1").items()}
+    acc = {m: {s: _stats(v, 100) for s, v in sw.items()} for m, sw in _collect(runs, "classification").items()}
     claim1, claim2, claim3 = [], [], []
     for name in SWITCHES if acc else ():
         switch = Switch.parse(name)
@@ -197,8 +236,8 @@ def analyse(runs: list[dict]) -> dict:
                     delta=_delta(paradis, acc["slimmable"][one_device]),
                 )
             )
-    sr_runs = [r for r in runs if r["config"]["model"] == "wdsr_a"]
-    psnr = {m: {s: _stats(v, 1) for s, v in sw.items()} for m, sw in _collect(runs, "wdsr_a").items()}
+    sr_runs = [r for r in runs if _task(r["config"]) == "super-resolution"]
+    psnr = {m: {s: _stats(v, 1) for s, v in sw.items()} for m, sw in _collect(runs, "super-resolution").items()}
     super_resolution = []
     if sr_runs:
         bicubic = _stats([r["result"]["bicubic_psnr"] for r in sr_runs if _method(r["config"]) == "paradis"], 1)
@@ -214,16 +253,33 @@ def analyse(runs: list[dict]) -> dict:
                     vs_individual=_delta(paradis, psnr["individual"][name]),
                 )
             )
-    return dict(claim1=claim1, claim2=claim2, claim3=claim3, super_resolution=super_resolution)
+    seconds: dict = {}
+    for r in runs:
+        seconds.setdefault(_task(r["config"]), {}).setdefault(_method(r["config"]), []).append(r["seconds"])
+    seconds = {task: {m: _stats(v, 1) for m, v in methods.items()} for task, methods in seconds.items()}
+    return dict(claim1=claim1, claim2=claim2, claim3=claim3, super_resolution=super_resolution, seconds=seconds)
 
 
-def markdown(tables: dict, profile: Profile, command: str, minutes: float) -> str:
+def _timing(seconds: dict, epochs: int) -> list[str]:
+    """Each method's wall time per run, from which a larger dataset's epoch can be scaled."""
+    cells = ", ".join(f"{'ParaDiS' if m == 'paradis' else m} {_cell(s)}" for m, s in seconds.items())
+    return [
+        "",
+        f"Seconds per run ({epochs} epochs with data loading and validation, one thread each; individual "
+        f"trains its {len(SWITCHES)} structures one after another), mean ± std over seeds: {cells}.",
+    ]
+
+
+def markdown(tables: dict, profile: Profile, command: str, minutes: float, inputs: dict) -> str:
+    """The tables; ``inputs`` holds each model's builder arguments (`_model_inputs`)."""
     lines = [f"Command: `{command}` ({minutes:.1f} min)."]
     if tables["claim1"]:
+        small = "small_input, " if inputs[profile.model].get("small_input") else ""
+        size = f" at {profile.image_size} px" if profile.image_size else ""
         lines += [
-            f"MobileNet v1 (small_input, width {profile.width_mult}) on {profile.dataset}, {profile.epochs} "
-            f"epochs, batch {profile.batch_size}, {len(profile.seeds)} seeds: validation top-1 accuracy in %, "
-            "mean ± std over seeds.",
+            f"{CLASSIFIERS[profile.model]} ({small}width {profile.width_mult}) on {profile.dataset}{size}, "
+            f"{profile.epochs} epochs, batch {profile.batch_size}, {len(profile.seeds)} seeds: validation top-1 "
+            "accuracy in %, mean ± std over seeds.",
             "",
             "Claim 1: each ParaDiS switch vs its structure trained individually",
             "",
@@ -258,11 +314,13 @@ def markdown(tables: dict, profile: Profile, command: str, minutes: float) -> st
             f"{_cell(r['slimmable'])} ({r['slimmable_switch']}) | {r['delta']:+.2f} |"
             for r in tables["claim3"]
         ]
+        lines += _timing(tables["seconds"]["classification"], profile.epochs)
     if tables["super_resolution"]:
+        data = "the bundled photos" if profile.sr_dataset == "photos" else profile.sr_dataset
         lines += [
             "",
             f"Super-resolution: WDSR-A x2 (n_feats {max(8, int(32 * profile.sr_width_mult))}, "
-            f"{profile.sr_blocks} blocks) on the bundled photos, {profile.sr_epochs} epochs, "
+            f"{profile.sr_blocks} blocks) on {data}, {profile.sr_epochs} epochs, "
             f"{len(profile.sr_seeds)} seeds: validation PSNR in dB",
             "",
             "| switch | ParaDiS | individual | bicubic | vs bicubic | vs individual |",
@@ -273,10 +331,11 @@ def markdown(tables: dict, profile: Profile, command: str, minutes: float) -> st
             f"{r['vs_bicubic']:+.2f} | {r['vs_individual']:+.2f} |"
             for r in tables["super_resolution"]
         ]
+        lines += _timing(tables["seconds"]["super-resolution"], profile.sr_epochs)
     return "\n".join(lines) + "\n"
 
 
-def plot(tables: dict, path: str) -> None:
+def plot(tables: dict, profile: Profile, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,7 +350,8 @@ def plot(tables: dict, path: str) -> None:
                 ("individual", [r["individual"] for r in tables["claim1"]]),
                 ("slimmable, equal FLOPs", [r["slimmable"] for r in tables["claim2"]]),
             ]
-            _bars(ax, SWITCHES, bars, "validation accuracy (%)", "MobileNet v1 on MNIST (5k)")
+            title = f"{CLASSIFIERS[profile.model]} on {profile.dataset}"
+            _bars(ax, SWITCHES, bars, "validation accuracy (%)", title)
         else:
             rows = tables["super_resolution"]
             _bars(
@@ -299,7 +359,7 @@ def plot(tables: dict, path: str) -> None:
                 SWITCHES,
                 [("ParaDiS", [r["paradis"] for r in rows]), ("individual", [r["individual"] for r in rows])],
                 "validation PSNR (dB)",
-                "WDSR-A x2 on photos",
+                f"WDSR-A x2 on {profile.sr_dataset}",
             )
             ax.axhline(rows[0]["bicubic"]["mean"], color="gray", linestyle="--", label="bicubic")
             ax.legend(fontsize=7)
@@ -324,6 +384,7 @@ def _bars(axes, labels, series, ylabel, title):
 def reproduce(profile: Profile, out: str, workers: int, command: str, log=print, tasks=TASKS) -> dict:
     start = time.perf_counter()
     jobs = _jobs(profile, tasks)
+    inputs = _model_inputs(jobs)
     log(f"{len(jobs)} training runs on {workers} worker processes")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     runs = []
@@ -339,7 +400,7 @@ def reproduce(profile: Profile, out: str, workers: int, command: str, log=print,
         runs = [_train(job) for job in jobs]
     tables = analyse(runs)
     minutes = (time.perf_counter() - start) / 60
-    text = markdown(tables, profile, command, minutes)
+    text = markdown(tables, profile, command, minutes, inputs)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "reproduce.md"), "w") as f:
         f.write(text)
@@ -355,29 +416,61 @@ def reproduce(profile: Profile, out: str, workers: int, command: str, log=print,
             f,
             indent=2,
         )
-    plot(tables, os.path.join(out, "reproduce.png"))
+    plot(tables, profile, os.path.join(out, "reproduce.png"))
     log(text)
     return tables
 
 
-def main(argv=None) -> None:
+# Profile fields that a flag of the same name replaces when given
+OVERRIDES = ("model", "dataset", "image_size", "data_workers", "epochs", "batch_size", "sr_dataset", "sr_image_size")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (<= 3 min); numbers not meaningful")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 2)")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes (default 2)")
     parser.add_argument("--out", default="runs/reproduce", help="folder for reproduce.md/.json/.png")
     parser.add_argument("--only", choices=TASKS, default=None, help="run one task's part (default: both)")
-    args = parser.parse_args(argv)
-    profile = PROFILES["quick" if args.quick else "full"]
-    if args.seeds is not None:
-        profile = dataclasses.replace(profile, seeds=list(range(args.seeds)), sr_seeds=list(range(args.seeds)))
-    command = (
-        "python bench/reproduce.py"
-        + (" --quick" if args.quick else "")
-        + (f" --seeds {args.seeds}" if args.seeds is not None else "")
-        + (f" --only {args.only}" if args.only else "")
+    parser.add_argument("--model", choices=list(CLASSIFIERS), help="classifier (default mobilenet_v1)")
+    parser.add_argument(
+        "--dataset",
+        help="classification data, e.g. imagefolder:PATH or cifar10:PATH (default mnist5k); "
+        "without --sr-dataset only the classification part runs",
     )
-    reproduce(profile, args.out, args.workers, command, tasks=(args.only,) if args.only else TASKS)
+    parser.add_argument("--image-size", type=int, help="image folders' side in pixels (default 224)")
+    parser.add_argument("--epochs", type=int, help="classification epochs (default 8, quick: 1)")
+    parser.add_argument("--batch-size", type=int, help="classification batch (default 64)")
+    parser.add_argument(
+        "--data-workers", type=int, help="DataLoader processes per training run (the trainer's --workers; default 0)"
+    )
+    parser.add_argument("--sr-dataset", help="super-resolution data, srfolder:PATH (default: the bundled photos)")
+    parser.add_argument("--sr-image-size", type=int, help="srfolder's HR training patch in pixels (default 96)")
+    return parser
+
+
+def settings(argv: list[str]) -> tuple[argparse.Namespace, Profile, tuple[str, ...]]:
+    """The flags, profile and tasks that the command line ``argv`` asks for."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.sr_image_size is not None and args.sr_dataset is None:
+        parser.error("--sr-image-size is the patch of --sr-dataset srfolder:PATH; give --sr-dataset")
+    given = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    if args.seeds is not None:
+        given.update(seeds=list(range(args.seeds)), sr_seeds=list(range(args.seeds)))
+    if args.sr_dataset is not None:
+        given.update(sr_data={})  # the photos' patch counts; a folder gives one patch per photo and epoch
+    profile = dataclasses.replace(PROFILES["quick" if args.quick else "full"], **given)
+    if args.only:
+        return args, profile, (args.only,)
+    return args, profile, ("classification",) if args.dataset and not args.sr_dataset else TASKS
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args, profile, tasks = settings(argv)
+    with reported_as_one_line("reproduce.py"):
+        reproduce(profile, args.out, args.workers, shlex.join(["python", "bench/reproduce.py", *argv]), tasks=tasks)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def test_reduced_reproduction_writes_every_claim(reproduce, tmp_path):
     assert len(saved["runs"]) == 2 * 3 + 2 and saved["tables"]["claim3"][0]["switch"] == "2x0.5"
     text = (tmp_path / "reproduce.md").read_text()
     assert "Claim 1" in text and "Claim 3" in text and "| 0.5+0.25+0.25 |" in text
+    assert "MobileNet v1 (small_input, width 0.25) on digits, 1 epochs" in text  # as before --dataset existed
     assert (tmp_path / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -70,3 +71,90 @@ def test_only_super_resolution(reproduce, tmp_path):
     text = (tmp_path / "reproduce.md").read_text()
     assert "Claim 1" not in text and "Super-resolution" in text
     assert (tmp_path / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def make_folder():
+    spec = importlib.util.spec_from_file_location("make_folder", ROOT / "bench" / "make_folder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_folder
+
+
+def test_defaults_are_unchanged(reproduce):
+    assert reproduce.settings([])[1:] == (reproduce.PROFILES["full"], reproduce.TASKS)
+    assert reproduce.settings(["--quick"])[1:] == (reproduce.PROFILES["quick"], reproduce.TASKS)
+
+
+def test_folder_options_reach_every_job(reproduce):
+    from paradis_fast.train import TrainConfig
+
+    argv = ["--dataset", "imagefolder:/data/in", "--image-size", "64", "--data-workers", "3", "--model", "resnet20"]
+    argv += ["--epochs", "2", "--batch-size", "16", "--seeds", "2"]
+    _, profile, tasks = reproduce.settings(argv)
+    assert tasks == ("classification",)  # no --sr-dataset: the photos say nothing about the folder
+    configs = [TrainConfig(**job) for job in reproduce._jobs(profile, tasks)]
+    assert len(configs) == 2 * 3
+    assert {(c.model, c.dataset, c.image_size, c.workers, c.epochs, c.batch_size) for c in configs} == {
+        ("resnet20", "imagefolder:/data/in", 64, 3, 2, 16)
+    }
+
+    _, profile, tasks = reproduce.settings(argv + ["--sr-dataset", "srfolder:/data/sr", "--sr-image-size", "48"])
+    assert tasks == reproduce.TASKS
+    configs = [TrainConfig(**job) for job in reproduce._jobs(profile, tasks)]
+    sr = [c for c in configs if c.model == "wdsr_a"]
+    assert len(sr) == 2 * 2 and len(configs) == 2 * 3 + 2 * 2
+    assert [(c.dataset, c.image_size, c.workers, c.dataset_kwargs) for c in sr] == [
+        ("srfolder:/data/sr", 48, 3, {})
+    ] * 4
+    assert {c.image_size for c in configs if c.model == "resnet20"} == {64}
+
+
+def test_reproduction_on_generated_folders(reproduce, make_folder, tmp_path):
+    from PIL import Image
+
+    root = make_folder(str(tmp_path / "data"), classes=2, train=20, val=2, size=28)
+    sizes = [Image.open(f).size for f in (tmp_path / "data").glob("*/*/*.jpg")]
+    assert len(sizes) == 2 * 22 and 16 <= min(min(s) for s in sizes) and max(max(s) for s in sizes) <= 40
+    out = tmp_path / "out"
+    reproduce.main(
+        ["--quick", "--seeds", "1", "--workers", "1", "--out", str(out), "--dataset", f"imagefolder:{root}"]
+        + ["--image-size", "32", "--batch-size", "8", "--sr-dataset", f"srfolder:{root}/train/c00"]
+        + ["--sr-image-size", "16"]
+    )
+    saved = json.loads((out / "reproduce.json").read_text())
+    tables = saved["tables"]
+    assert [r["switch"] for r in tables["claim1"]] == reproduce.SWITCHES
+    assert [r["switch"] for r in tables["claim3"]] == ["2x0.5", "4x0.25", "0.5+0.25+0.25"]
+    assert [r["switch"] for r in tables["super_resolution"]] == reproduce.SWITCHES
+    for row in tables["claim2"]:
+        assert 0 <= row["paradis"]["mean"] <= 100 and row["paradis"]["n"] == 1  # 1 seed, 1 validation score each
+    assert set(tables["seconds"]) == set(reproduce.TASKS) and tables["seconds"]["classification"]["paradis"]["mean"] > 0
+    assert {(r["config"]["dataset"], r["config"]["image_size"]) for r in saved["runs"]} == {
+        (f"imagefolder:{root}", 32),
+        (f"srfolder:{root}/train/c00", 16),
+    }
+    text = (out / "reproduce.md").read_text()
+    assert f"on imagefolder:{root} at 32 px" in text and f"on srfolder:{root}/train/c00" in text
+    assert "Claim 3" in text and "Seconds per run" in text
+    assert (out / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (None, "is not a directory"),
+        ({"cat/notes.txt": b"no image"}, "class folder"),
+    ],
+)
+def test_bad_folder_fails_in_one_line_before_any_run(reproduce, tmp_path, capsys, layout, message):
+    root = tmp_path / "data"
+    for name, content in (layout or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(["--dataset", f"imagefolder:{root}", "--workers", "1", "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith("reproduce.py: error: dataset 'imagefolder'") and message in printed.err
+    assert "training runs" not in printed.out and not (tmp_path / "out").exists()
