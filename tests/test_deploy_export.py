@@ -88,6 +88,9 @@ def test_bad_requests_are_named(tmp_path, capsys):
         (["--switch", "1x1.0"], "records no input shape; pass --input-shape C,H,W"),
         (["--switch", "2x0.5", "--input-shape", "3,8,8"], "switch 2x0.5 is not in the switch set"),
         (["--switch", "1x1.0", "--format", "tflite"], "invalid choice: 'tflite'"),
+        (["--switch", "1x1.0,1x1.0", "--input-shape", "3,8,8"], "--format torch-export writes one switch"),
+        (["--switch", "1x1.0,1x1.0", "--format", "parts", "--input-shape", "3,8,8"], "switch 1x1.0 appears twice"),
+        (["--input-shape", "3,8,8"], "one of the arguments --switch --all-switches is required"),
     ]:
         with pytest.raises(SystemExit) as exit:
             main(request + extra)

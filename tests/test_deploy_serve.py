@@ -1,10 +1,13 @@
 """Serving over torch.distributed: torchrun with 2 and 4 gloo processes, and the fault-tolerant
-coordinator surviving a killed and a hung worker. Every output is checked against the
-single-process model for the switch that served it."""
+coordinator surviving a killed and a hung worker, from the checkpoint and from exported part
+files (each process opening only the files of the parts it runs). Every output is checked against
+the single-process model for the switch that served it."""
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from paradis_fast.cli import main as paradis
 from paradis_fast.deploy import load_checkpoint, save_checkpoint, split
 from paradis_fast.deploy.failover import Coordinator
+from paradis_fast.deploy.parts import PartsDir
 from paradis_fast.deploy.serve import DistributedSplit
 
 from test_deploy_split import trained_model
@@ -79,6 +84,53 @@ def test_torchrun_processes_equal_the_single_process_model(checkpoint, tmp_path,
     for request in served:
         assert request["switch"] == switch
         assert_served_correctly(model, request["image"], request["output"], switch)
+
+
+# The server, run by `python -c` so that the process records every .pt file it opens and prints
+# their paths at exit: the proof that it reads only its own part files.
+AUDITED_SERVE = """
+import atexit, runpy, sys
+opened = []
+sys.addaudithook(lambda event, args: event == "open" and str(args[0]).endswith(".pt") and opened.append(str(args[0])))
+atexit.register(lambda: print("opened", opened, flush=True))
+runpy.run_module("paradis_fast.deploy.serve", run_name="__main__", alter_sys=True)
+"""
+
+
+def files_opened(stdout: str) -> list[list[str]]:
+    """Each process's list of the .pt files it opened, as `AUDITED_SERVE` prints it."""
+    lines = [line.removeprefix("opened ") for line in stdout.splitlines() if line.startswith("opened ")]
+    return [ast.literal_eval(line) for line in lines]
+
+
+def export_parts_without_checkpoint(checkpoint, out, switches: str):
+    """Export `switches` of a copy of the checkpoint to `out`, then delete the copy."""
+    copy = out.parent / "only-for-export.pt"
+    shutil.copy(checkpoint, copy)
+    paradis(["export", "--checkpoint", str(copy), "--format", "parts", "--switch", switches, "--out", str(out)])
+    copy.unlink()
+
+
+def test_torchrun_processes_serve_from_their_own_part_files(checkpoint, tmp_path):
+    parts, out = tmp_path / "parts", tmp_path / "served.out"
+    export_parts_without_checkpoint(checkpoint, parts, "2x0.5,1x1.0")
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *("--no-python", sys.executable, "-c", AUDITED_SERVE),
+        *("--parts", str(parts), "--switch", "2x0.5", "--batches", "3", "--batch-size", "2", "--out", str(out)),
+    ]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "served 3 batches of 2 images" in result.stdout
+    assert sorted(files_opened(result.stdout)) == [
+        [f"{parts}/2x0.5/part0.pt", f"{parts}/2x0.5/fusion.pt"],  # the root
+        [f"{parts}/2x0.5/part1.pt"],
+    ]
+    model, _ = load_checkpoint(checkpoint)
+    served = torch.load(out, weights_only=True)
+    assert [request["switch"] for request in served] == ["2x0.5"] * 3
+    for request in served:
+        assert_served_correctly(model, request["image"], request["output"], "2x0.5")
 
 
 def decode(frame):
@@ -207,3 +259,62 @@ def test_coordinator_rejects_a_switch_that_does_not_fit(checkpoint):
         Coordinator(store, model, [], info["input_shape"], switch="2x0.5", log=lambda _: None)
     with pytest.raises(ValueError, match="timeout must be positive"):
         Coordinator(store, model, [], info["input_shape"], timeout=0)
+
+
+def test_coordinator_fails_over_onto_other_part_files(checkpoint, tmp_path):
+    """Rank 0 (this process) and workers 1, 2 serve 3x1/3 from part files; rank 2 is killed and
+    the switch re-planned to 2x0.5, so rank 1 loads its part of 2x0.5 from that part's file."""
+    parts = tmp_path / "parts"
+    export_parts_without_checkpoint(checkpoint, parts, "3x1/3,2x0.5")
+    model, info = load_checkpoint(checkpoint)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    workers = {
+        rank: subprocess.Popen(
+            [
+                *(sys.executable, "-c", AUDITED_SERVE, "--parts", str(parts), "--fault-tolerant"),
+                *("--rank", str(rank), "--world-size", "3", "--store-port", str(store.port)),
+            ],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (1, 2)
+    }
+    log = []
+    try:
+        coordinator = Coordinator(
+            store,
+            PartsDir(parts, log=log.append),
+            workers,
+            info["input_shape"],
+            timeout=8.0,
+            startup=120.0,
+            log=log.append,
+        )
+        generator = torch.Generator().manual_seed(1)
+        answers = []
+        for i in range(4):
+            if i == 2:
+                workers[2].kill()
+            image = torch.randn(2, *info["input_shape"], generator=generator)
+            answers.append(coordinator.infer(image))
+            assert_served_correctly(model, image, answers[-1].output, str(answers[-1].switch))
+        coordinator.close()
+        stdout, _ = workers[1].communicate(timeout=60)
+        assert workers[1].returncode == 0
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.kill()
+    served = [(str(a.switch), sorted(a.ranks), a.retries) for a in answers]
+    assert served == [("3x1/3", [0, 1, 2], 0)] * 2 + [("2x0.5", [0, 1], 1), ("2x0.5", [0, 1], 0)]
+    placed = {str(a.switch): a.ranks for a in answers}  # the rank of each part
+
+    def file(switch, rank=None):
+        name = "fusion" if rank is None else f"part{placed[switch].index(rank)}"
+        return f"{parts}/{switch.replace('/', '_')}/{name}.pt"
+
+    assert files_opened(stdout) == [[file("3x1/3", 1), file("2x0.5", 1)]]  # the checkpoint: never
+    assert f"rank 1: loaded part {placed['2x0.5'].index(1)} of switch 2x0.5 from {file('2x0.5', 1)}" in stdout
+    loaded = [line.split(" from ")[1].split(" (")[0] for line in log if line.startswith("loaded")]
+    assert loaded == [file("3x1/3", 0), file("3x1/3"), file("2x0.5", 0), file("2x0.5")]

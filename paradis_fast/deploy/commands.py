@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import Sequence
 
 from ..errors import UserError
 
@@ -70,16 +71,26 @@ def open_checkpoint(path: str):
         raise UserError(f"cannot open checkpoint {path}: {error.strerror or error}") from error
 
 
-def input_shape(args, checkpoint: dict) -> list[int]:
-    """--input-shape, else the checkpoint's, else a clear error."""
-    shape = args.input_shape or checkpoint.get("input_shape")
+def input_shape(args, recorded: Sequence[int] | None) -> list[int]:
+    """--input-shape, else the one the checkpoint (or parts directory) records, else a clear error."""
+    shape = args.input_shape or recorded
     if shape is None:
         raise UserError("the checkpoint records no input shape; pass --input-shape C,H,W")
     return list(shape)
 
 
-def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by paradis_fast.deploy.save_checkpoint")
+def add_checkpoint_arguments(p: argparse.ArgumentParser, parts: bool = False) -> None:
+    """--checkpoint and --input-shape; with `parts`, --parts DIR as the alternative to --checkpoint."""
+    source = p.add_mutually_exclusive_group(required=True) if parts else p
+    source.add_argument(
+        "--checkpoint", required=not parts, help="checkpoint written by paradis_fast.deploy.save_checkpoint"
+    )
+    if parts:
+        source.add_argument(
+            "--parts",
+            default=None,
+            help="directory written by export --format parts: each process loads only its part's file",
+        )
     p.add_argument(
         "--input-shape",
         type=_positive_list(int, "3,32,32"),
@@ -92,7 +103,7 @@ def run_plan(args) -> None:
     from .plan import part_costs, plan
 
     model, checkpoint = open_checkpoint(args.checkpoint)
-    costs = part_costs(model, model.switches, input_shape(args, checkpoint))
+    costs = part_costs(model, model.switches, input_shape(args, checkpoint["input_shape"]))
     memory = args.memory[0] if args.memory is not None and len(args.memory) == 1 else args.memory
     result = plan(
         args.capacities,
@@ -112,14 +123,24 @@ def run_plan(args) -> None:
 
 def run_export(args) -> None:
     from .export import export
+    from .parts import export_parts
     from .split import split
 
     model, checkpoint = open_checkpoint(args.checkpoint)
-    manifest = export(
-        split(model, args.switch), input_shape(args, checkpoint), args.out, args.format, model_name=checkpoint["model"]
-    )
-    files = [part["file"] for part in manifest["parts"]] + [manifest["fusion"]["file"]]
-    print(f"switch {manifest['switch']} of {checkpoint['model']} -> {args.out}: {', '.join(files)}, manifest.json")
+    shape = input_shape(args, checkpoint["input_shape"])
+    switches = model.switches if args.all_switches else args.switch.split(",")
+    if args.format == "parts":
+        manifest = export_parts(
+            model, switches, shape, args.out, checkpoint["model"], checkpoint["kwargs"], checkpoint["accuracy"]
+        )
+        exported = manifest["exported"]
+    else:
+        if len(switches) != 1:
+            raise UserError(f"--format {args.format} writes one switch; give one --switch (several: --format parts)")
+        manifest = export(split(model, switches[0]), shape, args.out, args.format, model_name=checkpoint["model"])
+        exported = {manifest["switch"]: manifest}
+    files = [entry["file"] for switch in exported.values() for entry in (*switch["parts"], switch["fusion"])]
+    print(f"switch {', '.join(exported)} of {checkpoint['model']} -> {args.out}: {', '.join(files)}, manifest.json")
 
 
 def register(subparsers) -> None:
@@ -164,7 +185,18 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("export", help="write a switch's per-device parts, fusion and manifest")
     add_checkpoint_arguments(p)
-    p.add_argument("--switch", required=True, help="the switch to export, e.g. 2x0.5")
-    p.add_argument("--format", choices=("torch-export", "onnx"), default="torch-export")
+    switches = p.add_mutually_exclusive_group(required=True)
+    switches.add_argument(
+        "--switch",
+        help="the switch to export, e.g. 2x0.5; with --format parts a list, e.g. 4x0.25,2x0.5,1x1.0: every "
+        "switch the fault-tolerant server may re-plan to",
+    )
+    switches.add_argument("--all-switches", action="store_true", help="every switch of the checkpoint (--format parts)")
+    p.add_argument(
+        "--format",
+        choices=("torch-export", "onnx", "parts"),
+        default="torch-export",
+        help="parts: the files serve --parts runs (each part's weights, the fusion's, a manifest)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(run=run_export)

@@ -3,7 +3,8 @@
 Formats: ``torch-export`` (``torch.export.save``, ``.pt2``; load with ``torch.export.load``) and
 ``onnx`` (``torch.onnx.export`` with the dynamo exporter; needs the ``onnx`` and ``onnxscript``
 packages). The batch dimension is dynamic. The manifest says how the files compose:
-``output = fusion(sum_j part_j(image)[, image])``.
+``output = fusion(sum_j part_j(image)[, image])``. The ``parts`` format, whose files the server
+runs (plain state dicts, several switches), is `paradis_fast.deploy.parts`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .split import Split
 
@@ -86,6 +87,35 @@ def _write(module: nn.Module, inputs: tuple, path: str, fmt: str) -> None:
             )
 
 
+def part_entries(split: Split, input_shape: Sequence[int], image: Tensor, files: Sequence[str]) -> tuple[list, list]:
+    """Each part's manifest entry (file, inputs, width, `PartStats`, output shape) and its partial
+    output of `image`; shared by every export format."""
+    entries, partials = [], []
+    for j, (part, stats) in enumerate(zip(split.parts, split.stats(input_shape))):
+        partial = part(image)
+        partials.append(partial)
+        entries.append(
+            dict(
+                file=files[j],
+                inputs=_input_names(part, (image,)),
+                width=str(split.switch.widths[j]),
+                params=stats.params,
+                flops=stats.flops,
+                bytes_sent=stats.bytes_sent,
+                output_shape=["batch", *partial.shape[1:]],
+            )
+        )
+    return entries, partials
+
+
+def fusion_entry(split: Split, partials: Sequence[Tensor], image: Tensor, file: str) -> tuple[dict, tuple]:
+    """The fusion's manifest entry (file, inputs, how the files compose) and its example inputs."""
+    takes_image = split.fusion.skip is not None
+    inputs = (torch.stack(list(partials)).sum(0),) + ((image,) if takes_image else ())
+    rule = "output = fusion(total=sum_j part_j(input=image)" + (", image=image)" if takes_image else ")")
+    return dict(file=file, inputs=_input_names(split.fusion, inputs), rule=rule), inputs
+
+
 @torch.no_grad()
 def export(
     split: Split,
@@ -101,26 +131,11 @@ def export(
     dtype = next(split.parameters()).dtype
     image = torch.randn(2, *input_shape, dtype=dtype)
     suffix = FORMATS[fmt]
-    parts, partials = [], []
-    for j, (part, stats) in enumerate(zip(split.parts, split.stats(input_shape))):
-        partial = part(image)
-        _write(part, (image,), os.path.join(out_dir, f"part{j}{suffix}"), fmt)
-        partials.append(partial)
-        parts.append(
-            dict(
-                file=f"part{j}{suffix}",
-                inputs=_input_names(part, (image,)),
-                width=str(split.switch.widths[j]),
-                params=stats.params,
-                flops=stats.flops,
-                bytes_sent=stats.bytes_sent,
-                output_shape=["batch", *partial.shape[1:]],
-            )
-        )
-    takes_image = split.fusion.skip is not None
-    fusion_inputs = (torch.stack(partials).sum(0),) + ((image,) if takes_image else ())
-    rule = "output = fusion(total=sum_j part_j(input=image)" + (", image=image)" if takes_image else ")")
-    _write(split.fusion, fusion_inputs, os.path.join(out_dir, f"fusion{suffix}"), fmt)
+    parts, partials = part_entries(split, input_shape, image, [f"part{j}{suffix}" for j in range(len(split.parts))])
+    for part, entry in zip(split.parts, parts):
+        _write(part, (image,), os.path.join(out_dir, entry["file"]), fmt)
+    fusion, fusion_inputs = fusion_entry(split, partials, image, f"fusion{suffix}")
+    _write(split.fusion, fusion_inputs, os.path.join(out_dir, fusion["file"]), fmt)
     manifest = dict(
         format=fmt,
         model=model_name,
@@ -128,7 +143,7 @@ def export(
         input_shape=["batch", *input_shape],
         dtype=str(dtype).removeprefix("torch."),
         parts=parts,
-        fusion=dict(file=f"fusion{suffix}", inputs=_input_names(split.fusion, fusion_inputs), rule=rule),
+        fusion=fusion,
     )
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)

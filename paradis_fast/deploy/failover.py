@@ -8,7 +8,9 @@ A rank whose partial is late is dropped, the switch re-planned for the survivors
 request sent again as a new job, so every request is answered on the switch that served it and
 nothing late is ever mixed in (results carry their job id). Workers leave when told to stop
 (and say so, so the coordinator keeps the store up until then); if the coordinator's store goes
-away they stop with torch.distributed.DistNetworkError.
+away they stop with torch.distributed.DistNetworkError. Given an exported `PartsDir` instead of
+the model, each process loads a part's file when it is first asked to run that part, and drops
+the part it ran before: the directory must hold every switch that re-planning may choose.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+from ..nn import Switchable
 from ..switches import Switch, SwitchLike
-from .plan import part_flops, plan
-from .split import Split, split
+from .parts import PartsDir, parts_of
+from .plan import plan
 
 __all__ = ["Coordinator", "Answer", "run_worker"]
 
@@ -50,21 +54,9 @@ class Answer:
     retries: int  # attempts lost to devices that dropped out
 
 
-class _Splits(dict):
-    """Switch spelling -> `Split` of the model, cut on first use."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def __missing__(self, switch: str) -> Split:
-        self[switch] = split(self.model, switch)
-        return self[switch]
-
-
-def run_worker(store: dist.Store, rank: int, model, idle_wait: float = 30.0) -> None:
+def run_worker(store: dist.Store, rank: int, model: Switchable | PartsDir, idle_wait: float = 30.0) -> None:
     """Announce `rank`, then run the parts the coordinator asks for until it says stop or goes away."""
-    splits = _Splits(model)
+    parts = parts_of(model)
     store.set(f"alive/{rank}", b"1")
     for n in itertools.count():
         key = f"job/{rank}/{n}"
@@ -80,7 +72,7 @@ def run_worker(store: dist.Store, rank: int, model, idle_wait: float = 30.0) -> 
             store.set(f"stopped/{rank}", b"1")
             return
         with torch.no_grad():
-            partial = splits[job["switch"]].parts[job["part"]](job["image"])
+            partial = parts.part(job["switch"], job["part"])(job["image"])
         store.set(f"result/{job['id']}/{rank}", _dump(partial))
 
 
@@ -89,15 +81,15 @@ class Coordinator:
 
     `workers` are the other ranks; those that do not announce themselves within `startup` seconds
     start out dropped; afterwards a rank is dropped when its partial output is `timeout` seconds
-    late. `capacities` maps rank -> relative speed (default 1 each); the switch is planned from
-    the model's FLOPs per part for images of `input_shape`, unless `switch` is given (used until
-    the first drop-out).
+    late. `capacities` maps rank -> relative speed (default 1 each); the switch is planned among
+    the model's switches (a `PartsDir`'s: those exported) from their FLOPs per part for images of
+    `input_shape`, unless `switch` is given (used until the first drop-out).
     """
 
     def __init__(
         self,
         store: dist.Store,
-        model,
+        model: Switchable | PartsDir,
         workers: Iterable[int],
         input_shape: Sequence[int],
         timeout: float = 5.0,
@@ -109,11 +101,10 @@ class Coordinator:
     ):
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
-        self.store, self.model, self.timeout, self.log = store, model, timeout, log
+        self.store, self.parts, self.timeout, self.log = store, parts_of(model), timeout, log
         self.workers = sorted(set(workers) - {COORDINATOR})
         self.capacities = {rank: 1.0 for rank in [COORDINATOR, *self.workers]} | dict(capacities or {})
-        self.accuracy, self.flops = accuracy, part_flops(model, model.switches, input_shape)
-        self.splits = _Splits(model)
+        self.accuracy, self.flops = accuracy, self.parts.flops(input_shape)
         self.sent = {rank: 0 for rank in self.workers}
         self.jobs = itertools.count()
         self.alive = [COORDINATOR, *self._announced(startup)]
@@ -134,11 +125,13 @@ class Coordinator:
         capacities = [self.capacities[rank] for rank in self.alive]
         if switch is not None:
             switch = Switch.parse(switch)
+            if switch not in self.flops:
+                raise UserError(f"switch {switch} is not among those served: {', '.join(map(str, self.flops))}")
             if switch.num_devices > len(self.alive):
                 raise ValueError(f"switch {switch} needs {switch.num_devices} devices, {len(self.alive)} are live")
             choice = plan(capacities, [switch], flops={switch: self.flops[switch]}).choice
         else:
-            choice = plan(capacities, self.model.switches, self.accuracy, self.flops).choice
+            choice = plan(capacities, self.parts.switches, self.accuracy, self.flops).choice
         self.switch = choice.switch
         self.ranks = tuple(self.alive[device] for device in choice.devices)
         self.log(f"serving switch {self.switch} on ranks {list(self.ranks)}")
@@ -151,9 +144,10 @@ class Coordinator:
                 request = dict(stop=False, id=job, switch=switch, part=part, image=image)
                 self.store.set(f"job/{rank}/{self.sent[rank]}", _dump(request))
                 self.sent[rank] += 1
-        parts = self.splits[switch].parts
         with torch.no_grad():
-            partials = {rank: parts[j](image) for j, rank in enumerate(self.ranks) if rank == COORDINATOR}
+            partials = {
+                rank: self.parts.part(switch, j)(image) for j, rank in enumerate(self.ranks) if rank == COORDINATOR
+            }
         deadline, late = time.monotonic() + self.timeout, []
         for rank in self.ranks:
             if rank in partials:
@@ -168,7 +162,7 @@ class Coordinator:
             self.store.delete_key(key)
         if late:
             return None, late
-        return self.splits[switch].fuse([partials[rank] for rank in self.ranks], image), []
+        return self.parts.fusion(switch).fuse([partials[rank] for rank in self.ranks], image), []
 
     def infer(self, image: torch.Tensor) -> Answer:
         """Serve one request, re-planning onto the surviving ranks as often as devices drop out."""

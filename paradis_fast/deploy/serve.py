@@ -1,10 +1,12 @@
 """Serve a split switch over torch.distributed: rank j runs part j, one collective sums the partials.
 
 Launch one process per device, e.g. ``torchrun --nproc_per_node 2 -m paradis_fast.deploy.serve
---checkpoint CKPT --switch 2x0.5``. With ``--fault-tolerant`` the processes talk through a
-TCPStore instead (`paradis_fast.deploy.failover`), so a device that dies or hangs is dropped and
-the switch re-planned; launch those processes one by one (torchrun's agent stops every process
-when one fails), giving each ``--rank``.
+--checkpoint CKPT --switch 2x0.5``. With ``--parts DIR`` (written by ``export --format parts``)
+instead of ``--checkpoint``, rank j loads only part j's file (the root also the fusion's), never
+the whole model. With ``--fault-tolerant`` the processes talk through a TCPStore instead
+(`paradis_fast.deploy.failover`), so a device that dies or hangs is dropped and the switch
+re-planned; launch those processes one by one (torchrun's agent stops every process when one
+fails), giving each ``--rank``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from torch import Tensor
 
 from .. import memory
 from ..errors import UserError, reported_as_one_line
+from ..switches import Switch, SwitchLike
+from .parts import ModelParts, PartsDir
 from .split import Split
 
 PROG = "python -m paradis_fast.deploy.serve"
 
-__all__ = ["DistributedSplit", "main"]
+__all__ = ["DistributedSplit", "DistributedParts", "main"]
 
 
 class DistributedSplit:
@@ -42,14 +46,17 @@ class DistributedSplit:
     """
 
     def __init__(self, split: Split, root: int = 0, preprocess: Callable[[Tensor], Tensor] | None = None):
+        self._join(split.switch, root, preprocess)
+        self.part, self.fusion = split.parts[self.rank], split.fusion
+
+    def _join(self, switch: Switch, root: int, preprocess: Callable[[Tensor], Tensor] | None) -> None:
         world = dist.get_world_size()
-        if world != len(split.parts):
+        if world != switch.num_devices:
             raise ValueError(
-                f"switch {split.switch} has {len(split.parts)} parts but the process group has "
+                f"switch {switch} has {switch.num_devices} parts but the process group has "
                 f"{world} ranks; launch one process per part"
             )
-        self.rank, self.root, self.world = dist.get_rank(), root, world
-        self.part, self.fusion, self.preprocess = split.parts[self.rank], split.fusion, preprocess
+        self.rank, self.root, self.world, self.preprocess = dist.get_rank(), root, world, preprocess
         self._slots: dict[tuple, list[Tensor]] = {}  # root: gather buffers per image shape and dtype
 
     @torch.no_grad()
@@ -78,12 +85,29 @@ class DistributedSplit:
         return self.fusion(total, image)
 
 
+class DistributedParts(DistributedSplit):
+    """`DistributedSplit` of `switch` taken part by part from `parts`: rank j asks only for part j,
+    and only the root for the fusion, so from a `PartsDir` each process loads just its files."""
+
+    def __init__(
+        self,
+        parts: ModelParts | PartsDir,
+        switch: SwitchLike,
+        root: int = 0,
+        preprocess: Callable[[Tensor], Tensor] | None = None,
+    ):
+        switch = Switch.parse(switch)
+        self._join(switch, root, preprocess)
+        self.part = parts.part(switch, self.rank)
+        self.fusion = parts.fusion(switch) if self.rank == root else None
+
+
 def _arguments(argv) -> argparse.Namespace:
     from ..cli import add_debug_argument
     from .commands import add_checkpoint_arguments
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_checkpoint_arguments(p)
+    add_checkpoint_arguments(p, parts=True)
     p.add_argument("--switch", default=None, help="switch to serve (default with --fault-tolerant: planned)")
     p.add_argument("--batches", type=int, default=8, help="number of random request batches to serve")
     p.add_argument("--batch-size", type=int, default=1)
@@ -110,14 +134,12 @@ def _requests(args, shape):
     return [torch.randn(args.batch_size, *shape, generator=generator) for _ in range(args.batches)]
 
 
-def _serve_collective(args, model, shape) -> list:
-    from .split import split
-
+def _serve_collective(args, parts: ModelParts | PartsDir, shape) -> list:
     if args.switch is None:
         raise UserError("--switch is required without --fault-tolerant")
     dist.init_process_group("gloo")
     try:
-        runner = DistributedSplit(split(model, args.switch))
+        runner = DistributedParts(parts, args.switch)
         served, start = [], time.perf_counter()
         # the root's images are broadcast into the other ranks' buffers
         images = _requests(args, shape) if runner.rank == 0 else [torch.empty(args.batch_size, *shape)] * args.batches
@@ -136,7 +158,7 @@ def _serve_collective(args, model, shape) -> list:
         dist.destroy_process_group()
 
 
-def _serve_fault_tolerant(args, model, checkpoint, shape) -> list:
+def _serve_fault_tolerant(args, parts: ModelParts | PartsDir, accuracy, shape) -> list:
     from .failover import Coordinator, run_worker
 
     store = dist.TCPStore(
@@ -147,15 +169,15 @@ def _serve_fault_tolerant(args, model, checkpoint, shape) -> list:
         timeout=timedelta(seconds=max(60.0, args.timeout)),
     )
     if args.rank != 0:
-        run_worker(store, args.rank, model)
+        run_worker(store, args.rank, parts)
         return []
     coordinator = Coordinator(
         store,
-        model,
+        parts,
         range(1, args.world_size),
         shape,
         timeout=args.timeout,
-        accuracy=checkpoint["accuracy"],
+        accuracy=accuracy,
         switch=args.switch,
     )
     try:
@@ -176,12 +198,17 @@ def main(argv=None) -> int:
     args = _arguments(argv)
     memory.configure(args)
     with reported_as_one_line(PROG, args.debug):
-        model, checkpoint = open_checkpoint(args.checkpoint)
-        shape = input_shape(args, checkpoint)
-        if args.fault_tolerant:
-            served = _serve_fault_tolerant(args, model, checkpoint, shape)
+        if args.parts is not None:
+            parts = PartsDir(args.parts, log=lambda line: print(f"rank {args.rank}: {line}", flush=True))
+            recorded, accuracy = parts.input_shape, parts.accuracy
         else:
-            served = _serve_collective(args, model, shape)
+            model, checkpoint = open_checkpoint(args.checkpoint)
+            parts, recorded, accuracy = ModelParts(model), checkpoint["input_shape"], checkpoint["accuracy"]
+        shape = input_shape(args, recorded)
+        if args.fault_tolerant:
+            served = _serve_fault_tolerant(args, parts, accuracy, shape)
+        else:
+            served = _serve_collective(args, parts, shape)
     if served and args.out:
         torch.save([dict(image=i, output=o, switch=s) for i, o, s in served], args.out)
     return 0

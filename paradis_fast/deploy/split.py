@@ -174,6 +174,10 @@ class Fusion(nn.Module):
         self.after = after if after is not None else nn.Identity()
         self.skip = skip
 
+    def fuse(self, partials: Sequence[Tensor], image: Tensor | None = None) -> Tensor:
+        """The model's output from every device's partial output (the image only for a skip branch)."""
+        return self(torch.stack(list(partials)).sum(0), image)
+
     def forward(self, total: Tensor, image: Tensor | None = None) -> Tensor:
         if self.bias is not None:
             total = total + self.bias.view(-1, *([1] * (total.dim() - 2)))
@@ -229,7 +233,7 @@ class Split(nn.Module):
         """The model's output from every device's partial output (the image only for a skip branch)."""
         if len(partials) != len(self.parts):
             raise ValueError(f"fuse: switch {self.switch} has {len(self.parts)} parts, got {len(partials)} partials")
-        return self.fusion(torch.stack(list(partials)).sum(0), image)
+        return self.fusion.fuse(partials, image)
 
     def forward(self, image: Tensor) -> Tensor:
         """Every part on this process, then the fusion: the model's output for the switch."""
