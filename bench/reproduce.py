@@ -9,7 +9,7 @@ Classification: MobileNet v1 (small_input) on mnist5k, or --model on --dataset (
 trainer reads: cifar10:PATH, imagefolder:PATH at --image-size), switches 1x1.0, 2x0.5, 4x0.25 and
 0.5+0.25+0.25, each method trained with every seed by the package's own trainer:
 - claim 1: each ParaDiS switch vs the same structure trained individually (``--baseline individual``);
-- claim 2: ParaDiS vs a universally slimmable network (``--baseline slimmable``) at equal FLOPs per
+- claim 2: ParaDiS vs a slimmable network (``--baseline slimmable``) at equal FLOPs per
   image: switch kxw (cost sum w_j^2 of the full network) vs slimmable 1xW with W = sqrt(sum w_j^2);
 - claim 3: ParaDiS kxw on k devices vs the slimmable 1xw that fits one such device (same cost per
   device), which is what one device can run when the network cannot be distributed.
@@ -292,7 +292,7 @@ def markdown(tables: dict, profile: Profile, command: str, minutes: float, input
         ]
         lines += [
             "",
-            "Claim 2: ParaDiS vs universally slimmable at equal FLOPs per image",
+            "Claim 2: ParaDiS vs slimmable at equal FLOPs per image",
             "",
             "| switch | FLOPs (x full) | ParaDiS | slimmable | slimmable width | Δ |",
             "|---|---|---|---|---|---|",

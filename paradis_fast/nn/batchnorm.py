@@ -1,4 +1,5 @@
-"""SwitchBatchNorm2d: private BatchNorm statistics and affine parameters per switch."""
+"""SwitchBatchNorm2d: private BatchNorm statistics and affine parameters per switch (or one affine
+row shared by every switch, for universally slimmable networks)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ class SwitchBatchNorm2d(Switchable):
     """BatchNorm2d with ``[S, C]`` parameters and buffers (row s for switch s), activation fused.
 
     The state dict keys are those of nn.BatchNorm2d. ``momentum=None`` gives the cumulative
-    average, per switch, as in PyTorch.
+    average, per switch, as in PyTorch. After `share_affine` every switch uses one affine row.
     """
 
     def __init__(
@@ -42,6 +43,43 @@ class SwitchBatchNorm2d(Switchable):
         self.running_var.fill_(1)
         self.num_batches_tracked.zero_()
 
+    @property
+    def shares_affine(self) -> bool:
+        return self.weight.shape[0] < len(self.switches)
+
+    def share_affine(self) -> None:
+        """Keep one affine row (row 0) for every switch, the statistics per switch: a universally
+        slimmable network's width w uses the covered prefix of the full-width gamma and beta (Yu &
+        Huang 2019). The state dict keeps the ``[S, C]`` tables, the row repeated, so its
+        checkpoints load into an ordinary model (deployment) as they are."""
+        self.weight = nn.Parameter(self.weight.detach()[:1].clone())
+        self.bias = nn.Parameter(self.bias.detach()[:1].clone())
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[S, C]`` tables the op reads; a shared row is repeated (copied: the backends' kernels
+        may assume contiguous tables) and its gradient is the sum over the switches."""
+        if not self.shares_affine:
+            return self.weight, self.bias
+        rows = len(self.switches)
+        return self.weight.expand(rows, -1).contiguous(), self.bias.expand(rows, -1).contiguous()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.shares_affine:
+            for name, table in zip(("weight", "bias"), self._affine()):
+                destination[prefix + name] = table if keep_vars else table.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        if self.shares_affine:
+            for name in ("weight", "bias"):
+                table = state_dict.get(prefix + name)
+                if table is None or table.shape != (len(self.switches), self.num_features):
+                    continue  # missing or misshapen: the stock loader reports it
+                if not torch.equal(table, table[:1].expand_as(table)):
+                    errors.append(f"{prefix}{name}: the switches' rows differ, but this layer shares one row")
+                state_dict[prefix + name] = table[:1]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalize(x, self.activation, None)
 
@@ -66,10 +104,11 @@ class SwitchBatchNorm2d(Switchable):
                 counts = self.num_batches_tracked[rows]
             if momentum is None:
                 momentum = 1.0 / counts.float()
+        weight, bias = self._affine()
         return ops.switch_batch_norm(
             x,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             self.running_mean,
             self.running_var,
             self.active,
@@ -85,4 +124,6 @@ class SwitchBatchNorm2d(Switchable):
         text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
         if self.activation:
             text += f", activation={self.activation!r}"
+        if self.shares_affine:
+            text += ", shared affine"
         return f"{text}, switches=[{self.switches}]"

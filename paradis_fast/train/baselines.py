@@ -2,9 +2,13 @@
 
 - individual: each switch's distributed structure trained alone, as a model whose switch set is
   just that switch (plain cross-entropy: nothing to distil from);
-- slimmable: a universally slimmable network, i.e. prefix channel slices ``1xW`` of one network on
-  one device, trained with the sandwich rule (the widest, the narrowest and a few random widths each
-  step) and in-place distillation from the widest.
+- slimmable: a slimmable network, i.e. a finite set of prefix channel slices ``1xW`` of one network
+  on one device, each with private BatchNorm, trained with the sandwich rule (the widest, the
+  narrowest and a few random widths each step) and in-place distillation from the widest;
+- universally-slimmable: a US-Net (Yu & Huang 2019), every width of a range on the 1/32 grid: the
+  sandwich rule draws its random widths uniformly from the range, BatchNorm's affine parameters are
+  shared by all widths, and each evaluated width's statistics are calibrated on training batches
+  before it is evaluated (`UniversalWidths`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import math
 from fractions import Fraction
 
 import torch
+from torch import nn
 
+from ..errors import UserError
+from ..nn import SwitchBatchNorm2d
 from ..switches import Switch, SwitchSet, SwitchSetLike
 
-BASELINES = ("individual", "slimmable")
-WIDTH_GRID = 32  # equal-cost slimmable widths are rounded to multiples of 1/32
+BASELINES = ("individual", "slimmable", "universally-slimmable")
+WIDTH_GRID = 32  # equal-cost slimmable widths are rounded to multiples of 1/32; US-Nets sample them
 
 
 def relative_cost(switch: Switch) -> Fraction:
@@ -39,7 +46,45 @@ def slimmable_switches(switches: SwitchSetLike) -> SwitchSet:
     for switch in SwitchSet.of(switches):
         widths.add(max(switch.widths))
         widths.add(equal_cost_width(switch))
-    return SwitchSet([Switch([w]) for w in sorted(widths, reverse=True)])
+    return _one_device(widths)
+
+
+def _one_device(widths) -> SwitchSet:
+    """``1xW`` for each width, widest first."""
+    return SwitchSet([Switch([w]) for w in sorted(set(widths), reverse=True)])
+
+
+class UniversalWidths:
+    """The widths of a universally slimmable network for the ParaDiS ``switches``.
+
+    The range [low, high] is [narrowest `slimmable_switches` width, 1] unless ``bounds`` (two widths)
+    says otherwise. ``sampled``: low, high and every multiple of 1/WIDTH_GRID between (what
+    `Sandwich` draws from: uniform widths on the grid the channel counts can realise); ``evaluated``:
+    low, high and the `slimmable_switches` widths in the range (those the reproduction compares);
+    ``switches``: both, the model's switch set.
+    """
+
+    def __init__(self, switches: SwitchSetLike, bounds: list | None = None):
+        faced = [s.widths[0] for s in slimmable_switches(switches)]
+        if bounds is None:
+            low, high = min(faced), Fraction(1)
+        elif len(bounds) == 2:
+            low, high = sorted(Fraction(b) for b in bounds)
+        else:
+            raise UserError(f"a universally slimmable network takes two widths, min,max; got {len(bounds)}")
+        grid = range(math.ceil(low * WIDTH_GRID), math.floor(high * WIDTH_GRID) + 1)
+        self.sampled = _one_device({low, high, *(Fraction(k, WIDTH_GRID) for k in grid)})
+        self.evaluated = _one_device({low, high, *(w for w in faced if low <= w <= high)})
+        self.switches = _one_device(s.widths[0] for s in (*self.sampled, *self.evaluated))
+
+
+def share_batch_norm_affine(model: nn.Module) -> int:
+    """One affine row for all switches in every SwitchBatchNorm2d (see its `share_affine`); returns
+    how many layers that is."""
+    norms = [m for m in model.modules() if isinstance(m, SwitchBatchNorm2d)]
+    for norm in norms:
+        norm.share_affine()
+    return len(norms)
 
 
 class Sandwich:

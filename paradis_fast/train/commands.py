@@ -182,14 +182,17 @@ def register(subparsers) -> None:
         "--baseline",
         choices=BASELINES,
         default=None,
-        help="individual: each switch's structure trained alone; slimmable: a universally slimmable "
-        "network (1xW prefix widths, sandwich rule) with equal-cost widths for --switches",
+        help="individual: each switch's structure trained alone; slimmable: a slimmable network (1xW "
+        "prefix widths, private BatchNorm each, sandwich rule) with equal-cost widths for --switches; "
+        "universally-slimmable: a US-Net (random widths on a 1/32 grid, shared BatchNorm affine, "
+        "statistics calibrated per evaluated width)",
     )
     p.add_argument(
         "--slimmable-widths",
         type=_width_list,
         default=None,
-        help="with --baseline slimmable: its widths, e.g. 1.0,0.75,0.5,0.25 (default: derived from --switches)",
+        help="with --baseline slimmable: its widths, e.g. 1.0,0.75,0.5,0.25; with universally-slimmable: "
+        "the range min,max its widths are drawn from (default: derived from --switches)",
     )
     p.add_argument(
         "--precision",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -16,6 +17,7 @@ from ..errors import UserError
 from ..models._common import scaled
 from ..switches import SwitchSet
 from . import baselines, datasets, distributed, reports
+from .calibrate import calibrate_batch_norm
 from .checkpoint import build_model, checkpoint_fields, save
 from .loss import InplaceDistillationLoss, SuperResolutionLoss
 from .precision import Precision, default_precision
@@ -94,7 +96,9 @@ def model_spec(config: TrainConfig, split: datasets.Split) -> tuple[str, dict]:
 
 
 def trained_switches(config: TrainConfig) -> list[str]:
-    """The model's switch set: the given switches, or the slimmable baseline's ``1xW`` widths."""
+    """The model's switch set: the given switches, or the slimmable baselines' ``1xW`` widths."""
+    if config.baseline == "universally-slimmable":
+        return [str(s) for s in baselines.UniversalWidths(config.switches, config.slimmable_widths).switches]
     if config.baseline != "slimmable":
         return [str(s) for s in SwitchSet(config.switches)]
     if config.slimmable_widths:
@@ -126,6 +130,22 @@ def _loaders(split: datasets.Split, config: TrainConfig, context: distributed.Co
             split.train, batch_size=per_rank, shuffle=True, drop_last=True, generator=generator, **options
         )
     return train, val_loader(split.val, **options)
+
+
+CALIBRATION_BATCHES = 20
+
+
+def _calibration(split: datasets.Split, config: TrainConfig, context: distributed.Context) -> Callable:
+    """BatchNorm calibration of the active switches on `CALIBRATION_BATCHES` training batches, the
+    same ones each time (a fresh generator), so a resumed run calibrates as an uninterrupted one."""
+    batch_size = distributed.per_rank_batch(config.batch_size, context)
+
+    def calibrate(model: torch.nn.Module) -> int:
+        generator = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(split.train, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+        return calibrate_batch_norm(model, loader, CALIBRATION_BATCHES, context.device)
+
+    return calibrate
 
 
 def default_lr(optimizer: str, batch_size: int) -> float:
@@ -166,13 +186,20 @@ def build(config: TrainConfig, context: distributed.Context = distributed.Contex
     name, kwargs = model_spec(config, split)
     switches = trained_switches(config)
     model = build_model(name, switches, kwargs).to(context.device)
+    chooser, evaluated, calibrate = None, None, None
+    if config.baseline == "slimmable":
+        chooser = baselines.Sandwich(model.switches)
+    elif config.baseline == "universally-slimmable":
+        widths = baselines.UniversalWidths(config.switches, config.slimmable_widths)
+        chooser, evaluated = baselines.Sandwich(widths.sampled), widths.evaluated
+        if baselines.share_batch_norm_affine(model):  # WDSR has no BatchNorm: nothing to calibrate
+            calibrate = _calibration(split, config, context)
     generator = torch.Generator().manual_seed(config.seed)
     train, val = _loaders(split, config, context, generator)
     lr = config.lr if config.lr is not None else default_lr(config.optimizer, config.batch_size)
     optimizer = make_optimizer(config.optimizer, model, lr, config.weight_decay)
     total = config.epochs * len(train)
     scheduler = warmup_cosine(optimizer, total, max(1, int(config.warmup * total)))
-    chooser = baselines.Sandwich(model.switches) if config.baseline == "slimmable" else None
     trainer = Trainer(
         model,
         _criterion(config, split.task),
@@ -189,6 +216,8 @@ def build(config: TrainConfig, context: distributed.Context = distributed.Contex
         log=log if context.is_main else _silent,
         device=context.device,
         precision=Precision(config.precision or default_precision(context.device), context.device),
+        evaluate_switches=evaluated,
+        calibrate=calibrate,
     )
     if config.resume:
         _resume(trainer, config, name, switches)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..nn import SwitchBatchNorm2d
+from ..switches import SwitchSetLike
 from .loss import InplaceDistillationLoss
 from .precision import Precision
 
@@ -109,6 +110,9 @@ class Trainer:
     every random choice of the loop (shuffling too, unless the loader has its own sampler), so its
     state in a checkpoint makes a resumed run repeat an uninterrupted one. ``precision`` (default
     float32) runs the forward passes under autocast and scales the loss where float16 needs it.
+    ``evaluate_switches`` (default: all) are those evaluated after each epoch, ``calibrate(model)``,
+    if given, re-estimates their BatchNorm statistics first (universally slimmable networks: a width
+    updates its running statistics only at the steps that happen to draw it, so they lag behind).
     """
 
     def __init__(
@@ -128,6 +132,8 @@ class Trainer:
         log=print,
         device: torch.device | str = "cpu",
         precision: Precision | None = None,
+        evaluate_switches: SwitchSetLike | None = None,
+        calibrate: Callable[[nn.Module], object] | None = None,
     ):
         self.model, self.module, self.device = model, module or model, torch.device(device)
         self.precision = precision or Precision("fp32", self.device)
@@ -135,6 +141,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.task, self.scale = train, val, task, scale
         self.generator = generator or torch.Generator().manual_seed(0)
         self.choose_switches, self.progress, self.log = choose_switches, progress, log
+        self.evaluate_switches, self.calibrate = evaluate_switches, calibrate
         self.epoch, self.history = 0, []
 
     @property
@@ -185,8 +192,14 @@ class Trainer:
         }
 
     def evaluate(self) -> dict[str, float]:
-        with self.precision.autocast():
-            return evaluate(self.model.set_active(None), self.val_loader, self.task, self.scale, self.device)
+        self.model.set_active(self.evaluate_switches)
+        try:
+            with self.precision.autocast():
+                if self.calibrate is not None:
+                    self.calibrate(self.model)
+                return evaluate(self.model, self.val_loader, self.task, self.scale, self.device)
+        finally:
+            self.model.set_active(None)
 
     def unreadable_files(self) -> int:
         """Image files skipped so far because they cannot be decoded (datasets that read files count them)."""
