@@ -153,3 +153,14 @@ def test_layers_may_run_on_copies_in_the_other_layout(monkeypatch, layout):
         assert given_line.lstrip().startswith("relayout (forced by PARADIS_CPU_CONV_PATH)")
         assert f"Float {given} ->" in given_line and f"Float {other} ->" in other_line
         assert "measured on the first call: native" in other_line and "relayout " not in other_line
+
+
+def test_explain_takes_unpadded_layers(monkeypatch):
+    """padding 0 (every 1x1 layer) is a valid layer to explain, not a bad argument."""
+    monkeypatch.delenv("PARADIS_CPU_CONV_PATH", raising=False)
+    x = torch.randn(6, 9, 4, 4)
+    report = explain(x, torch.randn(12, 9, 1, 1), SWITCHES, 1, 0)
+    assert "for forward 1x1 stride 1x1 padding 0x0 dilation 1x1, x [6, 9, 4, 4]" in report
+    with pytest.raises(ValueError, match="padding must be an int >= 0"):
+        explain(x, torch.randn(12, 9, 1, 1), SWITCHES, 1, -1)
+

@@ -44,7 +44,8 @@ def explain(
     table = conv_blocks(switch_set, weight.shape[1], weight.shape[0], bool(input_shared))
     blocks = " ".join(f"{s}:{i0}-{i1}>{o0}-{o1}" for s, i0, i1, o0, o1 in zip(*[iter(table)] * 5))
     (sh, sw), (ph, pw), (dh, dw) = (
-        checks.pair(OP, name, v, 1) for name, v in zip(("stride", "padding", "dilation"), (stride, padding, dilation))
+        checks.pair(OP, name, v, minimum)
+        for name, v, minimum in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1))
     )
     window = f"{weight.shape[2]}x{weight.shape[3]} stride {sh}x{sw} padding {ph}x{pw} dilation {dh}x{dw}, "
     shape = window + f"x [{x.shape[0]}, {x.shape[1]}, {x.shape[2]}, {x.shape[3]}]"
