@@ -42,8 +42,9 @@ def test_first_call_measures_both_paths_and_later_calls_keep_the_winner(monkeypa
     assert len(given) == 2 and "for forward 3x3" in given[0]
     assert "for backward (grad x yes, weight yes, bias no) 3x3" in given[1]
     for line in given:
-        assert line.lstrip().split(" ")[0] in ("native", "masked", "relayout") and "x [6, 23, 5, 7]" in line
-        assert "(measured on the first call: native " in line and ", masked " in line and ", relayout " in line
+        assert line.lstrip().split(" ")[0] in ("native", "masked", "grouped", "relayout") and "x [6, 23, 5, 7]" in line
+        assert "(measured on the first call: native " in line
+        assert ", masked " in line and ", grouped " in line and ", relayout " in line
     first = forward_backward(x, weight)
     for _ in range(2):
         for got, want in zip(forward_backward(x, weight), first):
@@ -51,11 +52,11 @@ def test_first_call_measures_both_paths_and_later_calls_keep_the_winner(monkeypa
     assert explain(x, weight, SWITCHES, 1, 1) == report  # the same choice, measured once
 
 
-@pytest.mark.parametrize("path, dense_calls", [("masked", len(SWITCHES)), ("native", 5)])
+@pytest.mark.parametrize("path, dense_calls", [("masked", len(SWITCHES)), ("grouped", 1), ("native", 5)])
 def test_forced_path_runs_and_is_reported(monkeypatch, path, dense_calls):
-    """masked: one dense oneDNN convolution per switch; native (this layer): one oneDNN convolution
-    per unit, 1 + 3 + 1 of them (the dense switch, the unequal 0.5+0.25+0.25's three blocks, the
-    equal 3x1/3 as one grouped convolution)."""
+    """masked: one dense oneDNN convolution per switch; grouped: one convolution, the switches its
+    groups; native (this layer): one oneDNN convolution per unit, 1 + 3 + 1 of them (the dense
+    switch, the unequal 0.5+0.25+0.25's three blocks, the equal 3x1/3 as one grouped convolution)."""
     monkeypatch.setenv("PARADIS_CPU_CONV_PATH", path)
     x, weight = layer(24, 18, (6, 6), seed=2)
     weight = weight.requires_grad_()

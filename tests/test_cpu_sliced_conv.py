@@ -86,7 +86,7 @@ LARGE_CASES = {
 }
 
 
-@pytest.mark.parametrize("path", ["auto", "native", "masked", "relayout"])
+@pytest.mark.parametrize("path", ["auto", "native", "masked", "grouped", "relayout"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(LARGE_CASES))

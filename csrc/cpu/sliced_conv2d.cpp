@@ -52,9 +52,11 @@ using sliced_detail::validate;
 using sliced_detail::zero_uncovered;
 // the paths (sliced_conv2d_paths.h)
 using sliced_detail::backward_gemms;
+using sliced_detail::backward_grouped;
 using sliced_detail::backward_masked;
 using sliced_detail::backward_units;
 using sliced_detail::forward_gemms;
+using sliced_detail::forward_grouped;
 using sliced_detail::forward_masked;
 using sliced_detail::forward_units;
 using sliced_detail::gathered_pointwise;
@@ -65,15 +67,17 @@ using sliced_detail::runs_on_pointwise_gemm;
 using sliced_detail::shared_backward;
 
 // The paths a layer may run on: "native" (the fixed rules above: the package's GEMM and narrow-group
-// kernels, BLAS, oneDNN's units), "masked", and "relayout": x and grad_y copied to the other
-// memory format (NCHW <-> channels_last) and the op called on the copies, choosing again there
-// between native and masked, the results copied back -- most of the fast paths are channels_last,
-// and oneDNN's channels_last kernels have slow cases NCHW has not (kernels larger than the image);
-// measured_choice.h picks per shape.
-enum Path : size_t { kNative = 0, kMasked = 1, kRelayout = 2 };
+// kernels, BLAS, oneDNN's units), "masked", "grouped" (the masked path as one grouped convolution
+// over the switches), and "relayout": x and grad_y copied to the other memory format (NCHW <->
+// channels_last) and the op called on the copies, choosing again there between the others, the
+// results copied back -- most of the fast paths are channels_last, and oneDNN's channels_last
+// kernels have slow cases NCHW has not (kernels larger than the image); measured_choice.h picks
+// per shape.
+enum Path : size_t { kNative = 0, kMasked = 1, kGrouped = 2, kRelayout = 3 };
+const std::vector<std::string> kPathNames{"native", "masked", "grouped", "relayout"};
 
 MeasuredChoices& choices() {
-  static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", {"native", "masked", "relayout"});
+  static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", kPathNames);
   return instance;
 }
 
@@ -91,11 +95,20 @@ at::MemoryFormat other_format(const Tensor& x) {
                                                             : at::MemoryFormat::ChannelsLast;
 }
 
-// The candidates for x (contiguous in its kernel format); one-pixel images are the same memory in
-// both layouts.
-std::vector<std::string> candidates(const Tensor& x) {
-  if (in_relayout || x.size(2) * x.size(3) == 1) return {"native", "masked"};
-  return {"native", "masked", "relayout"};
+// The candidates for x (contiguous in its kernel format) of layer g: one-pixel images are the same
+// memory in both layouts, one switch is one group, and oneDNN's weight gradient of a hazard layer
+// is not to be run.
+std::vector<Path> candidates(const Tensor& x, const Geometry& g) {
+  std::vector<Path> paths{kNative, kMasked};
+  if (g.S > 1 && !sliced_detail::onednn_pointwise_hazard(g, x)) paths.push_back(kGrouped);
+  if (!in_relayout && x.size(2) * x.size(3) > 1) paths.push_back(kRelayout);
+  return paths;
+}
+
+std::vector<std::string> names(const std::vector<Path>& paths) {
+  std::vector<std::string> out;
+  for (const Path p : paths) out.push_back(kPathNames[p]);
+  return out;
 }
 
 // input_shared layers (a network's stem) have one path: each output channel computed once.
@@ -238,7 +251,9 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
   const Geometry& run_g = in.g;
   const Tensor& run_x = in.x;
   const char* rule = native_rule(run_g, run_x, compact.has_value());
-  const auto run = [&](size_t path) {
+  const std::vector<Path> paths = candidates(xc, run_g);
+  const auto run = [&](size_t candidate) {
+    const Path path = paths[candidate];
     if (path == kRelayout) {
       const RelayoutScope scope;
       return sliced_conv2d_forward_cpu(xc.contiguous(other_format(xc)), weight, bias, table, num_switches, stride,
@@ -246,8 +261,8 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
           .contiguous(format);
     }
     Tensor y = at::empty({g.S * g.B, g.C_out, g.Ho, g.Wo}, options);
-    if (path == kMasked) {
-      forward_masked(run_x, wc, bc, y, run_g, blocks);
+    if (path == kMasked || path == kGrouped) {
+      (path == kMasked ? forward_masked : forward_grouped)(run_x, wc, bc, y, run_g, blocks);
       return y;
     }
     zero_uncovered(y, g, blocks, false);
@@ -257,7 +272,7 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
       forward_units(run_x, wc, bc, y, run_g, blocks);
     return y;
   };
-  return choices().run<Tensor>(choice_key(0, g, blocks, xc), candidates(xc), run,
+  return choices().run<Tensor>(choice_key(0, g, blocks, xc), names(paths), run,
                                [&] { return choice_words(0, g, blocks, xc, rule); });
 }
 
@@ -298,7 +313,10 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
   const Geometry& run_g = in.g;
   const Tensor& run_x = in.x;
   const char* rule = native_rule(run_g, run_x, compact.has_value());
-  const auto run = [&](size_t path) {
+  const std::vector<Path> paths = candidates(xc, run_g);
+  const auto run = [&](size_t candidate) {
+    const Path path = paths[candidate];
+    const bool masked = path == kMasked || path == kGrouped;
     if (path == kRelayout) {
       const RelayoutScope scope;
       const at::MemoryFormat other = other_format(xc);
@@ -313,12 +331,12 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
     Tensor run_grad_x;
     if (need_x) {
       run_grad_x = at::empty(run_x.sizes(), run_x.options().memory_format(format));
-      if (path != kMasked) zero_uncovered(run_grad_x, run_g, blocks, true);
+      if (!masked) zero_uncovered(run_grad_x, run_g, blocks, true);
     }
     if (need_w) grad_w = at::zeros(wc.sizes(), wc.options().dtype(accumulation(wc)));
     if (need_b) grad_b = at::zeros({g.C_out}, wc.options().dtype(accumulation(wc)));
-    if (path == kMasked)
-      backward_masked(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
+    if (masked)
+      (path == kMasked ? backward_masked : backward_grouped)(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
     else if (compact || runs_as_gemms(run_g, run_x))
       backward_gemms(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
     else
@@ -332,7 +350,7 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
     const auto in_weight_dtype = [&](const Tensor& t) { return t.defined() ? t.to(wc.scalar_type()) : t; };
     return std::tuple<Tensor, Tensor, Tensor>{grad_x, in_weight_dtype(grad_w), in_weight_dtype(grad_b)};
   };
-  return choices().run<std::tuple<Tensor, Tensor, Tensor>>(choice_key(phase, g, blocks, xc), candidates(xc), run,
+  return choices().run<std::tuple<Tensor, Tensor, Tensor>>(choice_key(phase, g, blocks, xc), names(paths), run,
                                                            [&] { return choice_words(phase, g, blocks, xc, rule); });
 }
 

@@ -99,5 +99,14 @@ void backward_masked(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
                      const at::Tensor& grad_weight, const at::Tensor& grad_bias, const Geometry& g,
                      const std::vector<Block>& blocks);
 
+// The masked path's grouped form: the switches as the groups of one convolution over x's rows
+// moved into channels ([S*B, C] -> [B, S*C]). Writes what forward_masked / backward_masked write.
+// Not for onednn_pointwise_hazard layers (oneDNN computes its weight gradient).
+void forward_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+                     const Geometry& g, const std::vector<Block>& blocks);
+void backward_grouped(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& grad_x,
+                      const at::Tensor& grad_weight, const at::Tensor& grad_bias, const Geometry& g,
+                      const std::vector<Block>& blocks);
+
 }  // namespace sliced_detail
 }  // namespace paradis
