@@ -165,3 +165,29 @@ def test_explain_takes_unpadded_layers(monkeypatch):
     with pytest.raises(ValueError, match="padding must be an int >= 0"):
         explain(x, torch.randn(12, 9, 1, 1), SWITCHES, 1, -1)
 
+
+def test_new_block_tables_of_a_measured_layer_shape_take_its_winner(monkeypatch):
+    """A universally slimmable network's random widths make new block tables every step: after a
+    few of a layer shape's tables are measured, new ones take the path that won most, unmeasured,
+    and are computed right."""
+    monkeypatch.delenv("PARADIS_CPU_CONV_PATH", raising=False)
+    x, weight = layer(32, 32, (5, 3), seed=7)  # a shape no other test runs
+    reports = []
+    for width in ("0.25", "0.375", "0.5", "0.625", "0.75", "0.875"):
+        switches = ["1x1.0", f"1x{width}"]
+        leaves = [t.detach().clone().double().requires_grad_() for t in (x, weight)]
+        y = sliced_conv2d(*leaves, None, switches, 1, 1)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        with use_backend("reference"):
+            expected = [t.detach().clone().requires_grad_() for t in leaves]
+            y_ref = sliced_conv2d(*expected, None, switches, 1, 1)
+            y_ref.backward(torch.cos(torch.arange(y_ref.numel(), dtype=y.dtype)).view_as(y_ref))
+        torch.testing.assert_close(y, y_ref)
+        for got, want in zip(leaves, expected):
+            torch.testing.assert_close(got.grad, want.grad)
+        reports.append(explain(x.double(), weight.double(), switches, 1, 1))
+    assert all("measured on the first call" in r for r in reports[:4])
+    for report in reports[4:]:
+        lines = [line for line in report.splitlines()[1:] if "x [6, 32, 5, 3]" in line]
+        assert len(lines) == 2
+        assert all("(the winner of the first 4 block tables measured for this layer shape)" in line for line in lines)

@@ -76,8 +76,10 @@ using sliced_detail::shared_backward;
 enum Path : size_t { kNative = 0, kMasked = 1, kGrouped = 2, kRelayout = 3 };
 const std::vector<std::string> kPathNames{"native", "masked", "grouped", "relayout"};
 
+constexpr size_t kChoiceFields = 21;  // the numbers of choice_key before its block table
+
 MeasuredChoices& choices() {
-  static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", kPathNames);
+  static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", kPathNames, kChoiceFields);
   return instance;
 }
 
@@ -124,7 +126,8 @@ const char* native_rule(const Geometry& g, const Tensor& x, bool gathered) {
 }
 
 // The key a decision is cached under: everything the paths' speed depends on. phase: 0 for the
-// forward, 1 + the output_mask bits for a backward.
+// forward, 1 + the output_mask bits for a backward. Its first kChoiceFields numbers are the layer
+// shape, the block table follows (a family of keys: measured_choice.h).
 ChoiceKey choice_key(int64_t phase, const Geometry& g, const std::vector<Block>& blocks, const Tensor& x) {
   ChoiceKey key{phase,
                 g.S,
@@ -147,6 +150,7 @@ ChoiceKey choice_key(int64_t phase, const Geometry& g, const std::vector<Block>&
                 at::get_num_threads(),
                 avx512_enabled(),
                 pointwise_gemm_enabled()};
+  TORCH_INTERNAL_ASSERT(key.size() == kChoiceFields);
   for (const Block& b : blocks) key.insert(key.end(), {b.s, b.i0, b.i1, b.o0, b.o1});
   return key;
 }
