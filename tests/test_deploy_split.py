@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from paradis_fast import models
 from paradis_fast.deploy import split
 from paradis_fast.nn import SwitchBatchNorm2d, Switchable
+from paradis_fast.train.baselines import share_batch_norm_affine
 
 from conftest import ALL_SWITCHES
 
@@ -64,6 +65,78 @@ def test_fused_parts_equal_the_model(trained, switch):
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-7)
     # each part is the whole sub-network: its partial output matters
     assert all(p.abs().max() > 1e-6 for p in partials)
+
+
+def shared_affine_model(name: str, switches=ALL_SWITCHES) -> tuple[Switchable, tuple]:
+    """A float64 model whose BatchNorm layers share one affine row, as the universally slimmable
+    baseline trains them (`share_batch_norm_affine`), live (weight and bias ``[1, C]``): a random
+    shared row, random running statistics different for every switch. Returned in eval mode."""
+    builder, image_shape = BUILDERS[name]
+    torch.manual_seed(100 + len(name))
+    model = builder(list(switches)).double()
+    assert share_batch_norm_affine(model) > 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SwitchBatchNorm2d):
+                assert module.shares_affine and module.weight.shape == (1, module.num_features)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+            elif isinstance(module, nn.Linear):
+                module.weight.normal_(0, 0.3)
+                module.bias.normal_(0, 0.3)
+    return model.eval(), image_shape
+
+
+@pytest.fixture(scope="module", params=[name for name in BUILDERS if not name.startswith("wdsr")])  # WDSR: no BN
+def shared(request):
+    return request.param, *shared_affine_model(request.param)
+
+
+@pytest.mark.parametrize("switch", ALL_SWITCHES)
+def test_fused_parts_equal_a_live_shared_affine_model(shared, switch):
+    """Every switch's BatchNorm row folds the one shared gamma and beta (row 0 of the live
+    ``[1, C]`` parameters) with that switch's own statistics."""
+    name, model, image_shape = shared
+    image = torch.randn(3, *image_shape, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.set_active([switch])(image)[0]
+        result = split(model, switch)
+        partials = [part(image) for part in result.parts]
+        fused = result.fuse(partials, image)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-7)
+    assert all(p.abs().max() > 1e-6 for p in partials)
+
+
+def test_shared_affine_model_splits_like_its_checkpoint():
+    """The live shared model and an ordinary model loaded from its state dict (the ``[S, C]``
+    tables, the row repeated: what deployment loads) give the same parts."""
+    switches = ["1x1.0", "2x0.5", "0.5+0.25+0.25"]
+    model, image_shape = shared_affine_model("resnet20", switches)
+    plain = BUILDERS["resnet20"][0](switches).double()
+    plain.load_state_dict(model.state_dict())
+    assert not any(m.shares_affine for m in plain.modules() if isinstance(m, SwitchBatchNorm2d))
+    image = torch.randn(2, *image_shape, dtype=torch.float64)
+    for switch in switches:
+        live, loaded = split(model, switch), split(plain.eval(), switch)
+        for a, b in zip(live.parts, loaded.parts):
+            torch.testing.assert_close(a(image), b(image), rtol=0, atol=0)
+
+
+def test_affine_row_reads_the_shared_row():
+    bn = SwitchBatchNorm2d(4, ["1x1.0", "2x0.5"])
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]]))
+        bn.bias.copy_(-bn.weight)
+    assert bn.affine_row(1)[0].tolist() == [5, 6, 7, 8] and bn.affine_row(1)[1].tolist() == [-5, -6, -7, -8]
+    bn.share_affine()
+    for row in (0, 1):
+        weight, bias = bn.affine_row(row)
+        assert weight.tolist() == [1, 2, 3, 4] and bias.tolist() == [-1, -2, -3, -4]
+    with pytest.raises(IndexError, match="row 2 out of range"):
+        bn.affine_row(2)
 
 
 def test_parts_hold_only_stock_layers_and_report_their_cost():

@@ -3,7 +3,8 @@
 Sub-network j of a switch only touches channel slice j of every layer, so walking the model's
 modules and replacing each by its slice-j twin gives device j's model: a sliced conv becomes an
 ``nn.Conv2d`` holding its weight block ``W[out_j, in_j]`` (``W[out_j, :]`` for the stem, which
-sees the image), a switch BatchNorm is folded (its row for the switch) into the conv before it,
+sees the image), a switch BatchNorm is folded (its row for the switch; a universally slimmable
+network's layers share one affine row, their statistics stay per switch) into the conv before it,
 a depthwise conv keeps channels ``in_j``. Containers are copied with their children replaced, so
 residual blocks keep their own ``forward``. The dense layer where the sub-networks meet (the
 classifier, WDSR's tail conv) becomes the column block ``W[:, in_j]`` without bias: each device
@@ -112,8 +113,9 @@ class _Slicer:
         if bn is None:
             return [_conv(weight, bias, conv, groups)]
         out, row = self.channels(bn.num_features), self.row
-        scale = bn.weight[row, out].double() / (bn.running_var[row, out].double() + bn.eps).sqrt()
-        shift = bn.bias[row, out].double() - bn.running_mean[row, out].double() * scale
+        gamma, beta = bn.affine_row(row)  # the shared row of a universally slimmable network's layer
+        scale = gamma[out].double() / (bn.running_var[row, out].double() + bn.eps).sqrt()
+        shift = beta[out].double() - bn.running_mean[row, out].double() * scale
         if bias is not None:
             shift = shift + bias.double() * scale
         folded_weight = (weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype)

@@ -55,6 +55,14 @@ class SwitchBatchNorm2d(Switchable):
         self.weight = nn.Parameter(self.weight.detach()[:1].clone())
         self.bias = nn.Parameter(self.bias.detach()[:1].clone())
 
+    def affine_row(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Switch row `row`'s affine weight and bias, ``[C]`` each (the one shared row after
+        `share_affine`): what inference with that switch applies, e.g. to fold it into a conv."""
+        if not 0 <= row < len(self.switches):
+            raise IndexError(f"row {row} out of range for {len(self.switches)} switches")
+        row = 0 if self.shares_affine else row
+        return self.weight[row], self.bias[row]
+
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``[S, C]`` tables the op reads; a shared row is repeated (copied: the backends' kernels
         may assume contiguous tables) and its gradient is the sum over the switches."""
