@@ -9,10 +9,15 @@ Classification: MobileNet v1 (small_input) on mnist5k, or --model on --dataset (
 trainer reads: cifar10:PATH, imagefolder:PATH at --image-size), switches 1x1.0, 2x0.5, 4x0.25 and
 0.5+0.25+0.25, each method trained with every seed by the package's own trainer:
 - claim 1: each ParaDiS switch vs the same structure trained individually (``--baseline individual``);
-- claim 2: ParaDiS vs a slimmable network (``--baseline slimmable``) at equal FLOPs per
-  image: switch kxw (cost sum w_j^2 of the full network) vs slimmable 1xW with W = sqrt(sum w_j^2);
-- claim 3: ParaDiS kxw on k devices vs the slimmable 1xw that fits one such device (same cost per
-  device), which is what one device can run when the network cannot be distributed.
+- claim 2: ParaDiS vs two width baselines at equal FLOPs per image: switch kxw (cost sum w_j^2 of
+  the full network) vs 1xW with W = sqrt(sum w_j^2) (on a 1/32 grid) of a slimmable network
+  (``--baseline slimmable``: private BatchNorm per width, trained at exactly the widths compared) and
+  of a universally slimmable network (US-Net, ``--baseline universally-slimmable``: widths drawn from
+  [0.25, 1] on the 1/32 grid, BatchNorm affine shared by all widths, each evaluated width's statistics
+  calibrated on training batches);
+- claim 3: ParaDiS kxw on k devices vs the 1xw that fits one such device (same cost per device),
+  which is what one device can run when the network cannot be distributed, of the same slimmable
+  network and US-Net.
 Super-resolution: WDSR-A x2 on the bundled photos (or --sr-dataset srfolder:PATH, patches of
 --sr-image-size HR pixels), PSNR of each switch vs bicubic upscaling and vs the structure trained
 individually. --dataset without --sr-dataset runs the classification part only: the bundled photos
@@ -46,6 +51,12 @@ from paradis_fast.train.baselines import equal_cost_width, relative_cost  # noqa
 from paradis_fast.train.experiment import SUPER_RESOLUTION  # noqa: E402
 
 SWITCHES = ["1x1.0", "2x0.5", "4x0.25", "0.5+0.25+0.25"]
+CLASSIFICATION_METHODS = ("paradis", "individual", "slimmable", "universally-slimmable")
+SUPER_RESOLUTION_METHODS = ("paradis", "individual")
+# Claims 2 and 3 compare each ParaDiS switch with these baselines' one-device widths 1xW (both
+# evaluate every width the claims need: `slimmable_switches`, `UniversalWidths.evaluated`)
+WIDTH_BASELINES = ("slimmable", "universally-slimmable")
+LABELS = {"paradis": "ParaDiS", "universally-slimmable": "US-Net"}  # the others by their own name
 CLASSIFIERS = {"mobilenet_v1": "MobileNet v1", "resnet20": "ResNet-20", "resnet50": "ResNet-50"}
 
 
@@ -120,11 +131,11 @@ def _jobs(profile: Profile, tasks=TASKS) -> list[dict]:
     jobs = []
     if "classification" in tasks:
         for seed in profile.seeds:
-            for method in ("paradis", "individual", "slimmable"):
+            for method in CLASSIFICATION_METHODS:
                 jobs.append(dict(classify, seed=seed, baseline=None if method == "paradis" else method))
     if "super-resolution" in tasks:
         for seed in profile.sr_seeds:
-            for method in ("paradis", "individual"):
+            for method in SUPER_RESOLUTION_METHODS:
                 jobs.append(dict(resolve, seed=seed, baseline=None if method == "paradis" else method))
     return jobs
 
@@ -197,6 +208,22 @@ def _slim(width) -> str:
     return str(Switch([width]))
 
 
+def _label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def _versus_widths(acc: dict, paradis: dict, width: str) -> dict:
+    """Each of the `WIDTH_BASELINES` at its one-device width ``width`` (e.g. ``1x0.5``), and ParaDiS's
+    lead over it in points (``delta``, by method)."""
+    row = {"slimmable_switch": width}
+    for method in WIDTH_BASELINES:
+        if width not in acc[method]:
+            raise ValueError(f"{method} did not evaluate {width}; it evaluated {', '.join(acc[method])}")
+        row[method] = acc[method][width]
+    row["delta"] = {method: _delta(paradis, row[method]) for method in WIDTH_BASELINES}
+    return row
+
+
 def analyse(runs: list[dict]) -> dict:
     """The claims' tables as rows of numbers (accuracy in %, PSNR in dB)."""
     acc = {m: {s: _stats(v, 100) for s, v in sw.items()} for m, sw in _collect(runs, "classification").items()}
@@ -217,23 +244,18 @@ def analyse(runs: list[dict]) -> dict:
             dict(
                 switch=name,
                 flops=float(relative_cost(switch)),
-                slimmable_switch=equal,
                 paradis=paradis,
-                slimmable=acc["slimmable"][equal],
-                delta=_delta(paradis, acc["slimmable"][equal]),
+                **_versus_widths(acc, paradis, equal),
             )
         )
         if switch.num_devices > 1:
-            one_device = _slim(max(switch.widths))
             claim3.append(
                 dict(
                     switch=name,
                     devices=switch.num_devices,
                     per_device=float(max(switch.widths)) ** 2,
-                    slimmable_switch=one_device,
                     paradis=paradis,
-                    slimmable=acc["slimmable"][one_device],
-                    delta=_delta(paradis, acc["slimmable"][one_device]),
+                    **_versus_widths(acc, paradis, _slim(max(switch.widths))),
                 )
             )
     sr_runs = [r for r in runs if _task(r["config"]) == "super-resolution"]
@@ -262,12 +284,33 @@ def analyse(runs: list[dict]) -> dict:
 
 def _timing(seconds: dict, epochs: int) -> list[str]:
     """Each method's wall time per run, from which a larger dataset's epoch can be scaled."""
-    cells = ", ".join(f"{'ParaDiS' if m == 'paradis' else m} {_cell(s)}" for m, s in seconds.items())
+    cells = ", ".join(f"{_label(m)} {_cell(s)}" for m, s in seconds.items())
+    us_net = (
+        " US-Net calibrates every evaluated width's BatchNorm each epoch;" if "universally-slimmable" in seconds else ""
+    )
     return [
         "",
         f"Seconds per run ({epochs} epochs with data loading and validation, one thread each; individual "
-        f"trains its {len(SWITCHES)} structures one after another), mean ± std over seeds: {cells}.",
+        f"trains its {len(SWITCHES)} structures one after another;{us_net} mean ± std over seeds): {cells}.",
     ]
+
+
+def _width_table(title: str, columns: list[str], rows: list[dict], cells) -> list[str]:
+    """Claim 2 or 3 as markdown: ``columns`` and ``cells(row)`` (the switch's own), then the width
+    the `WIDTH_BASELINES` are evaluated at, ParaDiS's and each baseline's accuracy there, and
+    ParaDiS's lead over each baseline."""
+    header = [*columns, "width", "ParaDiS", *map(_label, WIDTH_BASELINES)]
+    header += [f"Δ {_label(m)}" for m in WIDTH_BASELINES]
+    lines = ["", title, "", _markdown_row(header), "|" + "---|" * len(header)]
+    for r in rows:
+        accuracies = [_cell(r["paradis"]), *(_cell(r[m]) for m in WIDTH_BASELINES)]
+        deltas = [f"{r['delta'][m]:+.2f}" for m in WIDTH_BASELINES]
+        lines.append(_markdown_row([*cells(r), r["slimmable_switch"], *accuracies, *deltas]))
+    return lines
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def markdown(tables: dict, profile: Profile, command: str, minutes: float, inputs: dict) -> str:
@@ -290,30 +333,19 @@ def markdown(tables: dict, profile: Profile, command: str, minutes: float, input
             f"| {r['switch']} | {_cell(r['paradis'])} | {_cell(r['individual'])} | {r['delta']:+.2f} |"
             for r in tables["claim1"]
         ]
-        lines += [
-            "",
-            "Claim 2: ParaDiS vs slimmable at equal FLOPs per image",
-            "",
-            "| switch | FLOPs (x full) | ParaDiS | slimmable | slimmable width | Δ |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['switch']} | {r['flops']:.3f} | {_cell(r['paradis'])} | {_cell(r['slimmable'])} | "
-            f"{r['slimmable_switch']} | {r['delta']:+.2f} |"
-            for r in tables["claim2"]
-        ]
-        lines += [
-            "",
-            "Claim 3: ParaDiS kxw on k devices vs slimmable 1xw on one device (same cost per device)",
-            "",
-            "| switch | devices | cost per device (x full) | ParaDiS | slimmable 1xw | Δ |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['switch']} | {r['devices']} | {r['per_device']:.4f} | {_cell(r['paradis'])} | "
-            f"{_cell(r['slimmable'])} ({r['slimmable_switch']}) | {r['delta']:+.2f} |"
-            for r in tables["claim3"]
-        ]
+        baselines = " and ".join(_label(m) for m in WIDTH_BASELINES)
+        lines += _width_table(
+            f"Claim 2: ParaDiS kxw vs {baselines} 1xW at equal FLOPs per image, W = sqrt(sum w_j^2)",
+            ["switch", "FLOPs (x full)"],
+            tables["claim2"],
+            lambda r: [r["switch"], f"{r['flops']:.3f}"],
+        )
+        lines += _width_table(
+            f"Claim 3: ParaDiS kxw on k devices vs {baselines} 1xw on one device (same cost per device)",
+            ["switch", "devices", "cost per device (x full)"],
+            tables["claim3"],
+            lambda r: [r["switch"], str(r["devices"]), f"{r['per_device']:.4f}"],
+        )
         lines += _timing(tables["seconds"]["classification"], profile.epochs)
     if tables["super_resolution"]:
         data = "the bundled photos" if profile.sr_dataset == "photos" else profile.sr_dataset
@@ -348,7 +380,7 @@ def plot(tables: dict, profile: Profile, path: str) -> None:
             bars = [
                 ("ParaDiS", [r["paradis"] for r in tables["claim1"]]),
                 ("individual", [r["individual"] for r in tables["claim1"]]),
-                ("slimmable, equal FLOPs", [r["slimmable"] for r in tables["claim2"]]),
+                *((f"{_label(m)}, equal FLOPs", [r[m] for r in tables["claim2"]]) for m in WIDTH_BASELINES),
             ]
             title = f"{CLASSIFIERS[profile.model]} on {profile.dataset}"
             _bars(ax, SWITCHES, bars, "validation accuracy (%)", title)

@@ -46,11 +46,30 @@ def test_reduced_reproduction_writes_every_claim(reproduce, tmp_path):
     for row in tables["claim1"]:
         assert row["paradis"]["n"] == 2 and 0 <= row["paradis"]["mean"] <= 100
         assert row["delta"] == pytest.approx(row["paradis"]["mean"] - row["individual"]["mean"])
+    # both width baselines, the slimmable network and the US-Net, at those widths, every seed
+    assert reproduce.WIDTH_BASELINES == ("slimmable", "universally-slimmable")
+    for row in tables["claim2"] + tables["claim3"]:
+        assert set(row["delta"]) == set(reproduce.WIDTH_BASELINES)
+        for method in reproduce.WIDTH_BASELINES:
+            assert row[method]["n"] == 2 and 0 <= row[method]["mean"] <= 100
+            assert row["delta"][method] == pytest.approx(row["paradis"]["mean"] - row[method]["mean"])
     assert len(tables["super_resolution"]) == 4 and tables["super_resolution"][0]["bicubic"]["mean"] > 10
     saved = json.loads((tmp_path / "reproduce.json").read_text())
-    assert len(saved["runs"]) == 2 * 3 + 2 and saved["tables"]["claim3"][0]["switch"] == "2x0.5"
+    assert len(saved["runs"]) == 2 * 4 + 2 and saved["tables"]["claim3"][0]["switch"] == "2x0.5"
+    us_nets = [r for r in saved["runs"] if r["config"]["baseline"] == "universally-slimmable"]
+    assert [(r["config"]["seed"], r["config"]["model"]) for r in us_nets] == [(0, "mobilenet_v1"), (1, "mobilenet_v1")]
+    # the US-Net reports the widths it was evaluated at: the claims' widths among them
+    assert list(us_nets[0]["result"]["switches"]) == ["1x1.0", "1x0.71875", "1x0.625", "1x0.5", "1x0.25"]
     text = (tmp_path / "reproduce.md").read_text()
     assert "Claim 1" in text and "Claim 3" in text and "| 0.5+0.25+0.25 |" in text
+    assert "| switch | FLOPs (x full) | width | ParaDiS | slimmable | US-Net | Δ slimmable | Δ US-Net |" in text
+    row = tables["claim2"][1]
+    assert (
+        f"| 2x0.5 | 0.500 | 1x0.71875 | {reproduce._cell(row['paradis'])} | {reproduce._cell(row['slimmable'])} | "
+        f"{reproduce._cell(row['universally-slimmable'])} | {row['delta']['slimmable']:+.2f} | "
+        f"{row['delta']['universally-slimmable']:+.2f} |" in text
+    )
+    assert "| 4x0.25 | 4 | 0.0625 | 1x0.25 |" in text and "US-Net calibrates" in text
     assert "MobileNet v1 (small_input, width 0.25) on digits, 1 epochs" in text  # as before --dataset existed
     assert (tmp_path / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -84,6 +103,8 @@ def make_folder():
 def test_defaults_are_unchanged(reproduce):
     assert reproduce.settings([])[1:] == (reproduce.PROFILES["full"], reproduce.TASKS)
     assert reproduce.settings(["--quick"])[1:] == (reproduce.PROFILES["quick"], reproduce.TASKS)
+    # the smoke run keeps the fixed convolution rules: measuring each new layer shape's path would be
+    # most of a 1-epoch US-Net run (its random widths make new shapes most steps); the full run measures
 
 
 def test_folder_options_reach_every_job(reproduce):
@@ -94,7 +115,8 @@ def test_folder_options_reach_every_job(reproduce):
     _, profile, tasks = reproduce.settings(argv)
     assert tasks == ("classification",)  # no --sr-dataset: the photos say nothing about the folder
     configs = [TrainConfig(**job) for job in reproduce._jobs(profile, tasks)]
-    assert len(configs) == 2 * 3
+    assert len(configs) == 2 * 4
+    assert [c.baseline for c in configs[:4]] == [None, "individual", "slimmable", "universally-slimmable"]
     assert {(c.model, c.dataset, c.image_size, c.workers, c.epochs, c.batch_size) for c in configs} == {
         ("resnet20", "imagefolder:/data/in", 64, 3, 2, 16)
     }
@@ -103,7 +125,7 @@ def test_folder_options_reach_every_job(reproduce):
     assert tasks == reproduce.TASKS
     configs = [TrainConfig(**job) for job in reproduce._jobs(profile, tasks)]
     sr = [c for c in configs if c.model == "wdsr_a"]
-    assert len(sr) == 2 * 2 and len(configs) == 2 * 3 + 2 * 2
+    assert len(sr) == 2 * 2 and len(configs) == 2 * 4 + 2 * 2
     assert [(c.dataset, c.image_size, c.workers, c.dataset_kwargs) for c in sr] == [
         ("srfolder:/data/sr", 48, 3, {})
     ] * 4
