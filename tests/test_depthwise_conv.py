@@ -1,7 +1,8 @@
 """paradis_fast.ops.depthwise_conv2d and nn.DepthwiseConv2d against F.conv2d in float64: the
-CPU gradient kernels (weight gradient on images smaller than the kernel, bfloat16 / float16 input
-gradient of strided layers; any kernel, stride, padding, dilation and layout; AVX-512's
-narrow-group kernel for float32 3x3 layers of 16k channels), ATen's forward and other gradients,
+CPU kernels (weight gradient on images smaller than the kernel, bfloat16 / float16 input
+gradient of strided layers, bfloat16 / float16 forward of tiny outputs; any kernel, stride,
+padding, dilation and layout; AVX-512's narrow-group kernel for float32 3x3 layers of 16k
+channels), ATen's forward and other gradients,
 and the routing (the op on small images, strided layers and low-precision tensors only)."""
 
 from __future__ import annotations
@@ -177,10 +178,10 @@ def test_low_precision_strided_input_gradient_skips_onednn(monkeypatch, case, la
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", ["16ch", "5x5", "dilated", "odd-19ch"])
 def test_low_precision_without_onednn_sums_in_float32(monkeypatch, case, layout, dtype):
-    """Where oneDNN does not compute the dtype (here: turned off), every low-precision gradient,
-    stride 1 too, runs the CPU kernels (ATen's would round partial sums to the dtype): no
-    aten::convolution_backward, float32 sums within the dtype's rounding of the float64 oracle,
-    through the public function as through the op, baseline kernels included."""
+    """Where oneDNN does not compute the dtype (here: turned off), the low-precision forward and
+    every gradient, stride 1 too, run the CPU kernels (ATen's would round partial sums to the
+    dtype): no aten::convolution(_backward), float32 sums within the dtype's rounding of the
+    float64 oracle, through the public function as through the op, baseline kernels included."""
     x, weight, bias, geometry = make_case(case, dtype, layout)
     want = oracle(x, weight, bias, geometry)
     for isa in ("native", "baseline"):
@@ -189,11 +190,46 @@ def test_low_precision_without_onednn_sums_in_float32(monkeypatch, case, layout,
             got = forward_backward(lambda *t: depthwise_conv2d(*t, **geometry), x, weight, bias)
         names = [event.name for event in prof.events()]
         assert names.count("paradis::depthwise_conv2d_backward") == 1
-        assert names.count("aten::convolution_backward") == 0
+        assert names.count("aten::convolution_backward") == 0 and names.count("aten::convolution") == 0
         for what, g, w in zip(("y", "grad x", "grad weight", "grad bias"), got, want):
             assert g is None or g.dtype == dtype, what
-            tolerance = TOLERANCE[dtype] if what == "y" else FLOAT32_SUMS[dtype]
-            torch.testing.assert_close(g, w.to(dtype), **tolerance, msg=lambda m: f"{isa} {what}: {m}")
+            torch.testing.assert_close(g, w.to(dtype), **FLOAT32_SUMS[dtype], msg=lambda m: f"{isa} {what}: {m}")
+        assert got[0].is_contiguous(memory_format=layout)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "case, own",
+    [
+        ("64ch-2x2-image", True),
+        ("32ch-1x1-image", True),
+        ("16ch-1x1-image-stride2", True),
+        ("131ch-2x3-stride2", True),  # a 1x2 output, channel blocks of 64 and a tail of 3
+        ("9ch-dilated-on-2x2", True),
+        ("70ch-5x5-on-3x3", False),  # 9 output pixels: oneDNN's forward
+        ("32ch-stride2-bias", False),
+    ],
+)
+def test_low_precision_forward_of_tiny_outputs_is_own(monkeypatch, case, own, layout, dtype):
+    """The bfloat16 / float16 forward of outputs of at most 4 pixels (where oneDNN's fixed costs
+    dominate) runs the CPU kernel, no aten::convolution, in x's layout, with float32 sums; larger
+    outputs run oneDNN's (where it is on: conftest turns it off on CPUs without AVX-512, and then
+    every low-precision forward is the kernel's). Baseline kernels too."""
+    own = own or not torch.backends.mkldnn.enabled
+    x, weight, bias, geometry = make_case(case, dtype, layout)
+    want = oracle(x, weight, bias, geometry)[0]
+    for isa in ("native", "baseline"):
+        monkeypatch.setenv("PARADIS_CPU_ISA", isa)
+        monkeypatch.setenv("PARADIS_CPU_LOW_PRECISION", "native")  # oneDNN computes the dtype
+        with torch.profiler.profile() as prof:
+            y = through_op(x, weight, bias, **geometry)
+        names = [event.name for event in prof.events()]
+        assert names.count("aten::convolution") == (0 if own else 1), isa
+        assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+        tolerance = FLOAT32_SUMS[dtype] if own else TOLERANCE[dtype]
+        torch.testing.assert_close(y, want.to(dtype), **tolerance, msg=lambda m: f"{isa}: {m}")
 
 
 @needs_native

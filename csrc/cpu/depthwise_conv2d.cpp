@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -25,6 +27,9 @@ using at::Tensor;
 
 // Channels a kernel call sums at once (a few vector registers of float32).
 constexpr int64_t kBlock = 64;
+
+// Output images of at most this many pixels take the own low-precision forward (see below).
+constexpr int64_t kOwnForwardPixels = 4;
 
 // A channels-innermost [images, C, height, width] tensor: the address of a pixel's channel 0.
 template <typename T>
@@ -52,20 +57,28 @@ struct Taps {
 // Multiversioning as in switch_batch_norm.cpp: the kernels compiled for baseline x86-64 and again
 // for AVX2 + FMA; on_isa(kernel(...)) calls the copy the CPU takes.
 namespace baseline {
-#include "cpu/depthwise_grad.inc"
+#include "cpu/depthwise_kernels.inc"
 }  // namespace baseline
 
 #if PARADIS_X86_TARGETS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-#include "cpu/depthwise_grad.inc"
+#include "cpu/depthwise_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #define on_isa(...) (avx2_fma_enabled() ? avx2::__VA_ARGS__ : baseline::__VA_ARGS__)
 #else
 #define on_isa(...) baseline::__VA_ARGS__
 #endif
+
+bool is_low_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
+
+// Whether ATen's convolutions of a bfloat16 / float16 dtype run on oneDNN's units for it; if not,
+// they round their partial sums to the dtype.
+bool onednn_computes(at::ScalarType dtype) {
+  return at::globalContext().userEnabledMkldnn() && at::hasMKLDNN() && low_precision_native(dtype == at::kBFloat16);
+}
 
 // Where the (dilated) kernel is larger than the image, in either dimension, oneDNN's weight
 // gradient falls to a path 20-230x slower than depthwise_grad_weight (MobileNet's deep layers on
@@ -94,6 +107,20 @@ Tensor depthwise_grad_weight(const Tensor& grad_y, const Tensor& x, IntArrayRef 
   return out;
 }
 
+// weight [C, 1, kh, kw] in Acc, per block of kBlock channels, tap-major: the layout the row
+// kernels read (channels past C zero).
+template <typename T, typename Acc>
+std::vector<Acc> packed_taps(const Tensor& weight, int64_t blocks) {
+  const int64_t C = weight.size(0), taps = weight.size(2) * weight.size(3);
+  std::vector<Acc> w(blocks * taps * kBlock, Acc(0));
+  const Tensor wc = weight.contiguous();
+  const T* wd = wc.const_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t tap = 0; tap < taps; ++tap)
+      w[(c / kBlock * taps + tap) * kBlock + c % kBlock] = static_cast<Acc>(wd[c * taps + tap]);
+  return w;
+}
+
 // The input gradient, channels_last, of channels-innermost grad_y: each (input row, block of
 // channels) by one thread, every input pixel summing its taps in a fixed order.
 Tensor depthwise_grad_input(const Tensor& grad_y, const Tensor& weight, IntArrayRef x_sizes, const Taps& k) {
@@ -102,12 +129,7 @@ Tensor depthwise_grad_input(const Tensor& grad_y, const Tensor& weight, IntArray
   Tensor out = at::empty(x_sizes, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(), "depthwise_conv2d_grad_input", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> w(blocks * taps * kBlock, acc_t(0));  // per block of channels, tap-major
-    const Tensor wc = weight.contiguous();
-    const scalar_t* wd = wc.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t tap = 0; tap < taps; ++tap)
-        w[(c / kBlock * taps + tap) * kBlock + c % kBlock] = static_cast<acc_t>(wd[c * taps + tap]);
+    const std::vector<acc_t> w = packed_taps<scalar_t, acc_t>(weight, blocks);
     const Image<scalar_t> gy_image(grad_y);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -115,6 +137,34 @@ Tensor depthwise_grad_input(const Tensor& grad_y, const Tensor& weight, IntArray
         const int64_t block = item % blocks, row = item / blocks, c0 = block * kBlock;
         on_isa(grad_input_row<scalar_t, acc_t>(gy_image, k, w.data() + block * taps * kBlock, row / H, row % H, c0,
                                                std::min(kBlock, C - c0), o + row * W * C, C, W));
+      }
+    });
+  });
+  return out;
+}
+
+// The forward, channels_last, of channels-innermost x: each (output row, block of channels) by
+// one thread, sums in float32 for bfloat16 / float16, taps in a fixed order.
+Tensor depthwise_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Taps& k,
+                         int64_t Ho, int64_t Wo) {
+  const int64_t B = x.size(0), C = x.size(1), taps = k.h * k.w, blocks = (C + kBlock - 1) / kBlock;
+  Tensor out = at::empty({B, C, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "depthwise_conv2d_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> w = packed_taps<scalar_t, acc_t>(weight, blocks);
+    std::vector<acc_t> b(blocks * kBlock, acc_t(0));
+    if (bias.has_value() && bias->defined()) {
+      const Tensor bc = bias->contiguous();
+      const scalar_t* bd = bc.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) b[c] = static_cast<acc_t>(bd[c]);
+    }
+    const Image<scalar_t> x_image(x);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * Ho * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t block = item % blocks, row = item / blocks, c0 = block * kBlock;
+        on_isa(forward_row<scalar_t, acc_t>(x_image, k, w.data() + block * taps * kBlock, b.data() + c0, row / Ho,
+                                            row % Ho, c0, std::min(kBlock, C - c0), o + row * Wo * C, C, Wo));
       }
     });
   });
@@ -141,11 +191,10 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
               " does not match x ", x.sizes());
   const at::ScalarType dtype = x.scalar_type();
   const Taps k{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
-  const bool low_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const bool low_precision = is_low_precision(dtype);
   // Without oneDNN computing the dtype, ATen's bfloat16 / float16 gradients round their partial
   // sums to that dtype (and run 2-75x slower than these kernels): all three come from here then.
-  const bool all_own = low_precision && !(at::globalContext().userEnabledMkldnn() && at::hasMKLDNN() &&
-                                          low_precision_native(dtype == at::kBFloat16));
+  const bool all_own = low_precision && !onednn_computes(dtype);
   const bool narrow = output_mask[1] && dtype == at::kFloat && channels_innermost(x) && channels_innermost(grad_y) &&
                       k.h == 3 && k.w == 3 && k.dh == 1 && k.dw == 1 && narrow_groups_fit(C, C, C);
   const bool own_grad_w = output_mask[1] && !narrow && (all_own || image_smaller_than_kernel(x, k));
@@ -167,6 +216,33 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
   return {grad_x, grad_w, grad_b};
 }
 
-TORCH_LIBRARY_IMPL(paradis, CPU, m) { m.impl("depthwise_conv2d_backward", TORCH_FN(depthwise_conv2d_backward_cpu)); }
+Tensor depthwise_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                    IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1,
+              "depthwise_conv2d: x must be 4-D [B, C, H, W] and weight [C, 1, kh, kw], got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "depthwise_conv2d: stride, padding and dilation need 2 entries");
+  const at::ScalarType dtype = x.scalar_type();
+  const bool same_dtypes =
+      weight.scalar_type() == dtype && (!bias.has_value() || !bias->defined() || bias->scalar_type() == dtype);
+  const Taps k{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+  const int64_t Ho = (x.size(2) + 2 * k.ph - k.dh * (k.h - 1) - 1) / k.sh + 1;
+  const int64_t Wo = (x.size(3) + 2 * k.pw - k.dw * (k.w - 1) - 1) / k.sw + 1;
+  // bfloat16 / float16 where oneDNN does not compute the dtype (ATen rounds its sums to it), and
+  // on outputs of at most kOwnForwardPixels, where oneDNN's fixed costs outweigh the arithmetic
+  // (1.8-4.4x slower than this kernel; on larger images oneDNN's is faster: bench/README.md)
+  const bool own = is_low_precision(dtype) && same_dtypes && Ho >= 1 && Wo >= 1 &&
+                   (!onednn_computes(dtype) || Ho * Wo <= kOwnForwardPixels);
+  if (!own)  // ATen's, which also reports mismatched dtypes and images smaller than the kernel
+    return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, x.size(1));
+  return depthwise_forward(x.contiguous(at::MemoryFormat::ChannelsLast), weight, bias, k, Ho, Wo)
+      .contiguous(x.suggest_memory_format());
+}
+
+TORCH_LIBRARY_IMPL(paradis, CPU, m) {
+  m.impl("depthwise_conv2d", TORCH_FN(depthwise_conv2d_forward_cpu));
+  m.impl("depthwise_conv2d_backward", TORCH_FN(depthwise_conv2d_backward_cpu));
+}
 
 }  // namespace paradis

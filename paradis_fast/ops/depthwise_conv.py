@@ -9,7 +9,8 @@ kernel (bench/README.md); where oneDNN does not compute bfloat16 / float16 (CPUs
 oneDNN off), ATen's gradients round their partial sums to that dtype and run 2-75x slower than the
 op's float32-accumulating kernels. Small images, strided layers and low-precision CPU tensors
 therefore run through the op, which chooses per gradient; other layers are plain F.conv2d and
-skip the op's overhead. The forward is always ATen's.
+skip the op's overhead. The forward is ATen's, except in bfloat16 / float16 where oneDNN does not
+compute the dtype or the output has at most 4 pixels (csrc/cpu/depthwise_conv2d.h).
 """
 
 from __future__ import annotations
