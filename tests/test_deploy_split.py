@@ -54,17 +54,24 @@ def trained(request):
 @pytest.mark.parametrize("switch", ALL_SWITCHES)
 def test_fused_parts_equal_the_model(trained, switch):
     name, model, image_shape = trained
+    result = assert_parts_fuse_to_model(model, image_shape, switch)
+    assert len(result.parts) == len(switch.split("+")) if "+" in switch else int(switch.split("x")[0])
+
+
+def assert_parts_fuse_to_model(model, image_shape, switch):
+    """The split parts of switch, run and fused, give the model's output for that switch; returns
+    the split."""
     image = torch.randn(3, *image_shape, dtype=torch.float64)
     with torch.no_grad():
         expected = model.set_active([switch])(image)[0]
         result = split(model, switch)
         partials = [part(image) for part in result.parts]
         fused = result.fuse(partials, image)
-    assert len(result.parts) == len(switch.split("+")) if "+" in switch else int(switch.split("x")[0])
     assert expected.abs().max() > 1e-3  # a real signal, not a vanishing one
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-7)
     # each part is the whole sub-network: its partial output matters
     assert all(p.abs().max() > 1e-6 for p in partials)
+    return result
 
 
 def shared_affine_model(name: str, switches=ALL_SWITCHES) -> tuple[Switchable, tuple]:
@@ -99,15 +106,7 @@ def test_fused_parts_equal_a_live_shared_affine_model(shared, switch):
     """Every switch's BatchNorm row folds the one shared gamma and beta (row 0 of the live
     ``[1, C]`` parameters) with that switch's own statistics."""
     name, model, image_shape = shared
-    image = torch.randn(3, *image_shape, dtype=torch.float64)
-    with torch.no_grad():
-        expected = model.set_active([switch])(image)[0]
-        result = split(model, switch)
-        partials = [part(image) for part in result.parts]
-        fused = result.fuse(partials, image)
-    assert expected.abs().max() > 1e-3
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-7)
-    assert all(p.abs().max() > 1e-6 for p in partials)
+    assert_parts_fuse_to_model(model, image_shape, switch)
 
 
 def test_shared_affine_model_splits_like_its_checkpoint():
