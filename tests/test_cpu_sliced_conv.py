@@ -13,7 +13,8 @@ import test_sliced_conv as conv_tests
 from conftest import cpu_has
 from paradis_fast import SwitchSet
 from paradis_fast.ops import available_backends, use_backend
-from paradis_fast.ops.plan import conv_blocks
+from paradis_fast.ops.plan import conv_blocks, conv_output_size, live_taps
+from paradis_fast.ops.sliced_conv import cut_kernel
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in available_backends("sliced_conv2d"),
@@ -390,3 +391,63 @@ def test_kernel_rejects_integer_and_mismatched_dtypes():
             *geometry,
             [True, True, True],
         )
+
+
+# kernels that overhang small images: the op cuts them to the taps that read the image (live_taps)
+OVERHANG_CASES = {
+    "3x3-on-1px": case(["4x0.25", "3x1/3"], 151, 10, 3, (1, 1), padding=1, batch=3),
+    "5x5-on-1x2-stride2": case(["1x1.0", "0.5+0.25+0.25"], 21, 13, 5, (1, 2), padding=2, stride=2, batch=2),
+    "3x3-dilated-on-2x1": case(["2x0.5", "1x1.0"], 12, 14, 3, (2, 1), padding=2, dilation=2, batch=2, seed=1),
+    "5x5-pad3-stride2-on-1px": case(["2x0.5"], 8, 6, 5, (1, 1), padding=3, stride=2, batch=2, bias=False),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(OVERHANG_CASES))
+def test_kernels_overhanging_small_images_match_oracle(name, dtype, backend):
+    """Cut to the taps that read the image, the layer computes the same outputs and gradients as
+    the whole kernel (the float64 oracle convolves with all of it); the cut taps' weight gradient
+    is exactly zero."""
+    conv_case = OVERHANG_CASES[name]
+    x, weight, bias, g = conv_tests.make_inputs(conv_case, dtype)
+    with use_backend(backend):
+        (y, gx, gw, gb), (yr, gxr, gwr, gbr) = conv_tests.run_both(conv_case, x, weight, bias, g)
+    tol = conv_tests.TOLERANCE[dtype]
+    for got, want, what in ((y, yr, "forward"), (gx, gxr, "grad x"), (gw, gwr, "grad weight"), (gb, gbr, "grad bias")):
+        if want is not None:
+            torch.testing.assert_close(got, want.to(dtype), **tol, msg=lambda m: f"{what}: {m}")
+    stride, padding, dilation = ([conv_case[k]] * 2 for k in ("stride", "padding", "dilation"))
+    cut, _ = cut_kernel(x, weight, stride, padding, dilation)
+    assert cut.shape[2:] != weight.shape[2:]  # the case does overhang
+    dead = torch.ones(weight.shape[2:], dtype=torch.bool)
+    (h0, h1, _), (w0, w1, _) = (
+        live_taps(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
+    )
+    dead[h0:h1, w0:w1] = False
+    assert torch.equal(gw[:, :, dead], torch.zeros_like(gw[:, :, dead]))
+
+
+def test_live_taps_cut_only_taps_that_read_padding():
+    """Brute force over small geometries: every tap outside the cut reads only padding for every
+    output, and the cut convolution (its padding) equals the whole one."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    cuts = 0
+    for size, k, s, p, d in itertools.product(range(1, 7), range(1, 6), range(1, 4), range(0, 4), range(1, 3)):
+        outputs = conv_output_size(size, k, s, p, d)
+        if outputs < 1:
+            continue
+        first, stop, padding = live_taps(size, k, s, p, d)
+        for i in [*range(first), *range(stop, k)]:
+            assert all(not 0 <= o * s - p + i * d < size for o in range(outputs)), (size, k, s, p, d, i)
+        if (first, stop) == (0, k):
+            continue
+        cuts += 1
+        x = torch.randn(1, 2, size, size, dtype=torch.float64)
+        w = torch.randn(3, 2, k, k, dtype=torch.float64)
+        want = F.conv2d(x, w, None, s, p, d)
+        torch.testing.assert_close(F.conv2d(x, w[:, :, first:stop, first:stop], None, s, padding, d), want)
+    assert cuts > 20

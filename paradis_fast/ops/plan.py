@@ -66,3 +66,24 @@ def covered_channels(switches: SwitchSet, channels: int) -> tuple[int, ...]:
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int, int]:
+    """(first, stop, padding): along one dimension, the taps outside ``[first, stop)`` read only
+    padding for every output, so they add nothing -- where the kernel overhangs a small image (a
+    3x3 kernel on a 1-pixel image reads the image with its centre tap only) -- and the convolution
+    with the kernel cut to ``[first, stop)`` and that padding is the same one, when the cut is
+    symmetric (a convolution's padding is). Else ``(0, kernel, padding)``."""
+    outputs = conv_output_size(size, kernel, stride, padding, dilation)
+    live = []
+    for i in range(kernel):
+        offset = i * dilation - padding  # output o reads o * stride + offset
+        first = max(0, -(offset // stride))  # the first output reading at or after the image's start
+        if first < outputs and first * stride + offset < size:
+            live.append(i)
+    if not live or (live[0], live[-1] + 1) == (0, kernel):
+        return 0, kernel, padding
+    before, after = padding - live[0] * dilation, padding - (kernel - 1 - live[-1]) * dilation
+    if before != after or before < 0:
+        return 0, kernel, padding
+    return live[0], live[-1] + 1, before

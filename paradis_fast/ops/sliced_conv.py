@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import checks, layout, library
 from .backends import backend_for
-from .plan import conv_blocks, conv_output_size
+from .plan import conv_blocks, conv_output_size, live_taps
 from ..switches import SwitchSetLike
 
 OP = "sliced_conv2d"
@@ -59,6 +59,19 @@ def sliced_conv2d(
     for d in range(2):
         if conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) < 1:
             raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
+    weight, padding = cut_kernel(x, weight, stride, padding, dilation)
     blocks = conv_blocks(switches, weight.shape[1], weight.shape[0], bool(input_shared))
     op = backend_for(OP, x.device).function(OP)
     return op(x, weight, bias, list(blocks), len(switches), stride, padding, dilation, bool(input_shared))
+
+
+def cut_kernel(x: Tensor, weight: Tensor, stride: list, padding: list, dilation: list) -> tuple[Tensor, list]:
+    """weight without the taps that read only padding for every output (`live_taps`), and the
+    padding that goes with it: a 3x3 layer on 1-pixel images is a 1x1 layer, 9x less arithmetic.
+    A view, so autograd gives the cut taps their zero gradient."""
+    (h0, h1, ph), (w0, w1, pw) = (
+        live_taps(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
+    )
+    if (h1 - h0, w1 - w0) == tuple(weight.shape[2:]):
+        return weight, padding
+    return weight[:, :, h0:h1, w0:w1], [ph, pw]
