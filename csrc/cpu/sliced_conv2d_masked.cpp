@@ -15,7 +15,6 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <cstring>
 #include <vector>
@@ -28,19 +27,6 @@ namespace sliced_detail {
 using at::Tensor;
 
 namespace {
-
-// The piece of t (a weight [C_out, C_in, kh, kw] or a bias [C_out]) that block b owns.
-Tensor block_of(const Tensor& t, const Block& b) {
-  return t.dim() == 1 ? t.narrow(0, b.o0, b.o1 - b.o0) : t.narrow(0, b.o0, b.o1 - b.o0).narrow(1, b.i0, b.i1 - b.i0);
-}
-
-// t (a weight or bias) with everything outside switch s's blocks zero.
-Tensor switch_masked(const Tensor& t, const std::vector<Block>& blocks, int64_t s) {
-  Tensor out = at::zeros_like(t);
-  for (const Block& b : blocks)
-    if (b.s == s) block_of(out, b).copy_(block_of(t, b));
-  return out;
-}
 
 // The switches' masked weights (or biases) stacked: [S * C_out, ...], switch s's copy of t zero
 // outside its blocks. One pass of row copies: the layers this serves have small weights.
@@ -61,19 +47,23 @@ Tensor stacked_masked(const Tensor& t, const std::vector<Block>& blocks, int64_t
   return out;
 }
 
-// Adds each block's piece of the stacked gradient [S * C_out, ...] into grad ([C_out, ...]), the
-// blocks in table order (a fixed order of additions).
-void add_stacked_blocks(const Tensor& grad, const Tensor& stacked, const std::vector<Block>& blocks) {
-  const Tensor src_t = stacked.to(grad.scalar_type()).contiguous();
+// Switch s's rows [C_out, ...] of a stacked_masked tensor.
+Tensor switch_rows(const Tensor& stacked, int64_t s, int64_t rows) { return stacked.narrow(0, s * rows, rows); }
+
+// Adds the pieces of switch s's blocks of its gradient source ([C_out, ...], zero elsewhere) into
+// grad, the blocks in table order (the switches' calls in order make a fixed order of additions).
+void add_switch_blocks(const Tensor& grad, const Tensor& source, const std::vector<Block>& blocks, int64_t s) {
+  const Tensor src_t = source.to(grad.scalar_type()).contiguous();
   const int64_t rows = grad.size(0), row = grad.numel() / rows, cols = grad.dim() == 1 ? 1 : grad.size(1);
   const int64_t tap = row / cols;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "add_stacked_blocks", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "add_switch_blocks", [&] {
     const scalar_t* src = src_t.const_data_ptr<scalar_t>();
     scalar_t* dst = grad.data_ptr<scalar_t>();
     for (const Block& b : blocks) {
+      if (b.s != s) continue;
       const int64_t i0 = grad.dim() == 1 ? 0 : b.i0, width = (grad.dim() == 1 ? 1 : b.i1 - b.i0) * tap;
       for (int64_t o = b.o0; o < b.o1; ++o) {
-        const scalar_t* from = src + (b.s * rows + o) * row + i0 * tap;
+        const scalar_t* from = src + o * row + i0 * tap;
         scalar_t* to = dst + o * row + i0 * tap;
         for (int64_t e = 0; e < width; ++e) to[e] += from[e];
       }
@@ -99,10 +89,12 @@ void channels_to_switches(const Tensor& grouped, const Tensor& rows, int64_t S) 
 
 void forward_masked(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y, const Geometry& g,
                     const std::vector<Block>& blocks) {
+  const Tensor weights = stacked_masked(weight, blocks, g.S);
+  const Tensor biases = bias.defined() ? stacked_masked(bias, blocks, g.S) : Tensor();
   for (int64_t s = 0; s < g.S; ++s) {
-    const Tensor b = bias.defined() ? switch_masked(bias, blocks, s) : Tensor();
+    const Tensor b = bias.defined() ? switch_rows(biases, s, g.C_out) : Tensor();
     y.narrow(0, s * g.B, g.B)
-        .copy_(at::convolution(x.narrow(0, s * g.B, g.B), switch_masked(weight, blocks, s), b, {g.sh, g.sw},
+        .copy_(at::convolution(x.narrow(0, s * g.B, g.B), switch_rows(weights, s, g.C_out), b, {g.sh, g.sw},
                                {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, 1));
   }
 }
@@ -112,19 +104,17 @@ void backward_masked(const Tensor& grad_y, const Tensor& x, const Tensor& weight
                      const std::vector<Block>& blocks) {
   const std::vector<int64_t> bias_sizes{g.C_out};
   const bool blas_w = grad_weight.defined() && onednn_pointwise_hazard(g, x);
+  const Tensor weights = stacked_masked(weight, blocks, g.S);
   for (int64_t s = 0; s < g.S; ++s) {
     const Tensor gys = grad_y.narrow(0, s * g.B, g.B), xs = x.narrow(0, s * g.B, g.B);
     auto [gx, gw, gb] = at::convolution_backward(
-        gys, xs, switch_masked(weight, blocks, s),
+        gys, xs, switch_rows(weights, s, g.C_out),
         grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw}, {g.ph, g.pw},
         {g.dh, g.dw}, false, {0, 0}, 1, {grad_x.defined(), grad_weight.defined() && !blas_w, grad_bias.defined()});
     if (blas_w) gw = pointwise_grad_weight(gys, xs);
     if (grad_x.defined()) grad_x.narrow(0, s * g.B, g.B).copy_(gx);
-    for (const Block& b : blocks) {
-      if (b.s != s) continue;
-      if (grad_weight.defined()) block_of(grad_weight, b).add_(block_of(gw, b));
-      if (grad_bias.defined()) block_of(grad_bias, b).add_(block_of(gb, b));
-    }
+    if (grad_weight.defined()) add_switch_blocks(grad_weight, gw, blocks, s);
+    if (grad_bias.defined()) add_switch_blocks(grad_bias, gb, blocks, s);
   }
 }
 
@@ -145,8 +135,10 @@ void backward_grouped(const Tensor& grad_y, const Tensor& x, const Tensor& weigh
       grad_bias.defined() ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, {g.sh, g.sw}, {g.ph, g.pw},
       {g.dh, g.dw}, false, {0, 0}, g.S, {grad_x.defined(), grad_weight.defined(), grad_bias.defined()});
   if (grad_x.defined()) channels_to_switches(gx, grad_x, g.S);
-  if (grad_weight.defined()) add_stacked_blocks(grad_weight, gw, blocks);
-  if (grad_bias.defined()) add_stacked_blocks(grad_bias, gb, blocks);
+  for (int64_t s = 0; s < g.S; ++s) {
+    if (grad_weight.defined()) add_switch_blocks(grad_weight, switch_rows(gw, s, g.C_out), blocks, s);
+    if (grad_bias.defined()) add_switch_blocks(grad_bias, switch_rows(gb, s, g.C_out), blocks, s);
+  }
 }
 
 }  // namespace sliced_detail
