@@ -14,7 +14,6 @@ from torch import nn
 
 from paradis_fast.nn import DepthwiseConv2d
 from paradis_fast.ops import available_backends, depthwise_conv2d, use_backend
-from paradis_fast.ops.depthwise_conv import SMALL_IMAGE_PIXELS
 
 NATIVE = "cpu" in available_backends("depthwise_conv2d")
 needs_native = pytest.mark.skipif(not NATIVE, reason="paradis_fast._C has no CPU depthwise_conv2d kernel (not built)")
@@ -46,7 +45,7 @@ TOLERANCE = {
 }
 # The op's own gradient kernels: float32 sums rounded once to the dtype (1 ulp, plus the rounding
 # of the oracle's result to the dtype).
-FLOAT32_SUMS = {torch.bfloat16: dict(rtol=8e-3, atol=8e-3), torch.float16: dict(rtol=1e-3, atol=1e-3)}
+FLOAT32_SUMS = {**TOLERANCE, torch.bfloat16: dict(rtol=8e-3, atol=8e-3), torch.float16: dict(rtol=1e-3, atol=1e-3)}
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
@@ -174,14 +173,15 @@ def test_low_precision_strided_input_gradient_skips_onednn(monkeypatch, case, la
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", ["16ch", "5x5", "dilated", "odd-19ch"])
-def test_low_precision_without_onednn_sums_in_float32(monkeypatch, case, layout, dtype):
-    """Where oneDNN does not compute the dtype (here: turned off), the low-precision forward and
-    every gradient, stride 1 too, run the CPU kernels (ATen's would round partial sums to the
-    dtype): no aten::convolution(_backward), float32 sums within the dtype's rounding of the
-    float64 oracle, through the public function as through the op, baseline kernels included."""
+@pytest.mark.parametrize("case", ["16ch", "5x5", "dilated", "odd-19ch", "131ch-2x3-stride2"])
+def test_without_onednn_every_pass_is_own(monkeypatch, case, layout, dtype):
+    """Where oneDNN does not compute the dtype (here: turned off), the forward and every gradient,
+    stride 1 too, run the CPU kernels (ATen's would run a convolution per channel, and round
+    bfloat16 / float16 partial sums to the dtype): no aten::convolution(_backward), float32 or
+    wider sums within the dtype's rounding of the float64 oracle, through the public function as
+    through the op, baseline kernels included."""
     x, weight, bias, geometry = make_case(case, dtype, layout)
     want = oracle(x, weight, bias, geometry)
     for isa in ("native", "baseline"):
@@ -243,26 +243,35 @@ def test_opcheck(layout):
 
 
 @pytest.mark.parametrize(
-    "case, backend, through_op, dtype",
+    "case, backend, through_op, dtype, onednn",
     [
-        ("64ch-2x2-image", None, NATIVE, torch.float32),
-        ("32ch-1x1-image", "cpu", NATIVE, torch.float32),
-        ("64ch-2x2-image", "reference", False, torch.float32),
-        ("16ch", None, False, torch.float32),
-        ("16ch-stride2-pad2", None, NATIVE, torch.float32),
-        ("16ch", None, NATIVE, torch.bfloat16),
+        ("64ch-2x2-image", None, NATIVE, torch.float32, True),
+        ("32ch-1x1-image", "cpu", NATIVE, torch.float32, True),
+        ("64ch-2x2-image", "reference", False, torch.float32, True),
+        ("16ch", None, NATIVE and not torch.backends.mkldnn.is_available(), torch.float32, True),
+        ("16ch", None, NATIVE, torch.float32, False),
+        ("16ch", None, NATIVE, torch.float64, True),
+        ("16ch-stride2-pad2", None, NATIVE, torch.float32, True),
+        ("16ch", None, NATIVE, torch.bfloat16, True),
     ],
-    ids=["small-image", "small-image-forced-cpu", "reference-backend", "large-image", "large-image-strided", "bf16"],
+    ids=[
+        "small-image",
+        "small-image-forced-cpu",
+        "reference-backend",
+        "large-image",
+        "large-image-onednn-off",
+        "large-image-f64",
+        "large-image-strided",
+        "bf16",
+    ],
 )
-def test_routing(case, backend, through_op, dtype):
-    """Small images, strided layers and low-precision tensors on the cpu backend go through the
-    paradis op; larger float32 images of stride 1 and backends with no depthwise kernel
-    (reference) are F.conv2d itself."""
+def test_routing(case, backend, through_op, dtype, onednn):
+    """Small images, strided layers and CPU tensors other than float32 on oneDNN (low precision,
+    float64, oneDNN off) go through the paradis op on the cpu backend; larger float32 images of
+    stride 1 on oneDNN and backends with no depthwise kernel (reference) are F.conv2d itself."""
     x, weight, _, geometry = make_case(case, dtype, torch.channels_last)
-    with use_backend(backend), torch.profiler.profile() as prof:
+    with torch.backends.mkldnn.flags(enabled=onednn), use_backend(backend), torch.profiler.profile() as prof:
         y = depthwise_conv2d(x, weight, None, **geometry)
-    small_or_strided = y.shape[2] * y.shape[3] <= SMALL_IMAGE_PIXELS or geometry["stride"] > 1
-    assert small_or_strided or dtype != torch.float32 or not through_op
     assert any(event.name == "paradis::depthwise_conv2d" for event in prof.events()) == through_op
     torch.testing.assert_close(y, F.conv2d(x, weight, None, **geometry, groups=x.shape[1]))
 

@@ -74,10 +74,14 @@ namespace avx2 {
 
 bool is_low_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
 
-// Whether ATen's convolutions of a bfloat16 / float16 dtype run on oneDNN's units for it; if not,
-// they round their partial sums to the dtype.
+// Whether ATen's CPU convolutions of this dtype run on oneDNN. Where they do not (oneDNN off or
+// absent, float64, bfloat16 / float16 without the CPU's units for them) a depthwise convolution
+// runs one small convolution per channel (about 30x slower than these kernels: bench/README.md),
+// and bfloat16 / float16 ones also round their partial sums to the dtype.
 bool onednn_computes(at::ScalarType dtype) {
-  return at::globalContext().userEnabledMkldnn() && at::hasMKLDNN() && low_precision_native(dtype == at::kBFloat16);
+  if (!at::globalContext().userEnabledMkldnn() || !at::hasMKLDNN()) return false;
+  if (dtype == at::kFloat) return true;
+  return is_low_precision(dtype) && low_precision_native(dtype == at::kBFloat16);
 }
 
 // Where the (dilated) kernel is larger than the image, in either dimension, oneDNN's weight
@@ -192,13 +196,12 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
   const at::ScalarType dtype = x.scalar_type();
   const Taps k{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
   const bool low_precision = is_low_precision(dtype);
-  // Without oneDNN computing the dtype, ATen's bfloat16 / float16 gradients round their partial
-  // sums to that dtype (and run 2-75x slower than these kernels): all three come from here then.
-  const bool all_own = low_precision && !onednn_computes(dtype);
+  // Without oneDNN computing the dtype all three gradients come from here (see onednn_computes).
+  const bool all_own = !onednn_computes(dtype);
   const bool narrow = output_mask[1] && dtype == at::kFloat && channels_innermost(x) && channels_innermost(grad_y) &&
                       k.h == 3 && k.w == 3 && k.dh == 1 && k.dw == 1 && narrow_groups_fit(C, C, C);
   const bool own_grad_w = output_mask[1] && !narrow && (all_own || image_smaller_than_kernel(x, k));
-  const bool own_grad_x = output_mask[0] && low_precision && (all_own || k.sh > 1 || k.sw > 1);
+  const bool own_grad_x = output_mask[0] && (all_own || (low_precision && (k.sh > 1 || k.sw > 1)));
   const bool own_grad_b = output_mask[2] && all_own;
   const std::array<bool, 3> aten_mask{output_mask[0] && !own_grad_x, output_mask[1] && !narrow && !own_grad_w,
                                       output_mask[2] && !own_grad_b};
@@ -212,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv2d_backward_cpu(const Tensor& g
   if (own_grad_w)
     grad_w = depthwise_grad_weight(grad_y_cl, x.contiguous(at::MemoryFormat::ChannelsLast), weight.sizes(), k);
   if (own_grad_x) grad_x = depthwise_grad_input(grad_y_cl, weight, x.sizes(), k).contiguous(x.suggest_memory_format());
-  if (own_grad_b) grad_b = grad_y.sum({0, 2, 3}, false, at::kFloat).to(dtype);
+  if (own_grad_b) grad_b = grad_y.sum({0, 2, 3}, false, at::toOpMathType(dtype)).to(dtype);
   return {grad_x, grad_w, grad_b};
 }
 
@@ -229,11 +232,11 @@ Tensor depthwise_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const
   const Taps k{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
   const int64_t Ho = (x.size(2) + 2 * k.ph - k.dh * (k.h - 1) - 1) / k.sh + 1;
   const int64_t Wo = (x.size(3) + 2 * k.pw - k.dw * (k.w - 1) - 1) / k.sw + 1;
-  // bfloat16 / float16 where oneDNN does not compute the dtype (ATen rounds its sums to it), and
-  // on outputs of at most kOwnForwardPixels, where oneDNN's fixed costs outweigh the arithmetic
-  // (1.8-4.4x slower than this kernel; on larger images oneDNN's is faster: bench/README.md)
-  const bool own = is_low_precision(dtype) && same_dtypes && Ho >= 1 && Wo >= 1 &&
-                   (!onednn_computes(dtype) || Ho * Wo <= kOwnForwardPixels);
+  // Where oneDNN does not compute the dtype (see onednn_computes), and bfloat16 / float16 outputs
+  // of at most kOwnForwardPixels, where oneDNN's fixed costs outweigh the arithmetic (1.8-4.4x
+  // slower than this kernel; on larger images oneDNN's is faster: bench/README.md)
+  const bool own = same_dtypes && Ho >= 1 && Wo >= 1 &&
+                   (!onednn_computes(dtype) || (is_low_precision(dtype) && Ho * Wo <= kOwnForwardPixels));
   if (!own)  // ATen's, which also reports mismatched dtypes and images smaller than the kernel
     return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, x.size(1));
   return depthwise_forward(x.contiguous(at::MemoryFormat::ChannelsLast), weight, bias, k, Ho, Wo)

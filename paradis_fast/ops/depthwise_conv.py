@@ -7,10 +7,12 @@ than the image, the deep layers of a network fed small inputs (8x8 digits: 2x2 a
 maps), and its bfloat16 / float16 input gradient of strided layers 10-60x slower than the op's
 kernel (bench/README.md); where oneDNN does not compute bfloat16 / float16 (CPUs without AVX-512,
 oneDNN off), ATen's gradients round their partial sums to that dtype and run 2-75x slower than the
-op's float32-accumulating kernels. Small images, strided layers and low-precision CPU tensors
-therefore run through the op, which chooses per gradient; other layers are plain F.conv2d and
-skip the op's overhead. The forward is ATen's, except in bfloat16 / float16 where oneDNN does not
-compute the dtype or the output has at most 4 pixels (csrc/cpu/depthwise_conv2d.h).
+op's float32-accumulating kernels; where oneDNN does not run at all (turned off, or float64),
+ATen runs one small convolution per channel, about 30x slower than the op's kernels. Small
+images, strided layers and CPU tensors other than float32 on oneDNN therefore run through the
+op, which chooses per gradient; other layers are plain F.conv2d and skip the op's overhead. The
+forward is ATen's, except where oneDNN does not compute the dtype and in bfloat16 / float16
+outputs of at most 4 pixels (csrc/cpu/depthwise_conv2d.h).
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ from .plan import conv_output_size
 
 OP = "depthwise_conv2d"
 # Output images of at most this many pixels run through the op (see above), as do strided layers
-# and low-precision CPU tensors.
+# and CPU tensors off oneDNN's float32.
 SMALL_IMAGE_PIXELS = 16
-LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@torch.compiler.assume_constant_result  # dynamo does not trace torch.backends
+def _onednn_runs() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def _cpu_off_onednn_float32(x: Tensor) -> bool:
+    return x.device.type == "cpu" and (x.dtype != torch.float32 or not _onednn_runs())
 
 
 @library.register_fake(OP)
@@ -66,7 +76,6 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     ]
     if min(out_hw) < 1:
         raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
-    low_precision_cpu = x.device.type == "cpu" and x.dtype in LOW_PRECISION
-    if out_hw[0] * out_hw[1] > SMALL_IMAGE_PIXELS and stride == [1, 1] and not low_precision_cpu:
+    if out_hw[0] * out_hw[1] > SMALL_IMAGE_PIXELS and stride == [1, 1] and not _cpu_off_onednn_float32(x):
         return F.conv2d(x, weight, bias, stride, padding, dilation, channels)
     return backend_for(OP, x.device).function(OP)(x, weight, bias, stride, padding, dilation)
