@@ -45,8 +45,11 @@ if not cpu_has("avx512f"):
     # PyTorch 2.13's oneDNN corrupted the heap in convolution backward on an AVX2-only host (AMD
     # EPYC: glibc aborted inside its brgemm JIT in 1 of 6 ResNet20 steps on the reference backend,
     # plain ATen ops only; none of 6 with oneDNN off; bench/README.md): there the tests run ATen's
-    # own convolutions. Hosts with AVX-512 keep oneDNN.
+    # own convolutions. Hosts with AVX-512 keep oneDNN. Without oneDNN ATen takes NNPACK for
+    # batches of 16 or more, 10-100x slower than its im2col + GEMM on the small images of the
+    # training tests (a MobileNet step on 8x8 digits: 620 ms against 87 ms), so NNPACK goes too.
     torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
 
 # The CPU convolution's per-shape path is chosen by timing (csrc/cpu/measured_choice.h), so two
 # layer shapes may round differently from run to run; the suite runs the fixed rules unless a test
