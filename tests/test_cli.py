@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -176,3 +177,15 @@ def test_image_size_of_a_fixed_size_dataset_is_one_line(capsys):
     assert line.endswith(
         "error: dataset 'digits' takes no image_size (--image-size); imagefolder:PATH, srfolder:PATH do"
     )
+
+
+def test_train_flags_default_to_the_train_config():
+    """`python -m paradis_fast train` without flags runs `TrainConfig()`'s recipe."""
+    from paradis_fast.cli import parser
+    from paradis_fast.train import TrainConfig
+
+    args = vars(parser().parse_args(["train"]))
+    defaults = dataclasses.asdict(TrainConfig())
+    shared = set(args) & set(defaults)
+    assert {"width_mult", "epochs", "batch_size", "lr", "warmup", "weight_decay", "temperature"} <= shared
+    assert {name: args[name] for name in shared} == {name: defaults[name] for name in shared}

@@ -139,7 +139,7 @@ def register(subparsers) -> None:
         help="DataLoader processes that decode and augment images, worth it for image folders; 0 reads "
         "them in the training process (memory is pinned when training on a GPU)",
     )
-    p.add_argument("--width-mult", type=float, default=0.5, help="channel multiplier of the full-width network")
+    p.add_argument("--width-mult", type=float, default=0.75, help="channel multiplier of the full-width network")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size")
     p.add_argument(
