@@ -37,22 +37,27 @@ def update_running_stats(running_mean, running_var, mean, var, covered, rows, co
     """running = (1 - momentum) * running + momentum * batch (unbiased variance), covered channels only.
 
     `momentum` is a float or a per-switch tensor (the cumulative average of momentum=None)."""
-    device, (num_rows, channels) = running_mean.device, running_mean.shape
+    num_rows, channels = running_mean.shape
     if isinstance(momentum, Tensor):
-        momentum = momentum.to(device=device, dtype=running_mean.dtype)[:, None]
+        momentum = momentum.to(device=running_mean.device, dtype=running_mean.dtype)
     unbiased = var * (count / max(count - 1, 1))
+    tables = ((running_mean, mean.to(running_mean.dtype)), (running_var, unbiased.to(running_var.dtype)))
     if list(rows) == list(range(num_rows)) and all(c == channels for c in covered):
         # every row runs, in order, over all its channels (a model training all its switches): the
-        # tables update whole, in place, without the gathers below
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        # tables update whole, in place
+        weight = momentum[:, None] if isinstance(momentum, Tensor) else momentum
+        for running, batch in tables:
+            running.lerp_(batch, weight)
         return
-    index = torch.tensor(rows, device=device)
-    mask = torch.arange(channels, device=device) < torch.tensor(covered, device=device)[:, None]
-    for running, batch in ((running_mean, mean), (running_var, unbiased)):
-        current = running.index_select(0, index)
-        updated = torch.lerp(current, batch.to(running.dtype), momentum)
-        running.index_copy_(0, index, torch.where(mask, updated, current))
+    # otherwise each switch's row over its covered channels: one fused update of those slices (no
+    # gathered rows, channel masks or index tensors to build at every call)
+    active = list(enumerate(zip(rows, covered)))
+    targets = [running[row, :c] for running, _ in tables for _, (row, c) in active]
+    sources = [batch[s, :c] for _, batch in tables for s, (_, c) in active]
+    if isinstance(momentum, Tensor):
+        torch._foreach_lerp_(targets, sources, [momentum[s] for _ in tables for s, _ in active])
+    else:
+        torch._foreach_lerp_(targets, sources, momentum)
 
 
 def switch_batch_norm(
