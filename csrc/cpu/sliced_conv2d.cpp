@@ -76,14 +76,15 @@ using sliced_detail::shared_backward;
 enum Path : size_t { kNative = 0, kMasked = 1, kGrouped = 2, kRelayout = 3 };
 const std::vector<std::string> kPathNames{"native", "masked", "grouped", "relayout"};
 
-constexpr size_t kChoiceFields = 21;  // the numbers of choice_key before its block table
+constexpr size_t kChoiceFields = 22;  // the numbers of choice_key before its block table
 
 MeasuredChoices& choices() {
   static MeasuredChoices instance("PARADIS_CPU_CONV_PATH", kPathNames, kChoiceFields);
   return instance;
 }
 
-// Set while the op runs on relayout's copies, which do not relayout again.
+// Set while the op runs on relayout's copies, which do not relayout again: a layer there has other
+// candidates than called directly in that layout, so it is another key (choice_key).
 thread_local bool in_relayout = false;
 
 struct RelayoutScope {
@@ -149,7 +150,8 @@ ChoiceKey choice_key(int64_t phase, const Geometry& g, const std::vector<Block>&
                 kernel_format(x) == at::MemoryFormat::ChannelsLast,
                 at::get_num_threads(),
                 avx512_enabled(),
-                pointwise_gemm_enabled()};
+                pointwise_gemm_enabled(),
+                in_relayout};
   TORCH_INTERNAL_ASSERT(key.size() == kChoiceFields);
   for (const Block& b : blocks) key.insert(key.end(), {b.s, b.i0, b.i1, b.o0, b.o1});
   return key;
@@ -171,8 +173,9 @@ std::string choice_words(int64_t phase, const Geometry& g, const std::vector<Blo
   words << " " << g.kh << "x" << g.kw << " stride " << g.sh << "x" << g.sw << " padding " << g.ph << "x" << g.pw
         << " dilation " << g.dh << "x" << g.dw << ", x [" << (g.shared ? g.B : g.S * g.B) << ", " << g.C_in << ", "
         << g.H << ", " << g.W << "] " << x.scalar_type()
-        << (kernel_format(x) == at::MemoryFormat::ChannelsLast ? " channels_last" : " NCHW") << " -> " << g.C_out
-        << " channels, " << g.S << " switches, blocks";
+        << (kernel_format(x) == at::MemoryFormat::ChannelsLast ? " channels_last" : " NCHW")
+        << (in_relayout ? " (relayout's copies)" : "") << " -> " << g.C_out << " channels, " << g.S
+        << " switches, blocks";
   for (const Block& b : blocks) words << " " << b.s << ":" << b.i0 << "-" << b.i1 << ">" << b.o0 << "-" << b.o1;
   words << ", " << at::get_num_threads() << " threads; native = " << rule;
   return words.str();

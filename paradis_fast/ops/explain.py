@@ -52,11 +52,14 @@ def explain(
     shape = window + f"x [{x.shape[0]}, {x.shape[1]}, {x.shape[2]}, {x.shape[3]}]"
     layer = f"-> {weight.shape[0]} channels, {len(switch_set)} switches, blocks {blocks},"
     lines = [line for line in _C.sliced_conv2d_decisions() if shape in line and layer in line]
-    given = "channels_last" if layout.memory_format(x) == torch.channels_last else "NCHW"
+    given, other = (
+        ("channels_last", "NCHW") if layout.memory_format(x) == torch.channels_last else ("NCHW", "channels_last")
+    )
     shown = []
     for phase in (" for forward", " for backward"):
         here = [line for line in lines if phase in line]
         first = [line for line in here if f" {given} ->" in line]
         # the copies' own choice, where the layer runs on copies in the other layout
-        shown += first + ([line for line in here if line not in first] if first[0].startswith("relayout") else [])
+        copies = [line for line in here if f" {other} (relayout's copies) ->" in line]
+        shown += first + (copies if first[0].startswith("relayout") else [])
     return "\n".join([f"{OP}: cpu backend", *(f"  {line}" for line in shown)])
