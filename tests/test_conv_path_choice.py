@@ -69,6 +69,34 @@ def test_forced_path_runs_and_is_reported(monkeypatch, path, dense_calls):
     assert f"  {path} (forced by PARADIS_CPU_CONV_PATH) for forward" in explain(x, weight, SWITCHES, 1, 1)
 
 
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 2, 1), (2, 1, 1), (1, 3, 2)])
+def test_unfolded_path_is_one_gemm_per_block_and_right(monkeypatch, stride, padding, dilation):
+    """Small NCHW images: the layer as products with the unfolded weight, one GEMM per block in
+    the forward (every block of the 3 switches: 1 + 3 + 3), no convolution, and the oracle's
+    numbers (float64) for y and every gradient."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "unfolded")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 14, 5, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(10, 14, 5, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(10, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    with torch.profiler.profile() as prof:
+        y = sliced_conv2d(*leaves[:2], leaves[2], SWITCHES, stride, padding, dilation)
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::addmm") == 7 and "aten::convolution" not in names
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y)
+    expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    with use_backend("reference"):
+        y_ref = sliced_conv2d(*expected[:2], expected[2], SWITCHES, stride, padding, dilation)
+    y_ref.backward(grad_y)
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(leaves, expected):
+        torch.testing.assert_close(got.grad, want.grad)
+    report = explain(x, weight, SWITCHES, stride, padding, dilation, bias)
+    assert report.count("  unfolded (forced by PARADIS_CPU_CONV_PATH) for") == 2
+
+
 def test_input_shared_stem_has_one_path(monkeypatch):
     monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "masked")
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)

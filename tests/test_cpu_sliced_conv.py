@@ -84,10 +84,15 @@ LARGE_CASES = {
     # one-channel groups (16 sub-networks of 16 channels): the kernels' depthwise case
     "3x3-narrow-1-channel-groups": case(["16x0.0625", "1x1.0"], 16, 16, 3, (9, 29), batch=2, seed=5),
     "3x3-narrow-1-channel-stride2": case(["16x0.0625"], 16, 16, 3, (10, 7), stride=2, bias=False, seed=6),
+    # kernels as large as the image: the unfolded weight's GEMMs (NCHW, f32 and f64) are a candidate
+    "5x5-small-image": case(["1x1.0", "0.5+0.25+0.25", "8x0.125"], 17, 19, 5, (4, 5), batch=3, seed=11),
+    "5x5-small-image-pad1": case(["0.3+0.7", "1x0.5"], 9, 14, 5, (6, 3), padding=1, batch=2, seed=12),
+    "3x3-small-stride2-dilated": case(["3x1/3", "1x1.0"], 13, 11, 3, (5, 6), stride=2, dilation=2, padding=2, seed=13),
+    "1x1-two-by-two": case(["4x0.25", "0.5+0.25+0.25"], 9, 13, 1, (2, 2), batch=2, bias=False, seed=14),
 }
 
 
-@pytest.mark.parametrize("path", ["auto", "native", "masked", "grouped", "relayout"])
+@pytest.mark.parametrize("path", ["auto", "native", "masked", "grouped", "unfolded", "relayout"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(LARGE_CASES))

@@ -54,10 +54,12 @@ using sliced_detail::zero_uncovered;
 using sliced_detail::backward_gemms;
 using sliced_detail::backward_grouped;
 using sliced_detail::backward_masked;
+using sliced_detail::backward_unfolded;
 using sliced_detail::backward_units;
 using sliced_detail::forward_gemms;
 using sliced_detail::forward_grouped;
 using sliced_detail::forward_masked;
+using sliced_detail::forward_unfolded;
 using sliced_detail::forward_units;
 using sliced_detail::gathered_pointwise;
 using sliced_detail::on_grid;
@@ -65,16 +67,18 @@ using sliced_detail::runs_as_gemms;
 using sliced_detail::runs_on_blas;
 using sliced_detail::runs_on_pointwise_gemm;
 using sliced_detail::shared_backward;
+using sliced_detail::unfolds;
 
 // The paths a layer may run on: "native" (the fixed rules above: the package's GEMM and narrow-group
 // kernels, BLAS, oneDNN's units), "masked", "grouped" (the masked path as one grouped convolution
-// over the switches), and "relayout": x and grad_y copied to the other memory format (NCHW <->
+// over the switches), "unfolded" (small NCHW images: the product with the unfolded weight, one GEMM
+// per block), and "relayout": x and grad_y copied to the other memory format (NCHW <->
 // channels_last) and the op called on the copies, choosing again there between the others, the
 // results copied back -- most of the fast paths are channels_last, and oneDNN's channels_last
 // kernels have slow cases NCHW has not (kernels larger than the image); measured_choice.h picks
 // per shape.
-enum Path : size_t { kNative = 0, kMasked = 1, kGrouped = 2, kRelayout = 3 };
-const std::vector<std::string> kPathNames{"native", "masked", "grouped", "relayout"};
+enum Path : size_t { kNative = 0, kMasked = 1, kGrouped = 2, kUnfolded = 3, kRelayout = 4 };
+const std::vector<std::string> kPathNames{"native", "masked", "grouped", "unfolded", "relayout"};
 
 constexpr size_t kChoiceFields = 22;  // the numbers of choice_key before its block table
 
@@ -104,6 +108,7 @@ at::MemoryFormat other_format(const Tensor& x) {
 std::vector<Path> candidates(const Tensor& x, const Geometry& g) {
   std::vector<Path> paths{kNative, kMasked};
   if (g.S > 1 && !sliced_detail::onednn_pointwise_hazard(g, x)) paths.push_back(kGrouped);
+  if (unfolds(g, x)) paths.push_back(kUnfolded);
   if (!in_relayout && x.size(2) * x.size(3) > 1) paths.push_back(kRelayout);
   return paths;
 }
@@ -273,7 +278,9 @@ Tensor sliced_conv2d_forward_cpu(const Tensor& x, const Tensor& weight, const st
       return y;
     }
     zero_uncovered(y, g, blocks, false);
-    if (compact || runs_as_gemms(run_g, run_x))
+    if (path == kUnfolded)
+      forward_unfolded(run_x, wc, bc, y, run_g, blocks);
+    else if (compact || runs_as_gemms(run_g, run_x))
       forward_gemms(run_x, wc, bc, y, run_g, blocks);
     else
       forward_units(run_x, wc, bc, y, run_g, blocks);
@@ -344,6 +351,8 @@ std::tuple<Tensor, Tensor, Tensor> sliced_conv2d_backward_cpu(const Tensor& grad
     if (need_b) grad_b = at::zeros({g.C_out}, wc.options().dtype(accumulation(wc)));
     if (masked)
       (path == kMasked ? backward_masked : backward_grouped)(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
+    else if (path == kUnfolded)
+      backward_unfolded(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
     else if (compact || runs_as_gemms(run_g, run_x))
       backward_gemms(gyc, run_x, wc, run_grad_x, grad_w, grad_b, run_g, blocks);
     else

@@ -31,8 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_backward_cpu(
     const c10::List<bool>& output_mask);
 
 // Each layer shape's path: the CPU op measures its candidate paths on a shape's first forward and
-// first backward call and runs the fastest from then on (PARADIS_CPU_CONV_PATH=native or =masked
-// or =relayout forces one). One line per shape seen in this process, the most recently run first.
+// first backward call and runs the fastest from then on (PARADIS_CPU_CONV_PATH=native, =masked,
+// =grouped, =unfolded or =relayout forces one). One line per shape seen in this process, the most
+// recently run first.
 std::vector<std::string> sliced_conv2d_decisions();
 
 }  // namespace paradis

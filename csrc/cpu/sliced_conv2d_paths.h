@@ -1,6 +1,7 @@
 // The paths of sliced_conv2d's CPU kernel (sliced_conv2d.h) that sliced_conv2d.cpp chooses
 // between, each in its own file: the units (sliced_conv2d_units.cpp), the GEMMs of channels_last
-// 1x1 layers (sliced_conv2d_gemms.cpp) and the masked dense convolutions (sliced_conv2d_masked.cpp).
+// 1x1 layers (sliced_conv2d_gemms.cpp), the masked dense convolutions (sliced_conv2d_masked.cpp)
+// and the unfolded weight's GEMMs of small NCHW images (sliced_conv2d_unfolded.cpp).
 // Internal to the CPU kernels.
 //
 // What they take: x and grad_y the stacked tensors (x a gathered layer's compact image:
@@ -107,6 +108,18 @@ void forward_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Te
 void backward_grouped(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& grad_x,
                       const at::Tensor& grad_weight, const at::Tensor& grad_bias, const Geometry& g,
                       const std::vector<Block>& blocks);
+
+// The unfolded path (sliced_conv2d_unfolded.cpp): each image one row of C_in*H*W values, the layer
+// the product with its unfolded weight [C_out*Ho*Wo, C_in*H*W], one GEMM per block over column
+// ranges of the NCHW tensors, in place. Writes what forward_gemms / backward_gemms write.
+// Whether a layer may run on it: NCHW float32 / float64 x, small images (bounded extra work and
+// unfolded-weight size; the file says which).
+bool unfolds(const Geometry& g, const at::Tensor& x);
+void forward_unfolded(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+                      const Geometry& g, const std::vector<Block>& blocks);
+void backward_unfolded(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& grad_x, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                       const Geometry& g, const std::vector<Block>& blocks);
 
 }  // namespace sliced_detail
 }  // namespace paradis
