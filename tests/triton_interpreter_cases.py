@@ -94,8 +94,9 @@ def test_op_bn_relu6_saturates(triton_backend):
     bn_tests.test_relu6_saturates_and_passes_no_gradient_there(triton_backend)
 
 
-def test_op_bn_running_stats_rows_subset(triton_backend):
-    bn_tests.test_running_stats_rows_subset(triton_backend)
+@pytest.mark.parametrize("rows", [[3, 1], [0, 1]], ids=["any-rows", "leading-rows"])
+def test_op_bn_running_stats_rows_subset(triton_backend, rows):
+    bn_tests.test_running_stats_rows_subset(triton_backend, rows)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -6,6 +6,7 @@ is a few in-place tensor ops here, shared by every backend.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from . import checks, layout, library
 from .backends import backend_for
-from .plan import covered_channels
+from .plan import cached_outside_tracing, covered_channels
 from .reference import accumulation_dtype
 from ..switches import SwitchSetLike
 
@@ -32,25 +33,35 @@ def _(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activati
     return layout.empty(x.shape, x), torch.empty_like(weight), torch.empty_like(bias)
 
 
+@cached_outside_tracing(maxsize=1024)
+def _coverage(covered: tuple[int, ...], channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[S, C], 1 where switch s covers channel c, else 0 (shared: never written)."""
+    return (torch.arange(channels, device=device) < torch.tensor(covered, device=device)[:, None]).to(dtype)
+
+
 @torch.no_grad()
 def update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum) -> None:
     """running = (1 - momentum) * running + momentum * batch (unbiased variance), covered channels only.
 
-    `momentum` is a float or a per-switch tensor (the cumulative average of momentum=None)."""
+    `momentum` is a float or a per-switch tensor (the cumulative average of momentum=None). The
+    kernels return zero statistics for the channels a switch does not cover (every backend does)."""
     num_rows, channels = running_mean.shape
     if isinstance(momentum, Tensor):
         momentum = momentum.to(device=running_mean.device, dtype=running_mean.dtype)
     unbiased = var * (count / max(count - 1, 1))
     tables = ((running_mean, mean.to(running_mean.dtype)), (running_var, unbiased.to(running_var.dtype)))
-    if list(rows) == list(range(num_rows)) and all(c == channels for c in covered):
-        # every row runs, in order, over all its channels (a model training all its switches): the
-        # tables update whole, in place
+    num_switches = len(rows)
+    if list(rows) == list(range(num_switches)):
+        # switch s updates row s (a model training all its switches, or its first ones): the
+        # tables' leading rows update whole, in place, uncovered channels with weight 0 (running +
+        # 0 * (0 - running) is running)
         weight = momentum[:, None] if isinstance(momentum, Tensor) else momentum
+        if any(c != channels for c in covered):
+            weight = _coverage(tuple(covered), channels, running_mean.dtype, running_mean.device) * weight
         for running, batch in tables:
-            running.lerp_(batch, weight)
+            (running if num_switches == num_rows else running[:num_switches]).lerp_(batch, weight)
         return
-    # otherwise each switch's row over its covered channels: one fused update of those slices (no
-    # gathered rows, channel masks or index tensors to build at every call)
+    # otherwise each switch's row over its covered channels: one fused update of those slices
     active = list(enumerate(zip(rows, covered)))
     targets = [running[row, :c] for running, _ in tables for _, (row, c) in active]
     sources = [batch[s, :c] for _, batch in tables for s, (_, c) in active]
@@ -122,7 +133,7 @@ def switch_batch_norm(
             f"the {len(switches)} switches {switches} (rows {rows})"
         )
     batch = checks.batch_divisible(OP, x.shape[0], len(switches))
-    count = batch * x[0, 0].numel()
+    count = batch * math.prod(x.shape[2:])
     if training and count < 2:
         raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
     covered = list(covered_channels(switches, channels))
