@@ -20,6 +20,8 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "layout.h"
@@ -37,19 +39,26 @@ namespace {
 constexpr int64_t kUnfoldMaxWork = 4;
 constexpr int64_t kUnfoldMaxElements = int64_t{1} << 22;
 
-// For output pixel p and input pixel q (p * H*W + q), the kernel tap (kh index * kw + kw index)
-// that joins them, or -1 where none does.
-std::vector<int64_t> tap_table(const Geometry& g) {
-  const int64_t HW = g.H * g.W;
-  std::vector<int64_t> taps(g.Ho * g.Wo * HW, -1);
+// What each output pixel reads: links[first[p]..first[p+1]) are output pixel p's (input pixel,
+// kernel tap) pairs, taps that read padding left out.
+struct Links {
+  std::vector<int64_t> first;
+  std::vector<std::pair<int64_t, int64_t>> links;
+};
+
+Links links_of(const Geometry& g) {
+  Links out;
   for (int64_t oh = 0; oh < g.Ho; ++oh)
-    for (int64_t ow = 0; ow < g.Wo; ++ow)
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      out.first.push_back(static_cast<int64_t>(out.links.size()));
       for (int64_t a = 0; a < g.kh; ++a)
         for (int64_t b = 0; b < g.kw; ++b) {
           const int64_t ih = oh * g.sh - g.ph + a * g.dh, iw = ow * g.sw - g.pw + b * g.dw;
-          if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) taps[(oh * g.Wo + ow) * HW + ih * g.W + iw] = a * g.kw + b;
+          if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) out.links.push_back({ih * g.W + iw, a * g.kw + b});
         }
-  return taps;
+    }
+  out.first.push_back(static_cast<int64_t>(out.links.size()));
+  return out;
 }
 
 // Whether channel pair (o, i) lies in some block (only those entries of the unfolded matrices are
@@ -66,7 +75,7 @@ std::vector<char> in_blocks(const Geometry& g, const std::vector<Block>& blocks)
 // unset: no block reads them).
 Tensor unfolded_weight(const Tensor& weight, const Geometry& g, const std::vector<Block>& blocks) {
   const int64_t P = g.Ho * g.Wo, Q = g.H * g.W, taps_per_pair = g.kh * g.kw;
-  const std::vector<int64_t> taps = tap_table(g);
+  const Links reach = links_of(g);
   const std::vector<char> used = in_blocks(g, blocks);
   Tensor out = at::empty({g.C_out * P, g.C_in * Q}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sliced_conv2d_unfolded_weight", [&] {
@@ -75,12 +84,13 @@ Tensor unfolded_weight(const Tensor& weight, const Geometry& g, const std::vecto
     at::parallel_for(0, g.C_out * P, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t o = row / P, p = row % P;
-        const int64_t* tap = taps.data() + p * Q;
         for (int64_t i = 0; i < g.C_in; ++i) {
           if (!used[o * g.C_in + i]) continue;
           const scalar_t* kernel = w + (o * g.C_in + i) * taps_per_pair;
           scalar_t* dst = m + row * g.C_in * Q + i * Q;
-          for (int64_t q = 0; q < Q; ++q) dst[q] = tap[q] >= 0 ? kernel[tap[q]] : scalar_t(0);
+          std::fill(dst, dst + Q, scalar_t(0));
+          for (int64_t l = reach.first[p]; l < reach.first[p + 1]; ++l)
+            dst[reach.links[l].first] = kernel[reach.links[l].second];
         }
       }
     });
@@ -90,8 +100,7 @@ Tensor unfolded_weight(const Tensor& weight, const Geometry& g, const std::vecto
 
 // Adds the gradient of block b's piece of the unfolded weight ([(o1-o0)*Ho*Wo, (i1-i0)*H*W]) to
 // grad_weight, each tap the sum of its entries.
-void fold_into(const Tensor& grad_weight, const Tensor& piece, const Geometry& g, const Block& b,
-               const std::vector<int64_t>& taps) {
+void fold_into(const Tensor& grad_weight, const Tensor& piece, const Geometry& g, const Block& b, const Links& reach) {
   const int64_t P = g.Ho * g.Wo, Q = g.H * g.W, taps_per_pair = g.kh * g.kw, width = b.i1 - b.i0;
   AT_DISPATCH_FLOATING_TYPES(grad_weight.scalar_type(), "sliced_conv2d_fold", [&] {
     const scalar_t* src = piece.const_data_ptr<scalar_t>();
@@ -102,9 +111,8 @@ void fold_into(const Tensor& grad_weight, const Tensor& piece, const Geometry& g
           scalar_t* kernel = gw + (o * g.C_in + i) * taps_per_pair;
           for (int64_t p = 0; p < P; ++p) {
             const scalar_t* row = src + ((o - b.o0) * P + p) * width * Q + (i - b.i0) * Q;
-            const int64_t* tap = taps.data() + p * Q;
-            for (int64_t q = 0; q < Q; ++q)
-              if (tap[q] >= 0) kernel[tap[q]] += row[q];
+            for (int64_t l = reach.first[p]; l < reach.first[p + 1]; ++l)
+              kernel[reach.links[l].second] += row[reach.links[l].first];
           }
         }
     });
@@ -155,7 +163,7 @@ void backward_unfolded(const Tensor& grad_y, const Tensor& x, const Tensor& weig
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t P = g.Ho * g.Wo, Q = g.H * g.W;
   const Tensor unfolded = grad_x.defined() ? unfolded_weight(weight, g, blocks) : Tensor();
-  const std::vector<int64_t> taps = grad_weight.defined() ? tap_table(g) : std::vector<int64_t>();
+  const Links reach = grad_weight.defined() ? links_of(g) : Links();
   for (const Block& b : blocks) {
     const Tensor gy = block_columns(grad_y, g, b.y0, b.o0, b.o1, P);
     if (grad_x.defined()) {
@@ -163,7 +171,7 @@ void backward_unfolded(const Tensor& grad_y, const Tensor& x, const Tensor& weig
       at::mm_out(out, gy, block_piece(unfolded, g, b));
     }
     if (grad_weight.defined())
-      fold_into(grad_weight, at::mm(gy.t(), block_columns(x, g, b.x0, b.i0, b.i1, Q)), g, b, taps);
+      fold_into(grad_weight, at::mm(gy.t(), block_columns(x, g, b.x0, b.i0, b.i1, Q)), g, b, reach);
     if (grad_bias.defined()) grad_bias.narrow(0, b.o0, b.o1 - b.o0).add_(gy.reshape({g.B, b.o1 - b.o0, P}).sum({0, 2}));
   }
 }
