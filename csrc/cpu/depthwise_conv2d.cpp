@@ -11,6 +11,7 @@
 
 #include "layout.h"
 #include "cpu/isa.h"
+#include "cpu/parallel_grain.h"
 #include "cpu/narrow_group_conv.h"
 
 #include <algorithm>
@@ -101,7 +102,8 @@ Tensor depthwise_grad_weight(const Tensor& grad_y, const Tensor& x, IntArrayRef 
     using acc_t = at::opmath_type<scalar_t>;
     const Image<scalar_t> gy_image(grad_y), x_image(x);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, taps * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t work = taps * grad_y.numel();  // multiply-adds
+    at::parallel_for(0, taps * blocks, grain_for(taps * blocks, work), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t tap = item % taps, c0 = item / taps * kBlock, width = std::min(kBlock, C - c0);
         on_isa(grad_weight_tap<scalar_t, acc_t>(gy_image, x_image, k, tap, c0, width, o));
@@ -136,7 +138,8 @@ Tensor depthwise_grad_input(const Tensor& grad_y, const Tensor& weight, IntArray
     const std::vector<acc_t> w = packed_taps<scalar_t, acc_t>(weight, blocks);
     const Image<scalar_t> gy_image(grad_y);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t work = taps * out.numel();
+    at::parallel_for(0, B * H * blocks, grain_for(B * H * blocks, work), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t block = item % blocks, row = item / blocks, c0 = block * kBlock;
         on_isa(grad_input_row<scalar_t, acc_t>(gy_image, k, w.data() + block * taps * kBlock, row / H, row % H, c0,
@@ -164,7 +167,8 @@ Tensor depthwise_forward(const Tensor& x, const Tensor& weight, const std::optio
     }
     const Image<scalar_t> x_image(x);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * Ho * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t work = taps * out.numel();
+    at::parallel_for(0, B * Ho * blocks, grain_for(B * Ho * blocks, work), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t block = item % blocks, row = item / blocks, c0 = block * kBlock;
         on_isa(forward_row<scalar_t, acc_t>(x_image, k, w.data() + block * taps * kBlock, b.data() + c0, row / Ho,

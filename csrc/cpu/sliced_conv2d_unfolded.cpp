@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/parallel_grain.h"
 #include "layout.h"
 
 namespace paradis {
@@ -81,7 +82,7 @@ Tensor unfolded_weight(const Tensor& weight, const Geometry& g, const std::vecto
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sliced_conv2d_unfolded_weight", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* m = out.data_ptr<scalar_t>();
-    at::parallel_for(0, g.C_out * P, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.C_out * P, grain_for(g.C_out * P, out.numel()), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t o = row / P, p = row % P;
         for (int64_t i = 0; i < g.C_in; ++i) {
@@ -105,7 +106,8 @@ void fold_into(const Tensor& grad_weight, const Tensor& piece, const Geometry& g
   AT_DISPATCH_FLOATING_TYPES(grad_weight.scalar_type(), "sliced_conv2d_fold", [&] {
     const scalar_t* src = piece.const_data_ptr<scalar_t>();
     scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-    at::parallel_for(b.o0, b.o1, 1, [&](int64_t begin, int64_t end) {
+    const int64_t work = (b.o1 - b.o0) * width * static_cast<int64_t>(reach.links.size());
+    at::parallel_for(b.o0, b.o1, grain_for(b.o1 - b.o0, work), [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o)
         for (int64_t i = b.i0; i < b.i1; ++i) {
           scalar_t* kernel = gw + (o * g.C_in + i) * taps_per_pair;

@@ -13,6 +13,7 @@
 
 #include "activation.h"
 #include "cpu/isa.h"
+#include "cpu/parallel_grain.h"
 #include "switch_batch_norm_checks.h"
 #include "layout.h"
 
@@ -42,8 +43,6 @@ using at::Tensor;
 // AVX-512) on the BatchNorm layers of bench/suites.py.
 // Values staged per step: a few piece buffers of the accumulation type stay in L1.
 constexpr int64_t kPiece = 1024;
-// Values of work per parallel task, as ATen's GRAIN_SIZE.
-constexpr int64_t kGrainWork = 32768;
 // Independent partial sums per reduction: without -ffast-math the compiler cannot reorder one
 // running sum, but it vectorizes independent lanes.
 constexpr int kLanes = 16;
@@ -65,6 +64,7 @@ struct Geometry {
 struct RowChunks {
   std::vector<int64_t> switch_of, begin, end;  // per chunk: its switch and rows [begin, end)
   std::vector<int64_t> first;                  // switch s has chunks [first[s], first[s + 1])
+  int64_t work = 0;                            // values in all chunks (rows times covered channels)
   int64_t count() const { return first.back(); }
 };
 
@@ -77,6 +77,7 @@ RowChunks row_chunks(const Geometry& g, IntArrayRef covered) {
       ch.switch_of.push_back(s);
       ch.begin.push_back(r);
       ch.end.push_back(std::min(g.rows(), r + size));
+      ch.work += (ch.end.back() - r) * covered[s];
     }
     ch.first.push_back(static_cast<int64_t>(ch.begin.size()));
   }
