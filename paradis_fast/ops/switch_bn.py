@@ -34,9 +34,12 @@ def _(grad_y, x, weight, bias, mean, var, covered, rows, training, eps, activati
 
 
 @cached_outside_tracing(maxsize=1024)
-def _coverage(covered: tuple[int, ...], channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[S, C], 1 where switch s covers channel c, else 0 (shared: never written)."""
-    return (torch.arange(channels, device=device) < torch.tensor(covered, device=device)[:, None]).to(dtype)
+def _coverage(
+    covered: tuple[int, ...], channels: int, scale: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """[S, C], ``scale`` where switch s covers channel c, else 0 (shared: never written)."""
+    covers = torch.arange(channels, device=device) < torch.tensor(covered, device=device)[:, None]
+    return covers.to(dtype) * scale
 
 
 @torch.no_grad()
@@ -44,24 +47,42 @@ def update_running_stats(running_mean, running_var, mean, var, covered, rows, co
     """running = (1 - momentum) * running + momentum * batch (unbiased variance), covered channels only.
 
     `momentum` is a float or a per-switch tensor (the cumulative average of momentum=None). The
-    kernels return zero statistics for the channels a switch does not cover (every backend does)."""
+    kernels return zero statistics for the channels a switch does not cover (every backend does).
+    Few tensor ops, none with a Python number as a tensor operand (each costs a scalar tensor's
+    conversion): on small layers the update took as long as the kernel."""
     num_rows, channels = running_mean.shape
+    dtype, device = running_mean.dtype, running_mean.device
     if isinstance(momentum, Tensor):
-        momentum = momentum.to(device=running_mean.device, dtype=running_mean.dtype)
-    unbiased = var * (count / max(count - 1, 1))
-    tables = ((running_mean, mean.to(running_mean.dtype)), (running_var, unbiased.to(running_var.dtype)))
+        momentum = momentum.to(device=device, dtype=dtype)
+    mean, var = (t if t.dtype == dtype else t.to(dtype) for t in (mean, var))
+    bessel = count / max(count - 1, 1)  # the unbiased variance is var * bessel
     num_switches = len(rows)
     if list(rows) == list(range(num_switches)):
         # switch s updates row s (a model training all its switches, or its first ones): the
         # tables' leading rows update whole, in place, uncovered channels with weight 0 (running +
-        # 0 * (0 - running) is running)
-        weight = momentum[:, None] if isinstance(momentum, Tensor) else momentum
-        if any(c != channels for c in covered):
-            weight = _coverage(tuple(covered), channels, running_mean.dtype, running_mean.device) * weight
-        for running, batch in tables:
-            (running if num_switches == num_rows else running[:num_switches]).lerp_(batch, weight)
+        # 0 * (0 - running) is running); the variance as lerp(var) + weight * (bessel - 1) * var
+        partly = any(c != channels for c in covered)
+        if isinstance(momentum, Tensor):
+            weight = momentum[:, None]
+            if partly:
+                weight = _coverage(tuple(covered), channels, 1.0, dtype, device) * weight
+        else:
+            weight = _coverage(tuple(covered), channels, momentum, dtype, device) if partly else momentum
+        rm, rv = (
+            (running_mean, running_var)
+            if num_switches == num_rows
+            else (t[:num_switches] for t in (running_mean, running_var))
+        )
+        rm.lerp_(mean, weight)
+        rv.lerp_(var, weight)
+        if isinstance(weight, Tensor):
+            rv.addcmul_(weight, var, value=bessel - 1)
+        else:
+            rv.add_(var, alpha=weight * (bessel - 1))
         return
     # otherwise each switch's row over its covered channels: one fused update of those slices
+    unbiased = var * bessel
+    tables = ((running_mean, mean), (running_var, unbiased))
     active = list(enumerate(zip(rows, covered)))
     targets = [running[row, :c] for running, _ in tables for _, (row, c) in active]
     sources = [batch[s, :c] for _, batch in tables for s, (_, c) in active]
