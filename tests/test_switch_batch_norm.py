@@ -16,7 +16,7 @@ import torch
 
 from paradis_fast import SwitchSet
 from paradis_fast.nn import SwitchBatchNorm2d
-from paradis_fast.ops import switch_batch_norm, use_backend
+from paradis_fast.ops import switch_batch_norm, switch_bn, use_backend
 from paradis_fast.ops.plan import covered_channels
 
 from conftest import BN_BACKENDS, BN_CASES
@@ -421,6 +421,29 @@ def test_bad_inputs_raise_clear_errors(mutate, kwargs, error, message):
     kwargs = dict(dict(switches=["2x0.5", "1x1.0"], training=True), **kwargs)
     with pytest.raises(error, match=message):
         switch_batch_norm(*args, **kwargs)
+
+
+def test_checks_run_once_per_call_signature(monkeypatch):
+    """A repeated call reuses its checks; a call differing in anything they read is checked anew,
+    so bad input still gets its error after good calls of the same layer."""
+    calls = []
+    original = switch_bn._check
+    monkeypatch.setattr(switch_bn, "_CHECKED", switch_bn.checks.CheckedCalls(maxsize=1))
+    monkeypatch.setattr(switch_bn, "_check", lambda *args: calls.append(1) or original(*args))
+    x, weight, bias, rm, rv = _good()
+    switches = SwitchSet.of(["2x0.5", "1x1.0"])
+    for _ in range(3):
+        switch_batch_norm(x, weight, bias, rm, rv, switches, True)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"rows \[1, 1\]"):
+        switch_batch_norm(x, weight, bias, rm, rv, switches, True, rows=[1, 1])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        switch_batch_norm(x[:2, :, :1, :1], weight, bias, rm, rv, switches, True)
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        switch_batch_norm(x, weight, bias.double(), rm, rv, switches, True)
+    switch_batch_norm(x.double(), weight.double(), bias.double(), rm.double(), rv.double(), switches, False)
+    switch_batch_norm(x, weight, bias, rm, rv, switches, True)  # evicted by the float64 call (maxsize 1)
+    assert len(calls) == 6
 
 
 def test_one_value_per_channel_is_fine_in_eval():

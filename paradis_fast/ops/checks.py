@@ -72,3 +72,31 @@ def batch_divisible(op: str, rows: int, num_switches: int) -> int:
             "(activations are stacked switch-major: [S*B, C, ...])"
         )
     return rows // num_switches
+
+
+class CheckedCalls:
+    """What an op's argument checks derived, per call signature (everything the checks read:
+    shapes, dtypes, devices, switches, options). A layer calls its op with one signature step
+    after step, and the checks -- tens of attribute reads and comparisons in Python -- took as
+    long as a small layer's kernel. A signature of None (a traced call, one not hashable) is
+    never stored. Bounded: the oldest signature leaves first."""
+
+    def __init__(self, maxsize: int = 1024):
+        self._calls: dict = {}
+        self._maxsize = maxsize
+
+    def get(self, signature):
+        return None if signature is None else self._calls.get(signature)
+
+    def put(self, signature, checked) -> None:
+        if signature is None:
+            return
+        if len(self._calls) >= self._maxsize:
+            del self._calls[next(iter(self._calls))]
+        self._calls[signature] = checked
+
+
+def tensor_signature(*values: torch.Tensor | None) -> tuple:
+    """(shape, dtype, device) of each tensor, None for None; the part of a call signature the
+    tensor checks read. Raises AttributeError for a value that is not a tensor."""
+    return tuple(None if v is None else (v.shape, v.dtype, v.device) for v in values)

@@ -92,6 +92,66 @@ def update_running_stats(running_mean, running_var, mean, var, covered, rows, co
         torch._foreach_lerp_(targets, sources, momentum)
 
 
+_CHECKED = checks.CheckedCalls()
+
+
+def _signature(x, weight, bias, running_mean, running_var, switches, training, activation, rows, residual):
+    """Everything `_check` reads, hashable; None where the checks must run (a traced call, a
+    residual whose dtype the active autocast may reconcile with x's, arguments not tensors)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        if residual is not None and residual.dtype != x.dtype:
+            return None
+        tensors = checks.tensor_signature(x, weight, bias, running_mean, running_var, residual)
+        return switches, training, activation, None if rows is None else tuple(rows), tensors
+    except (AttributeError, TypeError):
+        return None
+
+
+def _check(x, weight, bias, running_mean, running_var, switches, training, activation, rows, residual):
+    """Validates a call; returns what the op takes from it: (covered, rows, count, activation)."""
+    checks.tensors(
+        OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var, residual=residual
+    )
+    if residual is not None and (
+        residual.shape != x.shape or (residual.dtype != x.dtype and not checks.autocast_unifies(x, residual))
+    ):
+        raise ValueError(
+            f"{OP}: residual must have x's shape and dtype {tuple(x.shape)} {x.dtype}, "
+            f"got {tuple(residual.shape)} {residual.dtype}"
+        )
+    checks.rank(OP, "x", x, range(2, 9), "[S*B, C, ...] (at least 2-D)")
+    activation = "none" if activation is None else activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: unknown activation {activation!r}; choose None, 'relu' or 'relu6'")
+    params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    checks.same_dtype(OP, **params)
+    if weight.dtype != x.dtype and weight.dtype != torch.float32:
+        raise TypeError(
+            f"{OP}: mixed dtypes (x {x.dtype}, parameters {weight.dtype}); parameters must be float32 or x's dtype"
+        )
+    rows = tuple(range(len(switches))) if rows is None else tuple(int(r) for r in rows)
+    channels = x.shape[1]
+    for name, value in params.items():
+        checks.rank(OP, name, value, 2, "[S, C]")
+        if value.shape[1] != channels:
+            raise ValueError(f"{OP}: {name} has {value.shape[1]} channels, x has {channels} (channel mismatch)")
+        if value.shape[0] != weight.shape[0]:
+            raise ValueError(f"{OP}: {name} has {value.shape[0]} switch rows, weight has {weight.shape[0]}")
+    if len(rows) != len(switches) or len(set(rows)) != len(rows) or not all(0 <= r < weight.shape[0] for r in rows):
+        raise ValueError(
+            f"{OP}: parameters have {weight.shape[0]} switch rows, which does not fit "
+            f"the {len(switches)} switches {switches} (rows {list(rows)})"
+        )
+    batch = checks.batch_divisible(OP, x.shape[0], len(switches))
+    count = batch * math.prod(x.shape[2:])
+    if training and count < 2:
+        raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
+    covered = covered_channels(switches, channels)
+    return covered, rows, count, activation
+
+
 def switch_batch_norm(
     x: Tensor,
     weight: Tensor,
@@ -120,44 +180,12 @@ def switch_batch_norm(
     dtype is promoted with x to the wider one.
     """
     switches = checks.switch_set(switches)
-    checks.tensors(
-        OP, x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var, residual=residual
-    )
-    if residual is not None and (
-        residual.shape != x.shape or (residual.dtype != x.dtype and not checks.autocast_unifies(x, residual))
-    ):
-        raise ValueError(
-            f"{OP}: residual must have x's shape and dtype {tuple(x.shape)} {x.dtype}, "
-            f"got {tuple(residual.shape)} {residual.dtype}"
-        )
-    checks.rank(OP, "x", x, range(2, 9), "[S*B, C, ...] (at least 2-D)")
-    activation = "none" if activation is None else activation
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{OP}: unknown activation {activation!r}; choose None, 'relu' or 'relu6'")
-    params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    checks.same_dtype(OP, **params)
-    if weight.dtype != x.dtype and weight.dtype != torch.float32:
-        raise TypeError(
-            f"{OP}: mixed dtypes (x {x.dtype}, parameters {weight.dtype}); parameters must be float32 or x's dtype"
-        )
-    rows = list(range(len(switches))) if rows is None else [int(r) for r in rows]
-    channels = x.shape[1]
-    for name, value in params.items():
-        checks.rank(OP, name, value, 2, "[S, C]")
-        if value.shape[1] != channels:
-            raise ValueError(f"{OP}: {name} has {value.shape[1]} channels, x has {channels} (channel mismatch)")
-        if value.shape[0] != weight.shape[0]:
-            raise ValueError(f"{OP}: {name} has {value.shape[0]} switch rows, weight has {weight.shape[0]}")
-    if len(rows) != len(switches) or len(set(rows)) != len(rows) or not all(0 <= r < weight.shape[0] for r in rows):
-        raise ValueError(
-            f"{OP}: parameters have {weight.shape[0]} switch rows, which does not fit "
-            f"the {len(switches)} switches {switches} (rows {rows})"
-        )
-    batch = checks.batch_divisible(OP, x.shape[0], len(switches))
-    count = batch * math.prod(x.shape[2:])
-    if training and count < 2:
-        raise ValueError(f"{OP}: training needs more than 1 value per channel and switch, got {count}")
-    covered = list(covered_channels(switches, channels))
+    signature = _signature(x, weight, bias, running_mean, running_var, switches, training, activation, rows, residual)
+    checked = _CHECKED.get(signature)
+    if checked is None:
+        checked = _check(x, weight, bias, running_mean, running_var, switches, training, activation, rows, residual)
+        _CHECKED.put(signature, checked)
+    covered, rows, count, activation = checked
     op = backend_for(OP, x.device).function(OP)
     y, mean, var = op(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual)
     if training:
