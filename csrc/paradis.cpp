@@ -31,6 +31,12 @@ TORCH_LIBRARY(paradis, m) {
       "switch_batch_norm(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
       "int[] covered, int[] rows, bool training, float eps, str activation, Tensor? residual=None) "
       "-> (Tensor, Tensor, Tensor)");
+  // The running-statistics update of a training call, in place: row rows[s] moves towards switch
+  // s's batch statistics (the variance unbiased over `count` values) by its momentum, over its
+  // covered[s] channels; momentum_per_switch (one per switch) replaces momentum when given.
+  m.def(
+      "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "int[] covered, int[] rows, int count, float momentum, Tensor? momentum_per_switch=None) -> ()");
   m.def(
       "switch_batch_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
       "Tensor var, int[] covered, int[] rows, bool training, float eps, str activation) "

@@ -16,7 +16,7 @@ import torch
 
 from paradis_fast import SwitchSet
 from paradis_fast.nn import SwitchBatchNorm2d
-from paradis_fast.ops import switch_batch_norm, switch_bn, use_backend
+from paradis_fast.ops import library, switch_batch_norm, switch_bn, use_backend
 from paradis_fast.ops.plan import covered_channels
 
 from conftest import BN_BACKENDS, BN_CASES
@@ -178,8 +178,19 @@ def test_float32_parameters_with_other_input_dtype(bn_backend, x_dtype, tol):
 
 
 # ------------------------------------------------------------------------ running statistics
+@pytest.fixture(params=["kernel", "tensor-ops"])
+def stats_update(request, monkeypatch):
+    """Each way the running statistics update: the library's kernel of the device (where it has
+    one) and the tensor ops every other device runs."""
+    if request.param == "tensor-ops":
+        monkeypatch.setattr(switch_bn, "update_running_stats", switch_bn.update_running_stats_with_tensor_ops)
+    elif not library.has_kernel(switch_bn.UPDATE, "cpu"):
+        pytest.skip(f"no CPU kernel for paradis::{switch_bn.UPDATE}: {library.load_error()}")
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [[3, 1], [0, 1]], ids=["any-rows", "leading-rows"])
-def test_running_stats_rows_subset(bn_backend, rows):
+def test_running_stats_rows_subset(bn_backend, stats_update, rows):
     """Two of five parameter rows run (rows=[3, 1], or the leading [0, 1], updated as whole rows with
     a weight of 0 on the uncovered channels); the other rows and uncovered channels stay bit-identical."""
     g = torch.Generator().manual_seed(10)
@@ -217,7 +228,7 @@ def test_eval_leaves_running_stats_untouched(bn_backend):
     assert not torch.equal(y, y2)
 
 
-def test_momentum_per_switch_tensor(bn_backend):
+def test_momentum_per_switch_tensor(bn_backend, stats_update):
     g = torch.Generator().manual_seed(12)
     switches, channels = ["2x0.5", "1x1.0", "1x0.5"], 7
     x = torch.randn(3 * 2, channels, 3, 3, generator=g)
@@ -232,6 +243,60 @@ def test_momentum_per_switch_tensor(bn_backend):
         torch.testing.assert_close(rm[s, :c].double(), (1 - m) * rm0[s, :c].double() + m * mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rv[s, :c].double(), (1 - m) * rv0[s, :c].double() + m * var, rtol=1e-5, atol=1e-6)
         assert torch.equal(rm[s, c:], rm0[s, c:]) and torch.equal(rv[s, c:], rv0[s, c:])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_update_kernel_matches_tensor_ops(seed):
+    """paradis::update_running_stats_ against the tensor ops, on random row maps, coverage (narrow
+    and unequal switch sets), momenta (one, or one per switch) and table dtypes."""
+    if not library.has_kernel(switch_bn.UPDATE, "cpu"):
+        pytest.skip("the CPU kernels are not built")
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    channels, total_rows = rng.randint(1, 40), rng.randint(1, 6)
+    num_switches = rng.randint(1, total_rows)
+    rows = rng.sample(range(total_rows), num_switches) if seed % 2 else list(range(num_switches))
+    covered = [rng.randint(1, channels) for _ in range(num_switches)]
+    dtype = (torch.float32, torch.float64, torch.bfloat16)[seed % 3]
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    mean = torch.randn(num_switches, channels, generator=g, dtype=stats_dtype)
+    var = torch.rand(num_switches, channels, generator=g, dtype=stats_dtype) + 0.1
+    for s, c in enumerate(covered):  # the kernels' statistics are zero where a switch does not read
+        mean[s, c:] = var[s, c:] = 0
+    momentum = torch.rand(num_switches, generator=g) if seed % 3 == 1 else rng.uniform(0.05, 0.9)
+    tables = [torch.randn(total_rows, channels, generator=g).to(dtype), torch.rand(total_rows, channels, generator=g)]
+    tables[1] = (tables[1] + 0.5).to(dtype)
+    count = rng.randint(2, 50)
+    original = [t.clone() for t in tables]
+    expected = [t.clone() for t in tables]
+    switch_bn.update_running_stats_with_tensor_ops(*expected, mean, var, covered, rows, count, momentum)
+    switch_bn.update_running_stats(*tables, mean, var, covered, rows, count, momentum)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    read = torch.zeros(total_rows, channels, dtype=torch.bool)
+    for r, c in zip(rows, covered):
+        read[r, :c] = True
+    for got, want, before in zip(tables, expected, original):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        assert torch.equal(got[~read], before[~read]), "an entry no switch reads changed"
+        assert not torch.equal(got[read], before[read])
+
+
+def test_update_kernel_rejects_bad_tables():
+    if not library.has_kernel(switch_bn.UPDATE, "cpu"):
+        pytest.skip("the CPU kernels are not built")
+    update = library.op(switch_bn.UPDATE)
+    rm, rv, mean, var = torch.zeros(3, 5), torch.ones(3, 5), torch.zeros(2, 5), torch.ones(2, 5)
+    with pytest.raises(RuntimeError, match=r"covers 6 channels of row 1, outside the \[3, 5\] tables"):
+        update(rm, rv, mean, var, [5, 6], [0, 1], 4, 0.1, None)
+    with pytest.raises(RuntimeError, match=r"covers 5 channels of row 3"):
+        update(rm, rv, mean, var, [5, 5], [0, 3], 4, 0.1, None)
+    with pytest.raises(RuntimeError, match="momentum_per_switch must hold 2 values"):
+        update(rm, rv, mean, var, [5, 5], [0, 1], 4, 0.1, torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"mean must have shape \[2, 5\]"):
+        update(rm, rv, mean[:1], var, [5, 5], [0, 1], 4, 0.1, None)
+    with pytest.raises(RuntimeError, match="tables of one dtype"):
+        update(rm, rv.double(), mean, var, [5, 5], [0, 1], 4, 0.1, None)
+    torch.library.opcheck(update, (rm, rv, mean + 1, var, [5, 3], [2, 0], 4, 0.1, torch.tensor([0.2, 0.7])))
 
 
 # -------------------------------------------------------------------------- autograd machinery

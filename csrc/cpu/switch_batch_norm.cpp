@@ -286,7 +286,61 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(const Tensor& 
   return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
+void update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                              const Tensor& var, IntArrayRef covered, IntArrayRef rows, int64_t count, double momentum,
+                              const std::optional<Tensor>& momentum_per_switch) {
+  const int64_t S = static_cast<int64_t>(covered.size());
+  TORCH_CHECK(S > 0 && static_cast<int64_t>(rows.size()) == S, "update_running_stats_: covered and rows must list ",
+              "the same switches, got ", covered.size(), " and ", rows.size());
+  TORCH_CHECK(running_mean.dim() == 2 && running_var.scalar_type() == running_mean.scalar_type(),
+              "update_running_stats_: running_mean and running_var must be [S_total, C] tables of one dtype, got ",
+              running_mean.sizes(), " ", running_mean.scalar_type(), " and ", running_var.sizes(), " ",
+              running_var.scalar_type());
+  check_table(running_var, "running_var", running_mean, running_mean.size(0));
+  check_table(mean, "mean", running_mean, S);
+  check_table(var, "var", running_mean, S);
+  TORCH_CHECK(running_mean.device().is_cpu(), "update_running_stats_: tensors must be on the CPU, got ",
+              running_mean.device());
+  TORCH_CHECK(count >= 1, "update_running_stats_: count must be positive, got ", count);
+  std::vector<double> weights(S, momentum);
+  if (momentum_per_switch.has_value() && momentum_per_switch->defined()) {
+    TORCH_CHECK(momentum_per_switch->numel() == S, "update_running_stats_: momentum_per_switch must hold ", S,
+                " values (one per switch), got ", momentum_per_switch->numel());
+    const Tensor w = momentum_per_switch->to(at::kCPU, at::kDouble).contiguous();
+    std::copy_n(w.const_data_ptr<double>(), S, weights.begin());
+  }
+  const int64_t C = running_mean.size(1);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(covered[s] >= 0 && covered[s] <= C && rows[s] >= 0 && rows[s] < running_mean.size(0),
+                "update_running_stats_: switch ", s, " covers ", covered[s], " channels of row ", rows[s],
+                ", outside the [", running_mean.size(0), ", ", C, "] tables");
+  }
+  const double bessel = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  const Tensor m = mean.to(running_mean.scalar_type()).contiguous();
+  const Tensor v = var.to(running_mean.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "update_running_stats_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* const rm = running_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* const rv = running_var.mutable_data_ptr<scalar_t>();
+    const int64_t rm_row = running_mean.stride(0), rm_col = running_mean.stride(1);
+    const int64_t rv_row = running_var.stride(0), rv_col = running_var.stride(1);
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t w = static_cast<acc_t>(weights[s]);
+      const scalar_t* const batch_mean = m.const_data_ptr<scalar_t>() + s * C;
+      const scalar_t* const batch_var = v.const_data_ptr<scalar_t>() + s * C;
+      for (int64_t c = 0; c < covered[s]; ++c) {
+        scalar_t& mean_entry = rm[rows[s] * rm_row + c * rm_col];
+        scalar_t& var_entry = rv[rows[s] * rv_row + c * rv_col];
+        const acc_t old_mean = mean_entry, old_var = var_entry;
+        mean_entry = old_mean + w * (static_cast<acc_t>(batch_mean[c]) - old_mean);
+        var_entry = old_var + w * (static_cast<acc_t>(batch_var[c]) * static_cast<acc_t>(bessel) - old_var);
+      }
+    }
+  });
+}
+
 TORCH_LIBRARY_IMPL(paradis, CPU, m) {
+  m.impl("update_running_stats_", TORCH_FN(update_running_stats_cpu));
   m.impl("switch_batch_norm", TORCH_FN(switch_batch_norm_forward_cpu));
   m.impl("switch_batch_norm_backward", TORCH_FN(switch_batch_norm_backward_cpu));
 }

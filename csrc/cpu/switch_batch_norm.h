@@ -26,4 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> switch_batch_norm_backward_cpu(
     const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef covered, at::IntArrayRef rows, bool training,
     double eps, c10::string_view activation);
 
+// paradis::update_running_stats_ (csrc/paradis.cpp) in one pass over the covered entries: mean and
+// var [S, C] as the forward returned them, running_mean and running_var [S_total, C] on the CPU.
+void update_running_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                              const at::Tensor& var, at::IntArrayRef covered, at::IntArrayRef rows, int64_t count,
+                              double momentum, const std::optional<at::Tensor>& momentum_per_switch);
+
 }  // namespace paradis

@@ -22,13 +22,19 @@ def op(name: str) -> torch._ops.OpOverload:
 
 
 @functools.lru_cache(maxsize=None)  # asked at every op call; fixed once the kernels are registered
+def has_kernel(name: str, device_type: str) -> bool:
+    """Whether paradis::<name> has a kernel of its own for tensors of ``device_type``."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return LOADED and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"paradis::{name}", key)
+
+
+@functools.lru_cache(maxsize=None)
 def missing_kernel(name: str, device_type: str) -> str | None:
     """None when paradis::<name> has a kernel for tensors of ``device_type``, else why not. The
     backward op tells: depthwise_conv2d's forward is ATen's convolution on every device."""
     if not LOADED:
         return load_error()
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"paradis::{name}_backward", key):
+    if not has_kernel(f"{name}_backward", device_type):
         return f"paradis_fast has no {device_type} kernel for {name} in this build"
     return None
 

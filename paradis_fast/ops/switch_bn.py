@@ -19,6 +19,7 @@ from .reference import accumulation_dtype
 from ..switches import SwitchSetLike
 
 OP = "switch_batch_norm"
+UPDATE = "update_running_stats_"
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
@@ -42,14 +43,30 @@ def _coverage(
     return covers.to(dtype) * scale
 
 
-@torch.no_grad()
+@library.register_fake(UPDATE)
+def _(running_mean, running_var, mean, var, covered, rows, count, momentum, momentum_per_switch=None):
+    return None
+
+
 def update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum) -> None:
     """running = (1 - momentum) * running + momentum * batch (unbiased variance), covered channels only.
 
-    `momentum` is a float or a per-switch tensor (the cumulative average of momentum=None). The
-    kernels return zero statistics for the channels a switch does not cover (every backend does).
-    Few tensor ops, none with a Python number as a tensor operand (each costs a scalar tensor's
-    conversion): on small layers the update took as long as the kernel."""
+    `momentum` is a float or a per-switch tensor (the cumulative average of momentum=None). One
+    pass of C++ (paradis::update_running_stats_) where the library has the device's kernel: from
+    Python the update was a few tensor ops and as long as a small layer's kernel. Tensor ops
+    elsewhere, and while torch.compile traces (its compiler fuses them)."""
+    if not torch.compiler.is_compiling() and library.has_kernel(UPDATE, running_mean.device.type):
+        momentum, per_switch = (0.0, momentum) if isinstance(momentum, Tensor) else (momentum, None)
+        library.op(UPDATE)(running_mean, running_var, mean, var, covered, rows, count, momentum, per_switch)
+    else:
+        update_running_stats_with_tensor_ops(running_mean, running_var, mean, var, covered, rows, count, momentum)
+
+
+@torch.no_grad()
+def update_running_stats_with_tensor_ops(running_mean, running_var, mean, var, covered, rows, count, momentum) -> None:
+    """update_running_stats in ATen tensor ops, for every device. The kernels return zero
+    statistics for the channels a switch does not cover (every backend does). Few tensor ops,
+    none with a Python number as a tensor operand (each costs a scalar tensor's conversion)."""
     num_rows, channels = running_mean.shape
     dtype, device = running_mean.dtype, running_mean.device
     if isinstance(momentum, Tensor):
@@ -186,8 +203,12 @@ def switch_batch_norm(
         checked = _check(x, weight, bias, running_mean, running_var, switches, training, activation, rows, residual)
         _CHECKED.put(signature, checked)
     covered, rows, count, activation = checked
-    op = backend_for(OP, x.device).function(OP)
-    y, mean, var = op(x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual)
+    backend = backend_for(OP, x.device)
+    y, mean, var = backend.function(OP)(
+        x, weight, bias, running_mean, running_var, covered, rows, training, eps, activation, residual
+    )
     if training:
-        update_running_stats(running_mean, running_var, mean, var, covered, rows, count, momentum)
+        # a Python backend runs no kernel of the library (the reference is plain PyTorch throughout)
+        update = update_running_stats if backend.implementation is None else update_running_stats_with_tensor_ops
+        update(running_mean, running_var, mean, var, covered, rows, count, momentum)
     return y
