@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from paradis_fast import Switch, SwitchSet
 from paradis_fast.nn import SlicedConv2d
-from paradis_fast.ops import sliced_conv2d
+from paradis_fast.ops import sliced_conv, sliced_conv2d
 from paradis_fast.ops.plan import conv_blocks
 
 from conv_oracle import (
@@ -317,6 +317,35 @@ def test_bad_geometry_raises(kwargs, message):
     x, w, b = torch.randn(2, 6, 5, 5), torch.randn(8, 6, 3, 3), None
     with pytest.raises(ValueError, match=message):
         sliced_conv2d(x, w, b, ["2x0.5"], **kwargs)
+
+
+def test_checks_run_once_per_call_signature(monkeypatch):
+    """A repeated call reuses its checks and plan; a call differing in anything they read (shapes,
+    geometry, dtypes, whether autocast reconciles them) is checked anew."""
+    calls = []
+    original = sliced_conv._check
+    monkeypatch.setattr(sliced_conv, "_CHECKED", sliced_conv.checks.CheckedCalls())
+    monkeypatch.setattr(sliced_conv, "_check", lambda *args: calls.append(1) or original(*args))
+    x, w, b = _good()
+    switches = SwitchSet.of(["2x0.5", "1x1.0"])
+    first = sliced_conv2d(x, w, b, switches, padding=1)
+    assert torch.equal(sliced_conv2d(x, w, b, switches, padding=1), first) and len(calls) == 1
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        sliced_conv2d(x, w, b, switches, dilation=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sliced_conv2d(x.bfloat16(), w, b, switches, padding=1).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="mixed dtypes"):  # the same call outside autocast
+        sliced_conv2d(x.bfloat16(), w, b, switches, padding=1)
+    # a 3x3 kernel on 1-pixel images is cut to its centre tap at every call, not only the first
+    point = torch.randn(4, 6, 1, 1)
+    for _ in range(2):
+        torch.testing.assert_close(
+            sliced_conv2d(point, w, b, switches, padding=1), sliced_conv2d(point, w[:, :, 1:2, 1:2], b, switches)
+        )
+    # lists are not hashable: checked at every call, and right
+    assert torch.equal(sliced_conv2d(x, w, b, switches, padding=[1, 1]), first)
+    assert torch.equal(sliced_conv2d(x, w, b, switches, padding=[1, 1]), first)
+    assert len(calls) == 8
 
 
 # ----------------------------------------------------------------------------- torch.compile

@@ -78,7 +78,7 @@ class CheckedCalls:
     """What an op's argument checks derived, per call signature (everything the checks read:
     shapes, dtypes, devices, switches, options). A layer calls its op with one signature step
     after step, and the checks -- tens of attribute reads and comparisons in Python -- took as
-    long as a small layer's kernel. A signature of None (a traced call, one not hashable) is
+    long as a small layer's kernel. A signature of None (a traced call) or one not hashable is
     never stored. Bounded: the oldest signature leaves first."""
 
     def __init__(self, maxsize: int = 1024):
@@ -86,10 +86,17 @@ class CheckedCalls:
         self._maxsize = maxsize
 
     def get(self, signature):
-        return None if signature is None else self._calls.get(signature)
+        try:
+            return None if signature is None else self._calls.get(signature)
+        except TypeError:  # an argument not hashable (a list of strides): checked at every call
+            return None
 
     def put(self, signature, checked) -> None:
         if signature is None:
+            return
+        try:
+            hash(signature)
+        except TypeError:
             return
         if len(self._calls) >= self._maxsize:
             del self._calls[next(iter(self._calls))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import checks, layout, library
@@ -43,6 +44,36 @@ def sliced_conv2d(
     (the stem: every sub-network reads all input channels). Returns ``[S*B, C_out, H', W']``.
     """
     switches = checks.switch_set(switches)
+    signature = _signature(x, weight, bias, switches, stride, padding, dilation, input_shared)
+    checked = _CHECKED.get(signature)
+    if checked is None:
+        checked = _check(x, weight, bias, switches, stride, padding, dilation, input_shared)
+        _CHECKED.put(signature, checked)
+    taps, stride, padding, dilation, blocks = checked
+    op = backend_for(OP, x.device).function(OP)
+    return op(x, _cut(weight, taps), bias, blocks, len(switches), stride, padding, dilation, bool(input_shared))
+
+
+_CHECKED = checks.CheckedCalls()
+
+
+def _signature(x, weight, bias, switches, stride, padding, dilation, input_shared):
+    """Everything `_check` reads; None where the checks must run (a traced call, arguments not
+    tensors)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        mixed = x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype)
+        autocast = mixed and checks.autocast_unifies(x, weight, bias)  # whether mixed dtypes are fine
+        tensors = checks.tensor_signature(x, weight, bias)
+    except AttributeError:
+        return None
+    return switches, stride, padding, dilation, bool(input_shared), autocast, tensors
+
+
+def _check(x, weight, bias, switches, stride, padding, dilation, input_shared):
+    """Validates a call; returns what the op takes from it: (the kernel's live taps (`live_kernel`),
+    stride, padding, dilation, block table)."""
     checks.tensors(OP, x=x, weight=weight, bias=bias)
     if not checks.autocast_unifies(x, weight, bias):
         checks.same_dtype(OP, x=x, weight=weight, bias=bias)
@@ -59,19 +90,29 @@ def sliced_conv2d(
     for d in range(2):
         if conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) < 1:
             raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
-    weight, padding = cut_kernel(x, weight, stride, padding, dilation)
+    taps, padding = live_kernel(x, weight, stride, padding, dilation)
     blocks = conv_blocks(switches, weight.shape[1], weight.shape[0], bool(input_shared))
-    op = backend_for(OP, x.device).function(OP)
-    return op(x, weight, bias, list(blocks), len(switches), stride, padding, dilation, bool(input_shared))
+    return taps, stride, padding, dilation, blocks
 
 
 def cut_kernel(x: Tensor, weight: Tensor, stride: list, padding: list, dilation: list) -> tuple[Tensor, list]:
     """weight without the taps that read only padding for every output (`live_taps`), and the
-    padding that goes with it: a 3x3 layer on 1-pixel images is a 1x1 layer, 9x less arithmetic.
-    A view, so autograd gives the cut taps their zero gradient."""
+    padding that goes with it: a 3x3 layer on 1-pixel images is a 1x1 layer, 9x less arithmetic."""
+    taps, padding = live_kernel(x, weight, stride, padding, dilation)
+    return _cut(weight, taps), padding
+
+
+def live_kernel(x: Tensor, weight: Tensor, stride: list, padding: list, dilation: list) -> tuple[tuple | None, list]:
+    """The ranges (h0, h1, w0, w1) of the kernel's live taps, None where every tap is, and the padding
+    that goes with them."""
     (h0, h1, ph), (w0, w1, pw) = (
         live_taps(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in range(2)
     )
     if (h1 - h0, w1 - w0) == tuple(weight.shape[2:]):
-        return weight, padding
-    return weight[:, :, h0:h1, w0:w1], [ph, pw]
+        return None, padding
+    return (h0, h1, w0, w1), [ph, pw]
+
+
+def _cut(weight: Tensor, taps: tuple | None) -> Tensor:
+    """A view, so autograd gives the cut taps their zero gradient."""
+    return weight if taps is None else weight[:, :, taps[0] : taps[1], taps[2] : taps[3]]

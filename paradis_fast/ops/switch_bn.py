@@ -113,15 +113,15 @@ _CHECKED = checks.CheckedCalls()
 
 
 def _signature(x, weight, bias, running_mean, running_var, switches, training, activation, rows, residual):
-    """Everything `_check` reads, hashable; None where the checks must run (a traced call, a
-    residual whose dtype the active autocast may reconcile with x's, arguments not tensors)."""
+    """Everything `_check` reads; None where the checks must run (a traced call, arguments not
+    tensors)."""
     if torch.compiler.is_compiling():
         return None
     try:
-        if residual is not None and residual.dtype != x.dtype:
-            return None
+        # whether a residual of another dtype is fine
+        autocast = residual is not None and residual.dtype != x.dtype and checks.autocast_unifies(x, residual)
         tensors = checks.tensor_signature(x, weight, bias, running_mean, running_var, residual)
-        return switches, training, activation, None if rows is None else tuple(rows), tensors
+        return switches, training, activation, None if rows is None else tuple(rows), autocast, tensors
     except (AttributeError, TypeError):
         return None
 
