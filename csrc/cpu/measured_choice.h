@@ -69,11 +69,12 @@ class MeasuredChoices {
 
   // Runs the candidate chosen for key and returns its result. On a key not seen, each candidate
   // runs once to warm caches and create oneDNN's primitives, then the candidates are timed in
-  // turn, round after round while the rounds so far took under kEnoughMs (at most kMaxRounds): the
-  // fastest time of each wins, so short calls, the noisy ones, get the most samples, and a
-  // preempted sample (a busy neighbour) is outvoted. That candidate's result is returned. Later
-  // calls run the winner only: deterministic once chosen.
-  // describe_key() says what the key is, in words (called once per decision).
+  // turn, round after round while the rounds so far took under kEnoughMs, and for at least
+  // kMinRounds rounds while they took under kPatienceMs (at most kMaxRounds): the fastest time of
+  // each wins, so short calls, the noisy ones, get the most samples, and a preempted sample (a
+  // busy neighbour) is outvoted -- on all but the largest layers, whose one round is enough. That candidate's result is
+  // returned. Later calls run the winner only: deterministic once chosen. describe_key() says what the key is, in words
+  // (called once per decision).
   template <typename Result, typename Run, typename Describe>
   Result run(const ChoiceKey& key, const std::vector<std::string>& names, const Run& run_candidate,
              const Describe& describe_key) {
@@ -92,7 +93,8 @@ class MeasuredChoices {
     for (size_t i = 0; i < names.size(); ++i) results.push_back(run_candidate(i));
     std::vector<double> ms(names.size(), std::numeric_limits<double>::infinity());
     double total_ms = 0;
-    for (int round = 0; round < kMaxRounds && total_ms < kEnoughMs; ++round) {
+    for (int round = 0; round < kMaxRounds && (total_ms < kEnoughMs || (round < kMinRounds && total_ms < kPatienceMs));
+         ++round) {
       for (size_t i = 0; i < names.size(); ++i) {
         const auto start = std::chrono::steady_clock::now();
         results[i] = run_candidate(i);
@@ -190,7 +192,9 @@ class MeasuredChoices {
   }
 
   static constexpr int kMaxRounds = 10;
+  static constexpr int kMinRounds = 3;
   static constexpr double kEnoughMs = 30.0;
+  static constexpr double kPatienceMs = 300.0;
   static constexpr size_t kFamilyMeasured = 4;
 
   const char* env_;
