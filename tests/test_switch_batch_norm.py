@@ -383,6 +383,30 @@ def test_cpu_channels_last_is_deterministic_and_matches_nchw(dtype):
         torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
+@pytest.mark.skipif("cpu" not in BN_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cpu_kernels_write_every_uncovered_channel(fmt):
+    """y and grad_x are zero on the channels a switch does not read, a switch covering none too
+    (the NHWC kernels write them row by row, into memory that held NaNs just before)."""
+    g = torch.Generator().manual_seed(19)
+    channels, covered, rows = 9, [9, 4, 0], [0, 1, 2]
+    x = torch.randn(3 * 5, channels, 6, 7, generator=g).contiguous(memory_format=fmt)
+    grad_y = torch.randn(x.shape, generator=g).contiguous(memory_format=fmt)
+    params = [torch.randn(3, channels, generator=g) for _ in range(2)] + [torch.zeros(3, channels), torch.ones(3, 9)]
+    forward, backward = torch.ops.paradis.switch_batch_norm, torch.ops.paradis.switch_batch_norm_backward
+    poison = torch.full_like(x, float("nan"))
+    del poison  # the allocator hands its memory to the next tensor of that size
+    y, mean, var = forward(x, *params, covered, rows, True, EPS, "relu", None)
+    poison = torch.full_like(x, float("nan"))
+    del poison
+    grad_x, _, _ = backward(grad_y, x, *params[:2], mean, var, covered, rows, True, EPS, "relu")
+    for out in (y, grad_x):
+        assert out.is_contiguous(memory_format=fmt)
+        for s, c in enumerate(covered):
+            assert torch.equal(out[5 * s : 5 * s + 5, c:], torch.zeros_like(out[5 * s : 5 * s + 5, c:]))
+        assert out[:5].abs().sum() > 0 and out[5:10, :4].abs().sum() > 0
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_gradcheck(bn_backend, training, activation):

@@ -98,10 +98,13 @@ bool channels_innermost(at::MemoryFormat format, const Geometry& g) {
   return format == at::MemoryFormat::ChannelsLast || g.HW == 1;
 }
 
-// Zeroes the channels [covered[s], C) of every switch's samples.
-void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered) {
+// Zeroes the channels [covered[s], C) of every switch's samples that the kernels leave: the NHWC
+// kernels zero them row by row in their output pass (a strided fill of a few channels per row
+// cost as much as that pass), except for a switch covering no channel, which has no rows to pass.
+void zero_uncovered(const Tensor& out, const Geometry& g, IntArrayRef covered, bool nhwc) {
   for (int64_t s = 0; s < g.S; ++s) {
-    if (covered[s] < g.C) out.slice(0, s * g.B, (s + 1) * g.B).slice(1, covered[s]).zero_();
+    if (covered[s] < g.C && (!nhwc || covered[s] == 0))
+      out.slice(0, s * g.B, (s + 1) * g.B).slice(1, covered[s]).zero_();
   }
 }
 
@@ -232,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_forward_cpu(const Tensor& x
   if (has_residual)
     activate_uncovered(y, rc, g, covered, act);
   else
-    zero_uncovered(y, g, covered);
+    zero_uncovered(y, g, covered, channels_innermost(format, g));
   return {y, mean, var};
 }
 
@@ -282,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> switch_batch_norm_backward_cpu(const Tensor& 
       });
     });
   });
-  zero_uncovered(grad_x, g, covered);
+  zero_uncovered(grad_x, g, covered, channels_innermost(format, g));
   return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
