@@ -72,9 +72,9 @@ class MeasuredChoices {
   // turn, round after round while the rounds so far took under kEnoughMs, and for at least
   // kMinRounds rounds while they took under kPatienceMs (at most kMaxRounds): the fastest time of
   // each wins, so short calls, the noisy ones, get the most samples, and a preempted sample (a
-  // busy neighbour) is outvoted -- on all but the largest layers, whose one round is enough. That candidate's result is
-  // returned. Later calls run the winner only: deterministic once chosen. describe_key() says what the key is, in words
-  // (called once per decision).
+  // busy neighbour) is outvoted -- on all but the largest layers, whose one round is enough.
+  // That candidate's result is returned. Later calls run the winner only: deterministic once
+  // chosen. describe_key() says what the key is, in words (called once per decision).
   template <typename Result, typename Run, typename Describe>
   Result run(const ChoiceKey& key, const std::vector<std::string>& names, const Run& run_candidate,
              const Describe& describe_key) {
