@@ -65,6 +65,8 @@ LARGE_CASES = {
     "pointwise-one-pixel": case(["1x1.0", "0.5+0.25+0.25", "4x0.25"], 40, 24, 1, (1, 1), batch=3),  # GEMMs in both
     # 3 -> 2 channel blocks merged into block-diagonal products of <= 16 outputs; 150 -> 140 channels:
     # several passes over k, column tiles with a masked tail, row tiles with single-row leftovers
+    # blocks of < 16 inputs and more outputs: the BLAS weight gradient as the transposed product
+    "pointwise-expanding": case(["1x1.0", "0.25+0.75", "2x0.5"], 14, 40, 1, (3, 4), batch=3, seed=15),
     "pointwise-gemm-narrow": case(["1x1.0", "8x0.125", "0.5+0.25+0.25"], 24, 16, 1, (5, 7), batch=2, seed=7),
     "pointwise-gemm-wide": case(["1x1.0", "0.5+0.25+0.25"], 150, 140, 1, (4, 5), batch=3, seed=8),
     # stride > 1: the stride grid gathered, then as above (pointwise GEMM kernels; BLAS at 9 pixels)

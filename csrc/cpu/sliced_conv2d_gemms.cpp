@@ -65,6 +65,21 @@ std::vector<GemmBlock> gemm_blocks(const Geometry& g, const std::vector<Block>& 
   return out;
 }
 
+// Whether grad_y^T x of two pixel-row matrices runs faster as (x^T grad_y)^T: MKL's GEMM ran these
+// long-K products 3-6x slower when x has fewer than 16 columns and grad_y more (the result's narrow
+// side is then the GEMM's vector dimension) than transposed, whose small [i, o] result is read
+// back transposed; from 16 columns on the two orientations are even (bench/README.md).
+constexpr int64_t kNarrowProductColumns = 16;
+
+bool transposes_product(const Tensor& grad_y, const Tensor& x) {
+  return x.size(1) < kNarrowProductColumns && x.size(1) < grad_y.size(1);
+}
+
+// grad_y^T x ([o, i]) of two pixel-row matrices, in the faster orientation (a view).
+Tensor channel_product(const Tensor& grad_y, const Tensor& x) {
+  return transposes_product(grad_y, x) ? at::mm(x.t(), grad_y).t() : at::mm(grad_y.t(), x);
+}
+
 }  // namespace
 
 bool onednn_pointwise_hazard(const Geometry& g, const Tensor& x) {
@@ -73,7 +88,7 @@ bool onednn_pointwise_hazard(const Geometry& g, const Tensor& x) {
 }
 
 Tensor pointwise_grad_weight(const Tensor& grad_y, const Tensor& x) {
-  return at::mm(pixel_rows(grad_y).t(), pixel_rows(x)).view({grad_y.size(1), x.size(1), 1, 1});
+  return channel_product(pixel_rows(grad_y), pixel_rows(x)).reshape({grad_y.size(1), x.size(1), 1, 1});
 }
 
 bool runs_on_pointwise_gemm(const Geometry& g, const Tensor& x) {
@@ -138,10 +153,10 @@ void backward_gemms(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
       }
       if (!gw2.defined()) continue;
       const Tensor xb = block_rows(x2, g, b.x0, b.i0, b.i1);
-      if (gw2.scalar_type() == gy.scalar_type())
+      if (gw2.scalar_type() == gy.scalar_type() && !transposes_product(gy, xb))
         block_weight(gw2, b).addmm_(gy.t(), xb);
-      else  // a float32 sum of low-precision products
-        block_weight(gw2, b).add_(at::mm(gy.t(), xb));
+      else  // a float32 sum of low-precision products, or the transposed product
+        block_weight(gw2, b).add_(channel_product(gy, xb));
     }
   }
   if (grad_bias.defined()) {
