@@ -213,6 +213,16 @@ def test_explain_takes_unpadded_layers(monkeypatch):
         explain(x, torch.randn(12, 9, 1, 1), SWITCHES, 1, -1)
 
 
+def test_explain_shows_a_one_tap_side_undilated(monkeypatch):
+    """The op runs a dilation along a one-tap kernel side as 1 (the same layer); explain finds the
+    decisions under that geometry."""
+    monkeypatch.delenv("PARADIS_CPU_CONV_PATH", raising=False)
+    x = torch.randn(6, 9, 7, 5)
+    report = explain(x, torch.randn(12, 9, 3, 1), SWITCHES, 1, 1, (2, 3))
+    assert len(report.splitlines()) == 3
+    assert "for forward 3x1 stride 1x1 padding 1x1 dilation 2x1, x [6, 9, 7, 5]" in report
+
+
 def test_new_block_tables_of_a_measured_layer_shape_take_its_winner(monkeypatch):
     """A universally slimmable network's random widths make new block tables every step: after a
     few of a layer shape's tables are measured, new ones take the path that won most, unmeasured,

@@ -277,6 +277,27 @@ def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch,
         torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("path", ["native", "masked", "grouped", "relayout"])
+def test_dilation_along_a_one_tap_kernel_side_is_dropped(monkeypatch, path):
+    """A kernel one tap wide with a dilation along that side is the layer without it: the kernel
+    runs it so (oneDNN's AVX2 channels_last convolution segfaulted on this layer, dilated: stride 2,
+    odd padding, a bias), every path, forward and gradients against the float64 oracle, which
+    convolves with the dilation as given."""
+    monkeypatch.setenv("PARADIS_CPU_CONV_PATH", path)
+    names, g = ["4x0.25", "2x0.5"], torch.Generator().manual_seed(11)
+    x = torch.randn(8, 68, 11, 1, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(100, 68, 3, 1, generator=g), torch.randn(100, generator=g)
+    blocks, geometry = list(conv_blocks(SwitchSet(names), 68, 100, False)), ([2, 2], [0, 3], [1, 2], False)
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    want_y = conv_oracle.oracle(*leaves, names, *geometry)
+    grad_y = torch.randn(want_y.shape, generator=g)
+    want = (want_y, *torch.autograd.grad(want_y, leaves, grad_y.double()))
+    y = KERNEL.sliced_conv2d(x, weight, bias, blocks, 2, *geometry)
+    grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 2, *geometry, [True, True, True])
+    for got, expected, what in zip((y, *grads), want, ("forward", "grad x", "grad weight", "grad bias")):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.skipif(
     not cpu_has("avx512f"), reason="the pointwise GEMM kernels need AVX-512F; this CPU runs oneDNN for them"
 )

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import checks, layout
 from .backends import backend_for
-from .plan import conv_blocks
+from .plan import conv_blocks, one_tap_dilation
 from .sliced_conv import OP, cut_kernel, sliced_conv2d
 from ..switches import SwitchSetLike
 
@@ -48,6 +48,7 @@ def explain(
         for name, v, minimum in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1))
     )
     weight, (ph, pw) = cut_kernel(x, weight, [sh, sw], [ph, pw], [dh, dw])  # as the op runs the layer
+    dh, dw = one_tap_dilation(weight.shape[2:], [dh, dw])
     window = f"{weight.shape[2]}x{weight.shape[3]} stride {sh}x{sw} padding {ph}x{pw} dilation {dh}x{dw}, "
     shape = window + f"x [{x.shape[0]}, {x.shape[1]}, {x.shape[2]}, {x.shape[3]}]"
     layer = f"-> {weight.shape[0]} channels, {len(switch_set)} switches, blocks {blocks},"

@@ -7,7 +7,7 @@ custom ops as flat int lists so that torch.compile treats them as constants.
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -66,6 +66,12 @@ def covered_channels(switches: SwitchSet, channels: int) -> tuple[int, ...]:
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def one_tap_dilation(kernel: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    """dilation, 1 along a dimension of one tap, where it changes nothing (the CPU kernel does the
+    same: one choice key per layer, and no dilated one-wide kernel for oneDNN, which crashed on some)."""
+    return [1 if k == 1 else d for k, d in zip(kernel, dilation)]
 
 
 def live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int, int]:

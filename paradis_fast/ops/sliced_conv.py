@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import checks, layout, library
 from .backends import backend_for
-from .plan import conv_blocks, conv_output_size, live_taps
+from .plan import conv_blocks, conv_output_size, live_taps, one_tap_dilation
 from ..switches import SwitchSetLike
 
 OP = "sliced_conv2d"
@@ -91,6 +91,7 @@ def _check(x, weight, bias, switches, stride, padding, dilation, input_shared):
         if conv_output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) < 1:
             raise ValueError(f"{OP}: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
     taps, padding = live_kernel(x, weight, stride, padding, dilation)
+    dilation = one_tap_dilation(_cut(weight, taps).shape[2:], dilation)
     blocks = conv_blocks(switches, weight.shape[1], weight.shape[0], bool(input_shared))
     return taps, stride, padding, dilation, blocks
 
