@@ -244,20 +244,22 @@ def test_pointwise_gemm_kernels_replace_onednn_and_agree_with_baseline(monkeypat
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("isa", ["native", "baseline"])
 @pytest.mark.parametrize(
     "hw, stride",
     [((13, 12), (2, 3)), ((9, 8), (3, 3)), ((40, 37), (2, 2))],
     ids=["stride2x3-28px", "stride3-9px", "stride2-380px"],
 )
-def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch, hw, stride, isa):
-    """A channels_last 1x1 layer of stride > 1 gathers its stride grid and runs as a stride-1 layer
-    on any CPU and image size (pointwise GEMM kernels or BLAS): no ATen convolution; its input
-    gradient is exactly zero off the grid; forward and gradients match the float64 oracle."""
+def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch, hw, stride, isa, layout):
+    """A 1x1 layer of stride > 1 gathers its stride grid and runs as a stride-1 layer on any CPU
+    and image size, in either layout (pointwise GEMM kernels or BLAS; batched BLAS GEMMs over the
+    images in NCHW): no ATen convolution; its input gradient is exactly zero off the grid; forward
+    and gradients match the float64 oracle."""
     monkeypatch.setenv("PARADIS_CPU_CONV_PATH", "native")  # the fixed rules, not the per-shape choice
     monkeypatch.setenv("PARADIS_CPU_ISA", isa)
     names, g = ["1x1.0", "2x0.5", "0.5+0.25+0.25"], torch.Generator().manual_seed(10)
-    x = torch.randn(6, 20, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(6, 20, *hw, generator=g).contiguous(memory_format=layout)
     weight, bias = torch.randn(18, 20, 1, 1, generator=g), torch.randn(18, generator=g)
     blocks, geometry = list(conv_blocks(SwitchSet(names), 20, 18, False)), (list(stride), [0, 0], [1, 1], False)
     leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
@@ -268,8 +270,8 @@ def test_strided_pointwise_layers_run_as_gemms_on_the_gathered_grid(monkeypatch,
         y = KERNEL.sliced_conv2d(x, weight, bias, blocks, 3, *geometry)
         grads = KERNEL.sliced_conv2d_backward(grad_y, x, weight, blocks, 3, *geometry, [True, True, True])
     assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::convolution_backward"}
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=layout)
+    assert grads[0].is_contiguous(memory_format=layout)
     off_grid = torch.ones(hw, dtype=torch.bool)
     off_grid[:: stride[0], :: stride[1]] = False
     assert grads[0][:, :, off_grid].eq(0).all() and grads[0][:, :, ~off_grid].ne(0).any()

@@ -26,7 +26,8 @@
 // was as fast or faster on every layer of bench/suites.py, in both layouts, most of all on small
 // channel counts -- except channels_last 1x1 layers on small images (the deep layers of a
 // network), where a block is a GEMM of few rows that BLAS runs faster than oneDNN, straight into
-// the stacked tensors with no copy (bench/README.md): those run as one GEMM per block. Our own
+// the stacked tensors with no copy (bench/README.md): those run as one GEMM per block, and NCHW 1x1
+// layers, where oneDNN is slower still, as one batched GEMM per block over its images. Our own
 // kernels, AVX-512 and float32, in place: channels_last 1x1 layers with many pixel rows on
 // pointwise_gemm.h's (faster than oneDNN on narrow blocks, and no unit output copied), 3x3 units of
 // 1-, 4- or 8-channel groups, which oneDNN runs at a fraction of its dense rate, on
@@ -126,6 +127,9 @@ constexpr const char* kSharedRule = "input_shared: one oneDNN convolution per di
 const char* native_rule(const Geometry& g, const Tensor& x, bool gathered) {
   if (runs_on_pointwise_gemm(g, x))
     return gathered ? "stride grid gathered, pointwise GEMM kernels" : "pointwise GEMM kernels";
+  if ((gathered || runs_on_blas(g, x)) && !channels_innermost(x))
+    return gathered ? "stride grid gathered, one batched BLAS GEMM per block over its NCHW images"
+                    : "one batched BLAS GEMM per block over its NCHW images";
   if (gathered || runs_on_blas(g, x))
     return gathered ? "stride grid gathered, BLAS GEMM per block" : "BLAS GEMM per block";
   return "units (narrow-group kernels or oneDNN grouped convolutions)";

@@ -49,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_backward(const at::Tensor&
                                                                const c10::List<bool>& output_mask);
 
 // The GEMMs (sliced_conv2d_gemms.cpp): channels_last 1x1 layers as products of the channel slices
-// of the [pixels, channels] matrices, every block in place.
+// of the [pixels, channels] matrices, NCHW ones as products of each image's [channels, pixels]
+// slices (one batched GEMM per block), every block in place.
 
 // Whether a layer runs as GEMMs, and on which (the rules and their thresholds:
 // sliced_conv2d_gemms.cpp): pointwise_gemm.h's kernels, or one BLAS GEMM per block.
@@ -57,12 +58,11 @@ bool runs_on_pointwise_gemm(const Geometry& g, const at::Tensor& x);
 bool runs_on_blas(const Geometry& g, const at::Tensor& x);
 bool runs_as_gemms(const Geometry& g, const at::Tensor& x);
 
-// A channels-innermost 1x1 layer of stride > 1 (no padding) reads only the pixels on its stride's
-// grid: gathered into a compact image, it is a stride-1 layer (the geometry returned) that runs as
-// GEMMs, on pointwise_gemm.h's kernels where runs_on_pointwise_gemm says, else one BLAS GEMM per
-// block at any image size; its input gradient is that layer's, put back on the grid, zero
-// elsewhere. oneDNN ran these layers at 15-25% of the dense-GEMM rate (ResNet's shortcuts), and its
-// AVX2 weight gradient of them hangs or crashes on some shapes (bench/README.md).
+// A 1x1 layer of stride > 1 (no padding) reads only the pixels on its stride's grid: gathered into
+// a compact image, it is a stride-1 layer (the geometry returned) that runs as GEMMs, on
+// pointwise_gemm.h's kernels where runs_on_pointwise_gemm says, else BLAS GEMMs at any image size; its input gradient
+// is that layer's, put back on the grid, zero elsewhere. oneDNN ran these layers at 15-25% of the dense-GEMM rate
+// (ResNet's shortcuts), and its AVX2 weight gradient of them hangs or crashes on some shapes (bench/README.md).
 std::optional<Geometry> gathered_pointwise(const Geometry& g, const at::Tensor& x);
 
 // The pixels of t on the stride grid of a 1x1 layer (a view).
