@@ -117,6 +117,12 @@ def model_layout(args) -> str:
     return NHWC if args.device == "cpu" else ""
 
 
+def given_layout_method(args, fn) -> dict:
+    """(e): (d) on the NCHW inputs as given, as a user calling paradis_fast.ops directly passes them;
+    only where (d) runs channels_last (CPU), else (d) is that already."""
+    return {"e": fn} if model_layout(args) else {}
+
+
 def onednn_pointwise_hazard(args) -> bool:
     """On CPUs, oneDNN's weight gradient of channels_last 1x1 convolutions (torch 2.13) segfaults,
     aborts or hangs on some shapes, with AVX2 and with AVX-512 (plain PyTorch reproduces it;
@@ -145,6 +151,7 @@ def conv_methods(layer: suites.ConvLayer, switches: SwitchSet, args):
         **{name + NHWC: fn for name, fn in nhwc_variants.items()},
         "d" + model_layout(args): lambda x, w: sliced_conv2d(x, w, None, switches, stride, padding),
     }
+    fns.update(given_layout_method(args, fns["d" + model_layout(args)]))
     if args.compile:
         torch._dynamo.reset()  # a fresh cache per layer: the loop's code object is shared by all layers
         fns["c"] = torch.compile(fns["a"], dynamic=False)
@@ -187,6 +194,7 @@ def bn_methods(layer: suites.BNLayer, switches: SwitchSet, args):
             x, w, b, *stats, switches, training=True, activation="relu"
         ),
     }
+    fns.update(given_layout_method(args, fns["d" + model_layout(args)]))
     if args.compile:
         torch._dynamo.reset()
         fns["c"] = torch.compile(fns["a"], dynamic=False)
@@ -396,8 +404,9 @@ def ratio_table(rows):
             entry["mm_flops"] = r["flops"]
     for entry in table.values():
         for m in ("a", "b", "c"):
-            if m in entry and "d" in entry:
-                entry[f"d_vs_{m}"] = entry[m] / entry["d"]
+            for ours in ("d", "e"):
+                if m in entry and ours in entry:
+                    entry[f"{ours}_vs_{m}"] = entry[m] / entry[ours]
         if entry.get("flops") and "d" in entry:
             entry["gflops"] = entry["flops"] / entry["d"] / 1e6
             if "mm" in entry:
@@ -446,6 +455,10 @@ def summary(table):
             fracs = [e["frac_mm"] for e in entries if "frac_mm" in e]
             if fracs:
                 parts.append(f"{100 * statistics.median(fracs):.0f}% of dense mm")
+            for m in ("a", "b"):
+                values = [e[f"e_vs_{m}"] for e in entries if f"e_vs_{m}" in e]
+                if values:
+                    parts.append(f"e vs {m} {statistics.median(values):.2f}x (worst {min(values):.2f}x)")
             lines.append(f"{kind} {phase} (median of {len(entries)}): " + ", ".join(parts))
     return lines
 
@@ -601,7 +614,8 @@ def main(argv=None):
     print(
         f"\nmedian times (ms) and speedups of (d) paradis_fast over (a) loop, (b) best single-call plain way, "
         f"(c) torch.compile(a); switches {switch_note}; {precision(args)}; (a) NCHW, (b) best of NCHW "
-        f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run\n"
+        f"and channels_last, (d) {'channels_last' if model_layout(args) else 'NCHW'} as the models run"
+        + (", (e) = (d) on the NCHW inputs as given\n" if model_layout(args) else "\n")
     )
     print_table(table)
     lines = summary(table) + headroom(table, "a", 2.0) + headroom(table, "b", 1.5)

@@ -39,7 +39,7 @@ def test_conv_methods_agree(run, kernel, stride):
     layer = suites.ConvLayer("tiny", 8, 12, kernel, stride, 6, 2)
     fns, _ = run.conv_methods(layer, SWITCHES, args)
     nhwc_plain = set() if run.onednn_breaks_on(layer, args) else {"b:loop@nhwc", "b:masked@nhwc"}
-    assert {"a", "d@nhwc", "b:masked", "b:grouped", *nhwc_plain} <= set(fns)
+    assert {"a", "d@nhwc", "e", "b:masked", "b:grouped", *nhwc_plain} <= set(fns)  # e: d on NCHW as given
     x = torch.randn(len(SWITCHES) * layer.batch, layer.c_in, layer.size, layer.size, requires_grad=True)
     w = torch.randn(layer.c_out, layer.c_in, kernel, kernel, requires_grad=True)
     grad_out = torch.randn(x.shape[0], layer.c_out, layer.out_size, layer.out_size)
@@ -78,7 +78,9 @@ def test_bn_methods_agree_and_table(run):
     rows = run.time_layer("bn", "tiny", fns, (x, w, b), torch.randn_like(x), 0, args)
     table = run.ratio_table(rows)
     entry = table[("bn", "tiny", "fwd+bwd")]
-    assert {"a", "b", "d", "d_vs_a", "d_vs_b"} <= set(entry)
+    assert {"a", "b", "d", "e", "d_vs_a", "d_vs_b", "e_vs_a", "e_vs_b"} <= set(entry)
+    assert entry["e_vs_b"] == entry["b"] / entry["e"]
+    assert any("bn fwd+bwd" in line and "e vs b" in line for line in run.summary(table))
     assert entry["b"] == min(r["median_ms"] for r in rows if r["phase"] == "fwd+bwd" and r["method"].startswith("b:"))
 
 
