@@ -386,16 +386,16 @@ def test_cpu_channels_last_is_deterministic_and_matches_nchw(dtype):
 @pytest.mark.skipif("cpu" not in BN_BACKENDS, reason="the C++ extension is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("spatial, batch", [((5, 5), 45), ((15, 16), 9), ((3, 1), 400)], ids=["5x5", "15x16", "3x1"])
-def test_cpu_nchw_small_images_packed_into_pieces_match_oracle(dtype, spatial, batch):
-    """NCHW rows of few pixels: the kernels pack whole rows of a (switch, channel) into pieces of
-    1024 values, a full piece and a partial one here (5x5: 40 rows and 5; 15x16: 4 rows a piece;
-    3x1: 341 rows and the rest); statistics, y and every gradient against the float64 oracle."""
+def test_cpu_nchw_small_images_in_image_order_match_oracle(dtype, spatial, batch):
+    """NCHW rows of fewer than 256 values run on the image-order kernels: chunks of a switch's
+    images (2-3 per switch here), each image's channel rows in turn, partial results merged in
+    chunk order; statistics, y and every gradient against the float64 oracle."""
     case = dict(
         seed=31,
         dtype=dtype,
         training=True,
         activation="relu",
-        channels=13,
+        channels=40,
         switches=["1x1.0", "0.5+0.25+0.25", "3x1/3"],
         batch=batch,
         spatial=spatial,
@@ -407,12 +407,12 @@ def test_cpu_nchw_small_images_packed_into_pieces_match_oracle(dtype, spatial, b
 
 
 @pytest.mark.skipif("cpu" not in BN_BACKENDS, reason="the C++ extension is not built")
-def test_cpu_nchw_small_images_packed_in_bfloat16_match_channels_last():
-    """The packed pieces of bfloat16 rows (converted to float32 as they are packed) give what the
+def test_cpu_nchw_image_order_in_bfloat16_matches_channels_last():
+    """The image-order kernels on bfloat16 rows (converted to float32 row by row) give what the
     channels_last kernels give."""
     g = torch.Generator().manual_seed(19)
     switches, channels = ["1x1.0", "2x0.5"], 9
-    x = (torch.randn(2 * 50, channels, 5, 5, generator=g) * 3 + 1).bfloat16()
+    x = (torch.randn(2 * 200, channels, 5, 5, generator=g) * 3 + 1).bfloat16()
     grad_y = torch.randn(x.shape, generator=g).bfloat16()
     weight, bias = torch.randn(2, channels, generator=g), torch.randn(2, channels, generator=g)
 

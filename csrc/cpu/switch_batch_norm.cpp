@@ -18,7 +18,6 @@
 #include "layout.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <string_view>
@@ -36,7 +35,9 @@ using at::Tensor;
 // flags, where at::vec::Vectorized is a slow generic fallback.
 //
 // Two layouts of x = [S*B, C, H, W]:
-// - NCHW: each (switch, channel) pair owns B rows of HW contiguous values; parallel over pairs.
+// - NCHW: each (switch, channel) pair owns B rows of HW contiguous values; parallel over pairs, or
+//   for rows shorter than kImageOrderBelow (small images) in memory order, parallel over chunks
+//   of images whose partial results merge in a fixed order.
 // - NHWC (channels_last): switch s is a [B*HW, C] matrix with contiguous channels; the loops run
 //   across channels, parallel over chunks of rows whose partial results merge in a fixed order.
 
@@ -49,6 +50,8 @@ constexpr int64_t kPiece = 1024;
 constexpr int kLanes = 16;
 // Fewest rows in an NHWC chunk, so that wide layers still amortise a chunk's partial results.
 constexpr int64_t kMinChunkRows = 16;
+// NCHW rows (one channel of one image) shorter than this run on the image-order kernels.
+constexpr int64_t kImageOrderBelow = kPiece / 4;
 
 struct Geometry {
   int64_t S, B, C, HW;
@@ -59,26 +62,29 @@ struct Geometry {
   int64_t switch_offset(int64_t s) const { return s * B * HW * C; }
 };
 
-// NHWC: the rows of every switch cut into chunks, switch-major. Chunk sizes depend only on the
-// shape and the switch's covered channels, and partial results merge in chunk order, so results do
-// not depend on the thread count.
+// The rows of every switch cut into chunks, switch-major: NHWC pixel rows (covered[s] values each),
+// or NCHW images for the image-order kernels (covered[s] rows of HW values each). Chunk sizes
+// depend only on the shape and the switch's covered channels, and partial results merge in chunk
+// order, so results do not depend on the thread count.
 struct RowChunks {
   std::vector<int64_t> switch_of, begin, end;  // per chunk: its switch and rows [begin, end)
   std::vector<int64_t> first;                  // switch s has chunks [first[s], first[s + 1])
-  int64_t work = 0;                            // values in all chunks (rows times covered channels)
+  int64_t work = 0;                            // values in all chunks
   int64_t count() const { return first.back(); }
 };
 
-RowChunks row_chunks(const Geometry& g, IntArrayRef covered) {
+RowChunks row_chunks(const Geometry& g, IntArrayRef covered, bool images = false) {
   RowChunks ch;
   ch.first.push_back(0);
+  const int64_t rows = images ? g.B : g.rows(), fewest = images ? 1 : kMinChunkRows;
   for (int64_t s = 0; s < g.S; ++s) {
-    const int64_t size = std::max(kMinChunkRows, kGrainWork / std::max<int64_t>(1, covered[s]));
-    for (int64_t r = 0; r < g.rows() && covered[s] > 0; r += size) {
+    const int64_t width = covered[s] * (images ? g.HW : 1);  // values per row
+    const int64_t size = std::max(fewest, kGrainWork / std::max<int64_t>(1, width));
+    for (int64_t r = 0; r < rows && covered[s] > 0; r += size) {
       ch.switch_of.push_back(s);
       ch.begin.push_back(r);
-      ch.end.push_back(std::min(g.rows(), r + size));
-      ch.work += (ch.end.back() - r) * covered[s];
+      ch.end.push_back(std::min(rows, r + size));
+      ch.work += (ch.end.back() - r) * width;
     }
     ch.first.push_back(static_cast<int64_t>(ch.begin.size()));
   }
