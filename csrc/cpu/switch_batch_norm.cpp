@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace paradis {
